@@ -1,0 +1,644 @@
+"""Grain input pipelines over the data sources the trainer supports.
+
+One entry point, `create_dataset`, turns a source into a deterministic, sharded,
+checkpointable stream of host-local batches:
+
+    source -> shard [process_index::process_count] -> shuffle(seed) -> repeat
+           -> decode (lazy, per example, NumPy/PIL) -> random flip
+           -> drop corrupt examples -> batch(drop_remainder) -> [worker processes]
+
+Sources (`SOURCES`):
+  * ``digits``: scikit-learn's bundled 8x8 digits (no download).
+  * ``folder``: a directory tree of .png/.jpg/.jpeg/.webp files.
+  * ``array``: a .npy or .npz file of shape [N, ...].
+  * ``tfds``: any prepared TFDS image data set, read through `tfds.data_source`
+    (random access over ArrayRecord files; TensorFlow is not needed).
+
+Images come out as float32 [H, W, C] in [-1, 1]. Every random choice (order, flips)
+is a function of the seed and the example's position, so a pipeline restored from
+`DataPipeline.iterator.get_state()` continues with exactly the batches the original
+would have produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import logging
+from PIL import Image, ImageOps
+
+SOURCES = ('digits', 'folder', 'array', 'tfds')
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp')
+
+# Key of the per-batch count of dropped examples that travels from the
+# (possibly multiprocess) decoding stage to the main-process counter.
+_SKIPPED_KEY = '_num_skipped'
+_ARRAY_LABEL_KEYS = ('label', 'y')
+
+Element = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPipeline:
+  """A batched input pipeline and what the trainer needs to know about it.
+
+  Attributes:
+    iterator: grain `DatasetIterator` yielding dicts of NumPy arrays:
+      ``'x'``: float32 [batch, *element_shape] and, with labels, ``'label'``:
+      int32 [batch]. Checkpoint it with `get_state()` / `set_state()` or with
+      orbax through `grain.checkpoint.CheckpointHandler`.
+    element_shape: Shape of one example, e.g. (32, 32, 3) or (D,).
+    num_examples: Examples in the whole split, over all processes, before
+      corrupt files are dropped.
+    num_classes: Number of classes when labels were requested, else None.
+  """
+
+  iterator: grain.DatasetIterator
+  element_shape: tuple[int, ...]
+  num_examples: int
+  num_classes: int | None
+
+  def num_skipped(self) -> int:
+    """Returns how many corrupt examples this process has skipped so far.
+
+    The count is part of the iterator state, so it survives checkpointing.
+    """
+    return self.iterator.num_skipped
+
+
+# ----------------------------------------------------------------------------
+# Public API.
+
+
+def create_dataset(
+    *,
+    source: str,
+    path: str | None = None,
+    name: str | None = None,
+    split: str = 'train',
+    data_dir: str | None = None,
+    image_size: int | None = None,
+    num_channels: int = 3,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    random_flip: bool = False,
+    use_labels: bool = False,
+    process_index: int = 0,
+    process_count: int = 1,
+    worker_count: int = 0,
+) -> DataPipeline:
+  """Builds the input pipeline of one process.
+
+  Args:
+    source: One of `SOURCES`.
+    path: Directory (``folder``) or .npy/.npz file (``array``).
+    name: TFDS data set name, e.g. ``'cifar10'`` (``tfds``).
+    split: TFDS split, e.g. ``'train'`` or ``'train[:90%]'`` (``tfds``).
+    data_dir: TFDS data directory; None uses TFDS's default (``tfds``).
+    image_size: Side of the square output images. None keeps the native size
+      (``digits``: 8, ``tfds``: the data set's); required for ``folder``. For
+      ``array`` it must match the stored size (arrays are not resized).
+    num_channels: 1 (grayscale) or 3 (RGB) for image sources.
+    batch_size: Examples per batch of this process (global batch divided by
+      `process_count`).
+    seed: Non-negative seed of the shuffle order and the flips.
+    shuffle: Whether to shuffle (reshuffled every epoch).
+    num_epochs: Passes over the data; None repeats forever.
+    random_flip: Flip images horizontally with probability 1/2 (images only).
+    use_labels: Whether batches carry ``'label'``.
+    process_index: Index of this process; it reads only its shard.
+    process_count: Number of processes. Every process gets the same number of
+      examples per epoch (the last ``num_examples % process_count`` are unused)
+      so that hosts stay in step.
+    worker_count: Decoding processes; 0 decodes in threads of this process.
+
+  Returns:
+    The `DataPipeline`.
+
+  Raises:
+    ValueError: On an unknown source, invalid arguments, or a missing, empty or
+      malformed data set (the message says which and how to fix it).
+  """
+  if source not in SOURCES:
+    raise ValueError(f'Unknown data source {source!r}; expected one of {SOURCES}.')
+  _check_positive_int('batch_size', batch_size)
+  _check_positive_int('process_count', process_count)
+  if not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f'seed must be a non-negative integer, got {seed!r}.')
+  if not 0 <= process_index < process_count:
+    raise ValueError(
+        f'process_index must be in [0, {process_count}), got {process_index}.')
+  if num_epochs is not None:
+    _check_positive_int('num_epochs', num_epochs)
+  if worker_count < 0:
+    raise ValueError(f'worker_count must be >= 0, got {worker_count}.')
+  if image_size is not None:
+    _check_positive_int('image_size', image_size)
+
+  if source == 'digits':
+    spec = _digits_source(image_size=image_size, num_channels=num_channels,
+                          use_labels=use_labels)
+  elif source == 'folder':
+    spec = _folder_source(path=path, image_size=image_size,
+                          num_channels=num_channels, use_labels=use_labels)
+  elif source == 'array':
+    spec = _array_source(path=path, image_size=image_size,
+                         num_channels=num_channels, use_labels=use_labels)
+  else:
+    spec = _tfds_source(name=name, split=split, data_dir=data_dir,
+                        image_size=image_size, num_channels=num_channels,
+                        use_labels=use_labels)
+
+  if random_flip and len(spec.element_shape) != 3:
+    raise ValueError(
+        f'random_flip needs images [H, W, C]; this {source} data has examples of '
+        f'shape {spec.element_shape}. Set random_flip=False.')
+
+  shard_size = spec.num_examples // process_count
+  if shard_size == 0:
+    raise ValueError(
+        f'{spec.num_examples} examples cannot be split over {process_count} '
+        'processes.')
+  if num_epochs is not None and shard_size * num_epochs < batch_size:
+    raise ValueError(
+        f'batch_size={batch_size} exceeds the {shard_size * num_epochs} examples '
+        f'this process sees in {num_epochs} epoch(s); no full batch can be made.')
+
+  # Distinct, decorrelated seeds for order and flips; folding in the process
+  # keeps flips from following the same pattern on every host.
+  shuffle_seed, flip_seed = (
+      int(s) for s in
+      np.random.SeedSequence([int(seed), process_index]).generate_state(2))
+
+  ds = grain.MapDataset.source(spec.records)
+  # Equal shards keep multi-host training in lockstep (same number of steps).
+  ds = ds[:shard_size * process_count][process_index::process_count]
+  if shuffle:
+    ds = ds.shuffle(seed=shuffle_seed)
+  # After shuffle so that each epoch gets its own order.
+  ds = ds.repeat(num_epochs)
+  ds = ds.map(spec.decode)
+  if random_flip:
+    ds = ds.random_map(_random_flip, seed=flip_seed)
+  # Corrupt files decode to None; they are dropped (and counted) before
+  # batching so that every batch stays full.
+  it_ds = ds.to_iter_dataset(allow_nones=True)
+  it_ds = _DropNoneBatchIterDataset(it_ds, batch_size=batch_size)
+  if worker_count > 0:
+    it_ds = it_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=worker_count))
+  it_ds = _CountSkippedIterDataset(it_ds)
+
+  return DataPipeline(
+      iterator=iter(it_ds),
+      element_shape=tuple(int(d) for d in spec.element_shape),
+      num_examples=spec.num_examples,
+      num_classes=spec.num_classes if use_labels else None,
+  )
+
+
+def load_digits_images(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Loads scikit-learn's 8x8 digits as images in [-1, 1].
+
+  Args:
+    image_size: Output side; 8 keeps the native resolution, other sizes are
+      resized bilinearly.
+
+  Returns:
+    images: float32 [N, image_size, image_size, 1] in [-1, 1], N = 1797.
+    labels: int32 [N] in 0..9.
+  """
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
+  _check_positive_int('image_size', image_size)
+  digits = datasets.load_digits()
+  images = digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0  # 0..16 -> [-1, 1]
+  if image_size != images.shape[1]:
+    # Mode 'F' resizes the float values directly: no 8-bit quantization.
+    images = np.stack([
+        np.asarray(Image.fromarray(im, mode='F').resize(
+            (image_size, image_size), Image.Resampling.BILINEAR))
+        for im in images
+    ])
+    images = np.clip(images, -1.0, 1.0)
+  return images[..., None].astype(np.float32), digits.target.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------
+# Sources: each one gives random-access records and a per-record decode.
+
+
+@dataclasses.dataclass(frozen=True)
+class _SourceSpec:
+  records: Sequence[Any]  # random access; decoded lazily by `decode`
+  decode: Callable[[Any], Element | None]  # None marks a corrupt record
+  element_shape: tuple[int, ...]
+  num_examples: int
+  num_classes: int | None
+
+
+class _InMemoryArrays:
+  """Random-access examples from arrays: {'x': float32, 'label': int32}.
+
+  A .npy file is memory-mapped and reopened after pickling (worker processes),
+  so large arrays are neither loaded whole nor copied to every worker.
+  """
+
+  def __init__(self, *, x: np.ndarray | None = None, labels: np.ndarray | None,
+               npy_path: str | None = None, scale_uint8: bool):
+    self._x = x
+    self._npy_path = npy_path
+    self._labels = labels
+    self._scale_uint8 = scale_uint8
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    if self._npy_path is not None:
+      state['_x'] = None
+    return state
+
+  @property
+  def x(self) -> np.ndarray:
+    if self._x is None:
+      self._x = np.load(self._npy_path, mmap_mode='r')
+    return self._x
+
+  def __len__(self) -> int:
+    return len(self.x)
+
+  def __getitem__(self, index: int) -> Element:
+    x = np.asarray(self.x[index])
+    x = (x.astype(np.float32) / 127.5 - 1.0 if self._scale_uint8
+         else x.astype(np.float32))
+    element = {'x': x}
+    if self._labels is not None:
+      element['label'] = np.int32(self._labels[index])
+    return element
+
+
+def _digits_source(*, image_size: int | None, num_channels: int,
+                   use_labels: bool) -> _SourceSpec:
+  _check_num_channels(num_channels)
+  image_size = image_size or 8
+  images, labels = load_digits_images(image_size)
+  if num_channels == 3:
+    images = np.repeat(images, 3, axis=-1)
+  records = _InMemoryArrays(x=images, labels=labels if use_labels else None,
+                            scale_uint8=False)
+  return _SourceSpec(records=records, decode=_identity,
+                     element_shape=images.shape[1:], num_examples=len(images),
+                     num_classes=10)
+
+
+def _folder_source(*, path: str | None, image_size: int | None,
+                   num_channels: int, use_labels: bool) -> _SourceSpec:
+  files = _list_image_files(path)
+  if image_size is None:
+    raise ValueError(
+        'The folder source needs image_size: images of different sizes are '
+        'center-cropped and resized to one square size.')
+  _check_num_channels(num_channels)
+  root = pathlib.Path(path)
+  relative = [f.relative_to(root) for f in files]
+  labels = [0] * len(files)
+  classes = None
+  if use_labels:
+    top_level = [r for r in relative if len(r.parts) == 1]
+    if top_level:
+      raise ValueError(
+          f'use_labels=True takes labels from the first-level subdirectories of '
+          f'{path}, but {len(top_level)} image(s) lie directly in it, e.g. '
+          f'{top_level[0]}. Move them into class directories or set '
+          'use_labels=False.')
+    classes = sorted({r.parts[0] for r in relative})
+    class_index = {c: i for i, c in enumerate(classes)}
+    labels = [class_index[r.parts[0]] for r in relative]
+  records = [(str(f), label) for f, label in zip(files, labels)]
+  decode = functools.partial(_decode_image_file, image_size=image_size,
+                             num_channels=num_channels, use_labels=use_labels)
+  return _SourceSpec(records=records, decode=decode,
+                     element_shape=(image_size, image_size, num_channels),
+                     num_examples=len(records),
+                     num_classes=len(classes) if classes else None)
+
+
+def _array_source(*, path: str | None, image_size: int | None,
+                  num_channels: int, use_labels: bool) -> _SourceSpec:
+  if path is None or not os.path.isfile(path):
+    raise ValueError(f'The array source needs path= a .npy or .npz file; got '
+                     f'{path!r}, which is not a file.')
+  suffix = pathlib.Path(path).suffix.lower()
+  labels = None
+  npy_path = None
+  if suffix == '.npy':
+    x = np.load(path, mmap_mode='r')
+    npy_path = path
+    if use_labels:
+      raise ValueError(
+          f'use_labels=True but {path} is a .npy file, which holds no labels. '
+          f"Save an .npz with 'x' and 'label' arrays instead.")
+  elif suffix == '.npz':
+    with np.load(path) as npz:
+      keys = list(npz.files)
+      data_keys = [k for k in keys if k not in _ARRAY_LABEL_KEYS]
+      if 'x' in keys:
+        data_key = 'x'
+      elif len(data_keys) == 1:
+        data_key = data_keys[0]
+      else:
+        raise ValueError(
+            f"Cannot tell which array of {path} holds the data: expected key 'x' "
+            f'or a single array besides {_ARRAY_LABEL_KEYS}; found keys {keys}.')
+      x = npz[data_key]
+      label_key = next((k for k in _ARRAY_LABEL_KEYS if k in keys), None)
+      if use_labels:
+        if label_key is None:
+          raise ValueError(
+              f'use_labels=True but {path} has no label array; expected one of '
+              f'the keys {_ARRAY_LABEL_KEYS}, found {keys}.')
+        labels = np.asarray(npz[label_key])
+  else:
+    raise ValueError(f'The array source reads .npy or .npz files; got {path}.')
+
+  if x.ndim < 2:
+    raise ValueError(
+        f'{path} holds an array of shape {x.shape}; expected [N, ...] with one '
+        'example per row: [N, D] for vectors or [N, H, W, C] for images.')
+  if x.dtype == np.uint8:
+    scale_uint8 = True
+  elif np.issubdtype(x.dtype, np.floating):
+    scale_uint8 = False
+  else:
+    raise ValueError(
+        f'{path} holds dtype {x.dtype}; expected uint8 (scaled to [-1, 1]) or a '
+        'float type (used as is).')
+  if x.ndim == 4:
+    height, width, channels = x.shape[1:]
+    if image_size is not None and (height, width) != (image_size, image_size):
+      raise ValueError(
+          f'{path} holds {height}x{width} images but image_size={image_size}; '
+          'arrays are not resized. Set image_size to None or resize the file.')
+    if channels != num_channels:
+      raise ValueError(
+          f'{path} holds images with {channels} channel(s) [N, H, W, C] = '
+          f'{x.shape} but num_channels={num_channels}.')
+  num_classes = None
+  if labels is not None:
+    if labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer):
+      raise ValueError(
+          f'Labels in {path} must be integers of shape [{len(x)}]; got '
+          f'{labels.dtype} {labels.shape}.')
+    if labels.min() < 0:
+      raise ValueError(f'Labels in {path} must be >= 0; found {labels.min()}.')
+    num_classes = int(labels.max()) + 1
+    labels = labels.astype(np.int32)
+  records = _InMemoryArrays(x=None if npy_path else x, npy_path=npy_path,
+                            labels=labels, scale_uint8=scale_uint8)
+  return _SourceSpec(records=records, decode=_identity,
+                     element_shape=x.shape[1:], num_examples=len(x),
+                     num_classes=num_classes)
+
+
+def _tfds_source(*, name: str | None, split: str, data_dir: str | None,
+                 image_size: int | None, num_channels: int,
+                 use_labels: bool) -> _SourceSpec:
+  if not name:
+    raise ValueError("The tfds source needs name=, e.g. name='cifar10'.")
+  _check_num_channels(num_channels)
+  # Imported here: TFDS is slow to import and only this source needs it.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  try:
+    # download=False: a training job must not start a download on its own.
+    records = tfds.data_source(name, split=split, data_dir=data_dir,
+                               download=False)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise
+  except (RuntimeError, AssertionError, OSError) as e:
+    where = data_dir or '~/tensorflow_datasets (or $TFDS_DATA_DIR)'
+    raise ValueError(
+        f'TFDS data set {name!r} is not prepared for random access in {where}. '
+        'Prepare it in the ArrayRecord format on a machine with internet access, '
+        f'then copy it there: `tfds build {name} --data_dir={data_dir or "DIR"} '
+        '--file_format=array_record`, or in Python '
+        f'`tfds.builder({name!r}, data_dir={data_dir!r}, '
+        "file_format='array_record').download_and_prepare()`. "
+        f'Original error: {e}') from e
+
+  features = records.dataset_info.features
+  if 'image' not in features:
+    raise ValueError(f"TFDS data set {name!r} has no 'image' feature; its "
+                     f'features are {list(features.keys())}.')
+  height, width, _ = features['image'].shape
+  if image_size is None and (height is None or width is None):
+    raise ValueError(f'TFDS data set {name!r} has images of varying size; set '
+                     'image_size.')
+  num_classes = None
+  if use_labels:
+    if 'label' not in features:
+      raise ValueError(f"use_labels=True but TFDS data set {name!r} has no "
+                       f"'label' feature; its features are "
+                       f'{list(features.keys())}.')
+    num_classes = features['label'].num_classes
+  element_shape = ((image_size, image_size, num_channels) if image_size
+                   else (height, width, num_channels))
+  decode = functools.partial(_decode_tfds_example, image_size=image_size,
+                             num_channels=num_channels, use_labels=use_labels)
+  return _SourceSpec(records=records, decode=decode, element_shape=element_shape,
+                     num_examples=len(records), num_classes=num_classes)
+
+
+# ----------------------------------------------------------------------------
+# Per-example work (runs lazily, possibly in worker processes).
+
+
+def _identity(element: Element) -> Element:
+  return element
+
+
+def _list_image_files(path: str | None) -> list[pathlib.Path]:
+  """All image files under `path`, recursively, in a deterministic order."""
+  accepted = ', '.join(IMAGE_EXTENSIONS)
+  if path is None or not os.path.isdir(path):
+    raise ValueError(f'Image folder {path!r} does not exist or is not a directory '
+                     f'(expected a tree of {accepted} files).')
+  root = pathlib.Path(path)
+  files = [f for f in root.rglob('*')
+           if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
+  if not files:
+    raise ValueError(f'Image folder {path} contains no images with the accepted '
+                     f'extensions ({accepted}, any case, searched recursively).')
+  # Sorted by relative path (not by os.walk order, which depends on the file
+  # system) so that every host and every run sees the same indices.
+  return sorted(files, key=lambda f: f.relative_to(root).as_posix())
+
+
+def _decode_image_file(record: tuple[str, int], *, image_size: int,
+                       num_channels: int, use_labels: bool) -> Element | None:
+  """Reads one image file; returns None (and logs) if it is unreadable."""
+  filename, label = record
+  mode = 'RGB' if num_channels == 3 else 'L'
+  try:
+    with Image.open(filename) as image:
+      # JPEG can decode at 1/2, 1/4 or 1/8 scale, never below the requested
+      # size: far less work for large photos.
+      image.draft(mode, (image_size, image_size))
+      image = ImageOps.exif_transpose(image)
+      image = image.convert(mode)  # forces the full decode
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    # OSError covers unidentified and truncated files.
+    logging.warning('Skipping unreadable image %s: %s', filename, e)
+    return None
+  x = _center_crop_resize(image, image_size)
+  element = {'x': _uint8_image_to_float(x)}
+  if use_labels:
+    element['label'] = np.int32(label)
+  return element
+
+
+def _decode_tfds_example(example: dict[str, Any], *, image_size: int | None,
+                         num_channels: int, use_labels: bool) -> Element:
+  image = np.asarray(example['image'])  # uint8 [H, W, C]
+  height, width, channels = image.shape
+  if channels != num_channels or (
+      image_size is not None and (height, width) != (image_size, image_size)):
+    mode = 'RGB' if num_channels == 3 else 'L'
+    pil = Image.fromarray(image[..., 0] if channels == 1 else image).convert(mode)
+    image = (_center_crop_resize(pil, image_size) if image_size
+             else np.asarray(pil))
+  element = {'x': _uint8_image_to_float(image)}
+  if use_labels:
+    element['label'] = np.int32(example['label'])
+  return element
+
+
+def _center_crop_resize(image: Image.Image, image_size: int) -> np.ndarray:
+  """Largest centered square of `image`, resized: uint8 [S, S] or [S, S, C]."""
+  width, height = image.size
+  side = min(width, height)
+  left, top = (width - side) // 2, (height - side) // 2
+  # Crop first: resize(box=...) would let the filter reach pixels outside the
+  # square. PIL's BICUBIC resize is antialiased when it shrinks.
+  image = image.crop((left, top, left + side, top + side))
+  image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+  return np.asarray(image)
+
+
+def _uint8_image_to_float(image: np.ndarray) -> np.ndarray:
+  if image.ndim == 2:
+    image = image[..., None]
+  return image.astype(np.float32) / 127.5 - 1.0
+
+
+def _random_flip(element: Element, rng: np.random.Generator) -> Element:
+  if rng.random() < 0.5:
+    element = dict(element, x=np.ascontiguousarray(element['x'][:, ::-1]))
+  return element
+
+
+# ----------------------------------------------------------------------------
+# Skipping corrupt examples without losing count across worker processes.
+
+
+class _DropNoneBatchIterDataset(grain.IterDataset):
+  """Batches the non-None elements and counts the None ones per batch.
+
+  Dropping and batching are one step so that the number of dropped elements
+  can ride along in the batch: this stage may run in a worker process, and the
+  count must reach the main process (`_CountSkippedIterDataset`). A stream that
+  ends with dropped elements but no full batch yields a count-only dict.
+  """
+
+  def __init__(self, parent: grain.IterDataset, *, batch_size: int):
+    super().__init__(parent)
+    self._batch_size = batch_size
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _DropNoneBatchIterator(self._parent.__iter__(),
+                                  batch_size=self._batch_size)
+
+
+class _DropNoneBatchIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, *, batch_size: int):
+    super().__init__(parent)
+    self._batch_size = batch_size
+
+  def __next__(self) -> Element:
+    elements, dropped = [], 0
+    while len(elements) < self._batch_size:
+      try:
+        element = next(self._parent)
+      except StopIteration:
+        if dropped:  # the remainder is dropped, its skip count is not
+          return {_SKIPPED_KEY: np.int32(dropped)}
+        raise
+      if element is None:
+        dropped += 1
+      else:
+        elements.append(element)
+    batch = {key: np.stack([e[key] for e in elements]) for key in elements[0]}
+    batch[_SKIPPED_KEY] = np.int32(dropped)
+    return batch
+
+  # Each __next__ consumes whole batches, so between calls nothing is pending
+  # and the parent's state is the whole state.
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
+
+
+class _CountSkippedIterDataset(grain.IterDataset):
+  """Removes the skip counts from the batches and sums them up."""
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _CountSkippedIterator(self._parent.__iter__())
+
+
+class _CountSkippedIterator(grain.DatasetIterator):
+  """The pipeline's outer iterator; its state includes `num_skipped`."""
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+    self.num_skipped = 0
+
+  def __next__(self) -> Element:
+    while True:
+      batch = dict(next(self._parent))
+      self.num_skipped += int(batch.pop(_SKIPPED_KEY))
+      if batch:  # else a count-only dict from the end of a stream
+        return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {'pipeline': self._parent.get_state(),
+            'num_skipped': self.num_skipped}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state['pipeline'])
+    self.num_skipped = int(state['num_skipped'])
+
+
+# ----------------------------------------------------------------------------
+# Argument checks.
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+  if not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+
+
+def _check_num_channels(num_channels: int) -> None:
+  if num_channels not in (1, 3):
+    raise ValueError(
+        f'num_channels must be 1 (grayscale) or 3 (RGB), got {num_channels}.')
