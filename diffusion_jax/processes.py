@@ -171,12 +171,14 @@ class DiscreteVP(struct.PyTreeNode):
     """
     t = jnp.asarray(t, jnp.int32)
     beta = self.betas[t - 1]
-    abar_t = jnp.exp(2 * self.log_alphas[t])
     abar_prev = jnp.exp(2 * self.log_alphas[t - 1])
-    coef_x0 = jnp.sqrt(abar_prev) * beta / (1 - abar_t)
-    coef_xt = jnp.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar_t)
+    # 1 - alpha_bar through expm1: at t = 1 it is beta_1 = 1e-4, which 1 - exp(.) loses in float32.
+    one_minus_abar_t = -jnp.expm1(2 * self.log_alphas[t])
+    one_minus_abar_prev = -jnp.expm1(2 * self.log_alphas[t - 1])
+    coef_x0 = jnp.sqrt(abar_prev) * beta / one_minus_abar_t
+    coef_xt = jnp.sqrt(1 - beta) * one_minus_abar_prev / one_minus_abar_t
     mean = _bcast(coef_x0, x0) * x0 + _bcast(coef_xt, x_t) * x_t
-    beta_tilde = (1 - abar_prev) / (1 - abar_t) * beta
+    beta_tilde = one_minus_abar_prev / one_minus_abar_t * beta
     return mean, beta_tilde, beta
 
 
@@ -200,8 +202,14 @@ def transition(process, t: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Arra
 
   Returns ``alpha_{t|s} = alpha_t / alpha_s`` and ``sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2``.
   """
-  a_ts = process.alpha(t) / process.alpha(s)
-  var_ts = jnp.square(process.sigma(t)) - jnp.square(a_ts * process.sigma(s))
+  log_a_ts = process.log_alpha(t) - process.log_alpha(s)
+  a_ts = jnp.exp(log_a_ts)
+  if process.is_variance_preserving:
+    # sigma_t^2 - a_ts^2 sigma_s^2 = 1 - a_ts^2 when alpha^2 + sigma^2 = 1; expm1 keeps the
+    # precision the subtraction loses for close times.
+    var_ts = -jnp.expm1(2 * log_a_ts)
+  else:
+    var_ts = jnp.square(process.sigma(t)) - jnp.square(a_ts * process.sigma(s))
   return a_ts, jnp.maximum(var_ts, 0.0)
 
 

@@ -1,0 +1,63 @@
+"""Optimizers and learning-rate schedules from plain arguments (the config stops at train.py)."""
+
+from __future__ import annotations
+
+import optax
+
+OPTIMIZERS = ('adam', 'adamw')
+SCHEDULES = ('constant', 'cosine', 'linear')
+
+
+def learning_rate_schedule(*, learning_rate: float, warmup_steps: int = 0, decay: str = 'constant',
+                           total_steps: int | None = None, end_factor: float = 0.0
+                           ) -> optax.Schedule:
+  """Linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, then ``decay``.
+
+  'constant' keeps the peak (DDPM: 5000 warmup steps, then 2e-4 constant, Ho et al. 2020 App. B);
+  'cosine' and 'linear' decay to ``end_factor * learning_rate`` at ``total_steps``.
+  """
+  if decay not in SCHEDULES:
+    raise ValueError(f'optim.schedule={decay!r} is not known; use one of {SCHEDULES}.')
+  if warmup_steps < 0:
+    raise ValueError(f'optim.warmup_steps must be >= 0, got {warmup_steps}.')
+  if decay == 'constant':
+    if warmup_steps == 0:
+      return optax.constant_schedule(learning_rate)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, warmup_steps),
+         optax.constant_schedule(learning_rate)], [warmup_steps])
+  if total_steps is None or total_steps <= warmup_steps:
+    raise ValueError(f"optim.schedule={decay!r} needs training.num_train_steps ({total_steps}) > "
+                     f'optim.warmup_steps ({warmup_steps}).')
+  if decay == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, total_steps,
+                                              end_value=end_factor * learning_rate)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, learning_rate, warmup_steps),
+       optax.linear_schedule(learning_rate, end_factor * learning_rate, total_steps - warmup_steps)],
+      [warmup_steps])
+
+
+def make_optimizer(*, name: str = 'adam', learning_rate: float = 2e-4, warmup_steps: int = 0,
+                   schedule: str = 'constant', total_steps: int | None = None,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   weight_decay: float = 0.0, grad_clip: float | None = 1.0
+                   ) -> optax.GradientTransformation:
+  """Adam or AdamW with warmup and global-norm gradient clipping (DDPM clips at 1.0).
+
+  Returns an optax chain: clip_by_global_norm (skipped when ``grad_clip`` is None or <= 0), then
+  the optimizer with the learning-rate schedule.
+  """
+  if name not in OPTIMIZERS:
+    raise ValueError(f'optim.optimizer={name!r} is not known; use one of {OPTIMIZERS}.')
+  lr = learning_rate_schedule(learning_rate=learning_rate, warmup_steps=warmup_steps,
+                              decay=schedule, total_steps=total_steps)
+  if name == 'adam':
+    if weight_decay:
+      raise ValueError('optim.weight_decay needs optim.optimizer="adamw" (Adam would fold it into '
+                       'the gradient, which is not decoupled weight decay).')
+    opt = optax.adam(lr, b1=b1, b2=b2, eps=eps)
+  else:
+    opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip and grad_clip > 0 else []
+  return optax.chain(*parts, opt)
