@@ -31,6 +31,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 from absl import logging
 from PIL import Image, ImageOps
 
@@ -192,8 +193,16 @@ def create_dataset(
   # Corrupt files decode to None; they are dropped (and counted) before
   # batching so that every batch stays full.
   it_ds = ds.to_iter_dataset(allow_nones=True)
-  it_ds = _DropNoneBatchIterDataset(it_ds, batch_size=batch_size)
+  # Two shards' worth of consecutive failures span a whole epoch (also as seen
+  # by one of several workers, which reads every worker_count-th example).
+  it_ds = _DropNoneBatchIterDataset(it_ds, batch_size=batch_size,
+                                    max_consecutive_drops=2 * shard_size)
   if worker_count > 0:
+    if not flags.FLAGS.is_parsed():
+      # Grain's worker processes read absl flags and fail outside an absl app
+      # (notebooks, pytest); defaults are what such callers want
+      # (google/grain issues #1355, #1360).
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=worker_count))
   it_ds = _CountSkippedIterDataset(it_ds)
@@ -558,23 +567,28 @@ class _DropNoneBatchIterDataset(grain.IterDataset):
   ends with dropped elements but no full batch yields a count-only dict.
   """
 
-  def __init__(self, parent: grain.IterDataset, *, batch_size: int):
+  def __init__(self, parent: grain.IterDataset, *, batch_size: int,
+               max_consecutive_drops: int):
     super().__init__(parent)
     self._batch_size = batch_size
+    self._max_consecutive_drops = max_consecutive_drops
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _DropNoneBatchIterator(self._parent.__iter__(),
-                                  batch_size=self._batch_size)
+    return _DropNoneBatchIterator(
+        self._parent.__iter__(), batch_size=self._batch_size,
+        max_consecutive_drops=self._max_consecutive_drops)
 
 
 class _DropNoneBatchIterator(grain.DatasetIterator):
 
-  def __init__(self, parent: grain.DatasetIterator, *, batch_size: int):
+  def __init__(self, parent: grain.DatasetIterator, *, batch_size: int,
+               max_consecutive_drops: int):
     super().__init__(parent)
     self._batch_size = batch_size
+    self._max_consecutive_drops = max_consecutive_drops
 
   def __next__(self) -> Element:
-    elements, dropped = [], 0
+    elements, dropped, consecutive = [], 0, 0
     while len(elements) < self._batch_size:
       try:
         element = next(self._parent)
@@ -584,8 +598,17 @@ class _DropNoneBatchIterator(grain.DatasetIterator):
         raise
       if element is None:
         dropped += 1
+        consecutive += 1
+        # Without this, a shard of only unreadable files would loop forever
+        # when repeating.
+        if consecutive >= self._max_consecutive_drops:
+          raise ValueError(
+              f'{consecutive} examples in a row could not be read: every file '
+              "of this process's share of the data seems unreadable (see the "
+              'warnings logged above).')
       else:
         elements.append(element)
+        consecutive = 0
     batch = {key: np.stack([e[key] for e in elements]) for key in elements[0]}
     batch[_SKIPPED_KEY] = np.int32(dropped)
     return batch

@@ -147,6 +147,15 @@ def test_folder_center_crops_before_resizing(tmp_path):
                              atol=1e-6)
 
 
+def test_folder_of_only_corrupt_files_raises_instead_of_looping(tmp_path):
+  for i in range(3):
+    (tmp_path / f'{i}.png').write_bytes(b'junk')
+  pipeline = input_pipeline.create_dataset(
+      source='folder', path=str(tmp_path), image_size=4, batch_size=2, seed=0)
+  with pytest.raises(ValueError, match='unreadable'):
+    next(pipeline.iterator)
+
+
 @pytest.mark.parametrize('make', ['missing', 'empty', 'no_images'])
 def test_folder_without_images_raises(tmp_path, make):
   path = tmp_path / 'data'
@@ -345,3 +354,27 @@ def test_orbax_checkpoint_round_trip(tmp_path):
         data=grain.checkpoint.CheckpointRestore(restored.iterator)))
   for got, want in zip(_take(restored, 2), expected):
     np.testing.assert_array_equal(got['x'], want['x'])
+
+
+def test_worker_processes_count_skips_and_resume(image_folder):
+  # Spawning workers takes seconds, so one test covers pickling of the
+  # pipeline, skip counts crossing processes, and resuming with workers.
+  kwargs = dict(source='folder', path=str(image_folder), image_size=4,
+                batch_size=2, seed=5, random_flip=True, use_labels=True,
+                worker_count=2)
+  original = input_pipeline.create_dataset(**kwargs)
+  first = _take(original, 4)
+  state = original.iterator.get_state()
+  expected = _take(original, 2)
+  assert all(b['x'].shape == (2, 4, 4, 3) for b in first + expected)
+  # 6 batches = 12 good images = 3 epochs, with 2 corrupt files each; a
+  # worker may already have passed some corrupt files of the next epoch.
+  assert original.num_skipped() >= 4
+  original.iterator.close()
+
+  restored = input_pipeline.create_dataset(**kwargs)
+  restored.iterator.set_state(state)
+  for got, want in zip(_take(restored, 2), expected):
+    np.testing.assert_array_equal(got['x'], want['x'])
+    np.testing.assert_array_equal(got['label'], want['label'])
+  restored.iterator.close()
