@@ -193,10 +193,12 @@ def create_dataset(
   # Corrupt files decode to None; they are dropped (and counted) before
   # batching so that every batch stays full.
   it_ds = ds.to_iter_dataset(allow_nones=True)
-  # Two shards' worth of consecutive failures span a whole epoch (also as seen
-  # by one of several workers, which reads every worker_count-th example).
-  it_ds = _DropNoneBatchIterDataset(it_ds, batch_size=batch_size,
-                                    max_consecutive_drops=2 * shard_size)
+  # Failing on every file of two epochs' worth in a row means (barring
+  # astronomically unlikely orders) that no file is readable; a worker sees
+  # only every worker_count-th example, hence the factor.
+  it_ds = _DropNoneBatchIterDataset(
+      it_ds, batch_size=batch_size,
+      max_consecutive_drops=2 * shard_size * max(1, worker_count))
   if worker_count > 0:
     if not flags.FLAGS.is_parsed():
       # Grain's worker processes read absl flags and fail outside an absl app
@@ -232,9 +234,9 @@ def load_digits_images(image_size: int) -> tuple[np.ndarray, np.ndarray]:
   digits = datasets.load_digits()
   images = digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0  # 0..16 -> [-1, 1]
   if image_size != images.shape[1]:
-    # Mode 'F' resizes the float values directly: no 8-bit quantization.
+    # float32 arrays become mode 'F' images: resized without 8-bit rounding.
     images = np.stack([
-        np.asarray(Image.fromarray(im, mode='F').resize(
+        np.asarray(Image.fromarray(im).resize(
             (image_size, image_size), Image.Resampling.BILINEAR))
         for im in images
     ])
@@ -255,11 +257,12 @@ class _SourceSpec:
   num_classes: int | None
 
 
-class _InMemoryArrays:
+class _ArrayRecords:
   """Random-access examples from arrays: {'x': float32, 'label': int32}.
 
   A .npy file is memory-mapped and reopened after pickling (worker processes),
-  so large arrays are neither loaded whole nor copied to every worker.
+  so large arrays are neither loaded whole nor copied to every worker. Arrays
+  from an .npz (which cannot be memory-mapped) are held in memory.
   """
 
   def __init__(self, *, x: np.ndarray | None = None, labels: np.ndarray | None,
@@ -301,8 +304,8 @@ def _digits_source(*, image_size: int | None, num_channels: int,
   images, labels = load_digits_images(image_size)
   if num_channels == 3:
     images = np.repeat(images, 3, axis=-1)
-  records = _InMemoryArrays(x=images, labels=labels if use_labels else None,
-                            scale_uint8=False)
+  records = _ArrayRecords(x=images, labels=labels if use_labels else None,
+                          scale_uint8=False)
   return _SourceSpec(records=records, decode=_identity,
                      element_shape=images.shape[1:], num_examples=len(images),
                      num_classes=10)
@@ -410,8 +413,8 @@ def _array_source(*, path: str | None, image_size: int | None,
       raise ValueError(f'Labels in {path} must be >= 0; found {labels.min()}.')
     num_classes = int(labels.max()) + 1
     labels = labels.astype(np.int32)
-  records = _InMemoryArrays(x=None if npy_path else x, npy_path=npy_path,
-                            labels=labels, scale_uint8=scale_uint8)
+  records = _ArrayRecords(x=None if npy_path else x, npy_path=npy_path,
+                          labels=labels, scale_uint8=scale_uint8)
   return _SourceSpec(records=records, decode=_identity,
                      element_shape=x.shape[1:], num_examples=len(x),
                      num_classes=num_classes)
