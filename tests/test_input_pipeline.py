@@ -2,8 +2,8 @@
 
 import json
 import logging
-import pathlib
 
+import grain
 import numpy as np
 import pytest
 from PIL import Image
@@ -337,13 +337,11 @@ def test_restored_state_resumes_the_same_batches(image_folder, source):
 
 def test_orbax_checkpoint_round_trip(tmp_path):
   ocp = pytest.importorskip('orbax.checkpoint')
-  import grain  # pylint: disable=g-import-not-at-top
-
   kwargs = dict(source='digits', batch_size=8, seed=1, random_flip=True)
   original = input_pipeline.create_dataset(**kwargs)
   _take(original, 3)
   with ocp.CheckpointManager(
-      pathlib.Path(tmp_path) / 'ckpt',
+      tmp_path / 'ckpt',
       item_handlers={'data': grain.checkpoint.CheckpointHandler()}) as manager:
     manager.save(3, args=ocp.args.Composite(
         data=grain.checkpoint.CheckpointSave(original.iterator)))
