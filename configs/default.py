@@ -1,0 +1,132 @@
+"""Every config field, with its default and meaning. Other configs import this and override.
+
+    python -m diffusion_jax.main --config=configs/default.py --workdir=runs/default
+
+(runs the digits job at default model size; configs/digits.py is the tuned one). The config is
+locked: assigning a field that is not defined here raises, so a typo in a config file or in a
+``--config.a.b=value`` override stops the run before anything is compiled.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # PRNG seed of the parameters, the training noise and the data order.
+
+  # --- data -------------------------------------------------------------------------------------
+  data = config.data = ml_collections.ConfigDict()
+  data.source = 'digits'  # 'digits' | 'folder' | 'array' | 'tfds'.
+  data.path = ''  # folder: directory of images; array: a .npy/.npz file.
+  data.name = ''  # tfds: data set name, e.g. 'cifar10'.
+  data.split = 'train'  # tfds: training split.
+  data.eval_split = 'test'  # tfds: split of --mode=eval (bits/dim).
+  data.data_dir = ''  # tfds: data directory ('' = TFDS's default, ~/tensorflow_datasets).
+  data.image_size = 8  # side of the square images (digits are 8x8 natively; resized otherwise).
+  data.num_channels = 1  # 1 (grayscale) or 3 (RGB) for images; ignored for 'array'.
+  data.random_flip = False  # random horizontal flips (images only).
+  data.use_labels = False  # read labels (needed for class conditioning, model.num_classes > 0).
+  data.worker_count = 0  # grain worker processes for decoding (0: in the main process).
+
+  # --- network and its parameterization ---------------------------------------------------------
+  model = config.model = ml_collections.ConfigDict()
+  model.name = 'unet'  # 'unet' (images [B, H, W, C]) | 'mlp' (vectors [B, D]).
+  model.parameterization = 'eps'  # the network predicts 'eps' | 'x0' | 'v' | 'score' (F/sigma).
+  model.noise_input = 't'  # network input: 't' (DDPM step) | 't999' (999 t, VP SDEs) | 'log_sigma' (VE).
+  model.num_classes = 0  # classes for class conditioning; 0 = unconditional.
+  model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params stay float32).
+  unet = model.unet = ml_collections.ConfigDict()  # fields of diffusion_jax.models.UNet.
+  unet.ch = 64  # base channels.
+  unet.ch_mult = (1, 2)  # channel multiplier per level; len-1 downsamplings.
+  unet.num_res_blocks = 2  # residual blocks per level.
+  unet.attn_resolutions = (4,)  # spatial sizes with self-attention.
+  unet.dropout = 0.1  # dropout in residual blocks.
+  unet.resamp_with_conv = True  # learned resampling convs (ddpm blocks).
+  unet.resblock_type = 'ddpm'  # 'ddpm' | 'biggan' (DDPM++/NCSN++).
+  unet.skip_rescale = False  # divide residual sums by sqrt(2) (DDPM++).
+  unet.embedding_type = 'sinusoidal'  # 'sinusoidal' | 'fourier' (NCSN++, with log_sigma input).
+  unet.fourier_scale = 16.0  # std of the Gaussian Fourier frequencies.
+  unet.num_heads = 1  # attention heads.
+  unet.num_head_channels = 0  # channels per head; 0 = use num_heads.
+  unet.fir = False  # FIR up/downsampling (NCSN++).
+  unet.progressive = 'none'  # output pyramid: 'none' | 'output_skip' | 'residual'.
+  unet.progressive_input = 'none'  # input pyramid: 'none' | 'input_skip' | 'residual'.
+  unet.progressive_combine = 'sum'  # 'sum' | 'cat'.
+  unet.init_scale = 0.0  # scale of the last conv of each block (0 = zero init, as DDPM).
+  unet.up_attn_every_block = True  # attention after every up block (DDPM) or once per level.
+  unet.remat_policy = 'none'  # 'none' | 'full' | 'dots_saveable' | 'dots_with_no_batch_dims_saveable'.
+  mlp = model.mlp = ml_collections.ConfigDict()  # fields of diffusion_jax.models.MLP.
+  mlp.hidden_dim = 256  # width.
+  mlp.num_layers = 4  # hidden layers.
+  mlp.embed_dim = 128  # noise-embedding width.
+
+  # --- noise process ----------------------------------------------------------------------------
+  process = config.process = ml_collections.ConfigDict()
+  process.type = 'discrete'  # 'discrete' (DDPM) | 'vp' | 'subvp' | 've' (score SDEs).
+  process.schedule = 'linear'  # discrete: 'linear' | 'cosine'.
+  process.num_timesteps = 1000  # discrete: number of steps N.
+  process.beta_start = 1e-4  # discrete linear: first beta.
+  process.beta_end = 0.02  # discrete linear: last beta.
+  process.cosine_s = 0.008  # discrete cosine: offset s of Nichol & Dhariwal.
+  process.beta_min = 0.1  # vp/subvp: beta(0).
+  process.beta_max = 20.0  # vp/subvp: beta(1).
+  process.sigma_min = 0.01  # ve: sigma(0).
+  process.sigma_max = 50.0  # ve: sigma(1).
+  process.t_eps = 1e-3  # vp/subvp/ve: smallest time t_min (score_sde: 1e-3 VP, 1e-5 VE).
+
+  # --- training ---------------------------------------------------------------------------------
+  training = config.training = ml_collections.ConfigDict()
+  training.batch_size = 128  # global batch (over all devices and processes).
+  training.num_train_steps = 4000  # optimizer steps.
+  training.log_every = 100  # steps between metrics.jsonl / TensorBoard entries.
+  training.checkpoint_every = 1000  # steps between checkpoints (one is also written at the end).
+  training.keep_checkpoints = 3  # checkpoints kept (the newest good one is never deleted).
+  training.sample_every = 2000  # steps between PNG grids of EMA samples (0 = only at the end).
+  training.num_sample_images = 64  # images in each training-time grid.
+  training.ema_decay = 0.999  # EMA decay per step.
+  training.weighting = 'uniform'  # loss weighting: 'uniform' | 'snr' | 'min_snr' | 'likelihood'.
+  training.min_snr_gamma = 5.0  # gamma of 'min_snr'.
+  training.time_sampling = 'uniform'  # 'uniform' | 'importance'.
+  training.label_dropout = 0.1  # P(label -> null) for classifier-free guidance (class models).
+  training.steps_per_call = 1  # train steps per jitted call (lax.scan), for host-bound runs.
+  training.max_nonfinite_steps = 20  # stop after this many consecutive non-finite (skipped) steps.
+  training.compilation_cache_dir = ''  # persistent XLA compilation cache ('' = workdir/.jax_cache).
+
+  # --- optimizer --------------------------------------------------------------------------------
+  optim = config.optim = ml_collections.ConfigDict()
+  optim.optimizer = 'adam'  # 'adam' | 'adamw'.
+  optim.learning_rate = 2e-3  # peak learning rate.
+  optim.warmup_steps = 200  # linear warmup steps.
+  optim.schedule = 'constant'  # after warmup: 'constant' | 'cosine' | 'linear' (decay to 0).
+  optim.b1 = 0.9  # Adam beta1.
+  optim.b2 = 0.999  # Adam beta2.
+  optim.eps = 1e-8  # Adam epsilon.
+  optim.weight_decay = 0.0  # decoupled weight decay (adamw only).
+  optim.grad_clip = 1.0  # global-norm gradient clipping (0 = off).
+
+  # --- sampling ---------------------------------------------------------------------------------
+  sampling = config.sampling = ml_collections.ConfigDict()
+  sampling.method = 'dpmpp_2m'  # a name of diffusion_jax.sampling.METHODS.
+  sampling.num_steps = 50  # sampler steps.
+  sampling.num_samples = 1000  # --mode=sample: number of samples written to the .npz.
+  sampling.batch_size = 500  # samples per sampler call.
+  sampling.guidance_scale = 1.0  # classifier-free guidance scale (1 = plain conditional).
+  sampling.grid = ''  # time grid: '' (the method's default) | 'uniform' | 'logsnr' | 'karras' | 'quadratic'.
+  sampling.eta = 0.0  # ddim: stochasticity (0 = deterministic DDIM, 1 = DDPM-like).
+  sampling.clip_x0 = False  # clip predicted x0 to [-1, 1] (images only).
+
+  # --- evaluation (--mode=eval) -----------------------------------------------------------------
+  evaluation = config.eval = ml_collections.ConfigDict()
+  evaluation.num_examples = 256  # test examples for bits/dim.
+  evaluation.batch_size = 64  # examples per likelihood call.
+  evaluation.num_draws = 1  # dequantization / Hutchinson draws per example.
+  evaluation.rtol = 1e-5  # PF-ODE relative tolerance.
+  evaluation.atol = 1e-5  # PF-ODE absolute tolerance.
+
+  # --- device mesh ------------------------------------------------------------------------------
+  mesh = config.mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # data-parallel axis size (-1 = all devices not used by fsdp).
+  mesh.fsdp = 1  # parameter-sharding axis size (1 = params replicated).
+
+  config.lock()
+  return config

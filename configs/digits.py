@@ -1,0 +1,26 @@
+"""The embedded default job: a small DDPM on scikit-learn's 8x8 digits, minutes on a CPU.
+
+    python -m diffusion_jax.main --config=configs/digits.py --workdir=runs/digits
+
+No download: the digits ship with scikit-learn.
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.data.source = 'digits'
+  config.data.image_size = 8
+  config.data.num_channels = 1
+  config.model.unet.ch = 64
+  config.model.unet.ch_mult = (1, 2)
+  config.model.unet.num_res_blocks = 2
+  config.model.unet.attn_resolutions = (4,)
+  config.model.unet.dropout = 0.1
+  config.training.batch_size = 128
+  config.training.num_train_steps = 4000
+  config.training.ema_decay = 0.999
+  config.optim.learning_rate = 2e-3
+  config.optim.warmup_steps = 200
+  return config

@@ -1,0 +1,81 @@
+r"""Entry point: ``python -m diffusion_jax.main --config=configs/X.py --workdir=DIR [--mode=...]``.
+
+This file is intentionally kept short: flags, the multi-process runtime, then one call into
+``train``. ``--config.a.b=value`` overrides any config field. Modes: ``train`` (resumes from the
+workdir's latest checkpoint), ``sample`` (EMA samples to ``workdir/samples``), ``eval``
+(bits/dim on ``data.eval_split``).
+
+Multi-host: on a TPU pod every host runs the same command and ``jax.distributed`` finds its peers;
+on GPU clusters pass ``--coordinator_address=host:port --num_processes=N --process_id=i``.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+
+def _add_config_root_to_path(argv) -> None:
+  """Lets a config file ``configs/x.py`` import ``configs.default`` from any working directory."""
+  for arg in argv:
+    if arg.startswith('--config='):
+      path = os.path.abspath(arg.split('=', 1)[1].split(':')[0])
+      root = os.path.dirname(os.path.dirname(path))
+      if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+_add_config_root_to_path(sys.argv)
+
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, for multi-process GPU/CPU runs.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
+_INIT_TIMEOUT = flags.DEFINE_integer('initialization_timeout', 300,
+                                     'Seconds to wait for every process to reach the coordinator.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _init_distributed() -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  if _COORDINATOR.value:
+    try:
+      jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                 num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                                 initialization_timeout=_INIT_TIMEOUT.value)
+    except Exception as e:  # pylint: disable=broad-except
+      raise SystemExit(
+          f'Could not join the job at --coordinator_address={_COORDINATOR.value} as process '
+          f'{_PROCESS_ID.value} of {_NUM_PROCESSES.value} within {_INIT_TIMEOUT.value}s: {e}\n'
+          'Check that process 0 runs with the same address and port and that it is reachable.'
+      ) from e
+  elif os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'):
+    jax.distributed.initialize()  # a TPU pod: JAX finds the coordinator itself
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import train  # pylint: disable=import-outside-toplevel
+  _init_distributed()
+  config = _CONFIG.value
+  cache = config.training.compilation_cache_dir or os.path.join(_WORKDIR.value, '.jax_cache')
+  jax.config.update('jax_compilation_cache_dir', cache)
+  logging.info('JAX %s, process %d/%d, devices: %s', jax.__version__, jax.process_index(),
+               jax.process_count(), jax.devices())
+  if _MODE.value == 'train':
+    train.train_and_evaluate(config, _WORKDIR.value)
+  elif _MODE.value == 'sample':
+    train.sample(config, _WORKDIR.value)
+  else:
+    train.evaluate(config, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
