@@ -1,0 +1,13 @@
+"""Flax Linen networks ``F(x, c_noise, y=None, *, train)``: U-Nets for images, an MLP for vectors.
+
+The networks return raw outputs; ``diffusion_jax.preconditioning`` turns them into eps / x0 / v /
+score. ``MODELS`` maps the ``model.name`` of a config to the class.
+"""
+
+from diffusion_jax.models.mlp import MLP
+from diffusion_jax.models.param_count import count_params
+from diffusion_jax.models.unet import UNet, validate_unet_config
+
+MODELS = {'unet': UNet, 'mlp': MLP}
+
+__all__ = ['MLP', 'MODELS', 'UNet', 'count_params', 'validate_unet_config']

@@ -1,0 +1,427 @@
+"""Tests of diffusion_jax.models: published parameter counts, option coverage, numerics.
+
+Kept fast: parameter counts and most shape checks go through ``jax.eval_shape`` (tracing only, no
+compilation or initialization); the numerical checks run one tiny U-Net eagerly on random
+parameters.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax import models
+from diffusion_jax.models import MLP, MODELS, UNet, count_params, fir, validate_unet_config
+
+CIFAR = (1, 32, 32, 3)
+
+# DDPM CIFAR-10 (Ho et al. 2020, Appendix B: 35.7M). The exact figure is the parameter count of
+# the converted original checkpoint in diffusers, google/ddpm-cifar10-32 (UNet2DModel).
+DDPM_CIFAR10_PARAMS = 35_746_307
+
+# Song et al. (2021), score_sde configs/vp/cifar10_ddpmpp_continuous.py: "DDPM++ cont. (VP)".
+DDPMPP = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
+              dropout=0.1, resblock_type='biggan', skip_rescale=True, up_attn_every_block=False,
+              embedding_type='sinusoidal')
+# configs/ve/cifar10_ncsnpp_continuous.py: "NCSN++ cont. (VE)" (FIR, Fourier features, residual
+# input pyramid, no output pyramid).
+NCSNPP = dict(DDPMPP, fir=True, embedding_type='fourier', fourier_scale=16.0,
+              progressive='none', progressive_input='residual', progressive_combine='sum')
+# The NCSN++ of the brief with both skip pyramids (StyleGAN2-style output_skip / input_skip).
+NCSNPP_SKIP = dict(NCSNPP, progressive='output_skip', progressive_input='input_skip')
+
+
+def _score_sde_ncsnpp_count(*, nf, ch_mult, num_res_blocks, attn_resolutions, resblock_type,
+                            progressive, progressive_input, combine, embedding_type,
+                            image_size=32, channels=3, **_):
+  """Parameter count of score_sde's PyTorch ``NCSNpp.__init__``, walked module by module.
+
+  An independent reference: it follows the constructor of score_sde ``models/ncsnpp.py`` (the
+  channel bookkeeping ``hs_c``, the pyramids, the Fourier ``W``) and sums closed-form sizes,
+  sharing no code with the Flax modules.
+  """
+  conv3 = lambda i, o: 9 * i * o + o  # noqa: E731
+  conv1 = lambda i, o: i * o + o  # noqa: E731
+  gn = lambda c: 2 * c  # noqa: E731
+  temb_dim = 4 * nf
+
+  def resblock(i, o=None, updown=False):
+    o = o or i
+    n = gn(i) + conv3(i, o) + conv1(temb_dim, o) + gn(o) + conv3(o, o)
+    return n + (conv1(i, o) if (i != o or updown) else 0)
+
+  attn = lambda c: gn(c) + 4 * conv1(c, c)  # noqa: E731
+  n = 0
+  if embedding_type == 'fourier':
+    n += nf  # GaussianFourierProjection.W (a Parameter, requires_grad=False, still counted).
+    embed_dim = 2 * nf
+  else:
+    embed_dim = nf
+  n += conv1(embed_dim, temb_dim) + conv1(temb_dim, temb_dim)
+  resolutions = [image_size // 2**i for i in range(len(ch_mult))]
+  pyramid_in = channels
+  n += conv3(channels, nf)
+  hs_c = [nf]
+  in_ch = nf
+  for level, mult in enumerate(ch_mult):
+    for _ in range(num_res_blocks):
+      n += resblock(in_ch, nf * mult)
+      in_ch = nf * mult
+      if resolutions[level] in attn_resolutions:
+        n += attn(in_ch)
+      hs_c.append(in_ch)
+    if level != len(ch_mult) - 1:
+      n += conv3(in_ch, in_ch) if resblock_type == 'ddpm' else resblock(in_ch, updown=True)
+      if progressive_input == 'input_skip':
+        n += conv1(pyramid_in, in_ch)  # Combine; pyramid downsampling has no weights.
+        if combine == 'cat':
+          in_ch *= 2
+      elif progressive_input == 'residual':
+        n += conv3(pyramid_in, in_ch)
+        pyramid_in = in_ch
+      hs_c.append(in_ch)
+  in_ch = hs_c[-1]
+  n += 2 * resblock(in_ch) + attn(in_ch)
+  pyramid_ch = 0
+  for level in reversed(range(len(ch_mult))):
+    for _ in range(num_res_blocks + 1):
+      out_ch = nf * ch_mult[level]
+      n += resblock(in_ch + hs_c.pop(), out_ch)
+      in_ch = out_ch
+    if resolutions[level] in attn_resolutions:
+      n += attn(in_ch)
+    if progressive != 'none':
+      if level == len(ch_mult) - 1:
+        if progressive == 'output_skip':
+          n += gn(in_ch) + conv3(in_ch, channels)
+          pyramid_ch = channels
+        else:
+          n += gn(in_ch) + conv3(in_ch, in_ch)
+          pyramid_ch = in_ch
+      elif progressive == 'output_skip':
+        n += gn(in_ch) + conv3(in_ch, channels)
+      else:
+        n += conv3(pyramid_ch, in_ch)
+        pyramid_ch = in_ch
+    if level != 0:
+      n += conv3(in_ch, in_ch) if resblock_type == 'ddpm' else resblock(in_ch, updown=True)
+  assert not hs_c
+  if progressive != 'output_skip':
+    n += gn(in_ch) + conv3(in_ch, channels)
+  return n
+
+
+def _ref_count(cfg):
+  cfg = {'progressive': 'none', 'progressive_input': 'none', 'progressive_combine': 'sum', **cfg}
+  return _score_sde_ncsnpp_count(nf=cfg['ch'], combine=cfg['progressive_combine'], **cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counts (jax.eval_shape only).
+
+
+def test_ddpm_cifar10_parameter_count_is_published():
+  assert count_params(UNet(), CIFAR) == DDPM_CIFAR10_PARAMS
+
+
+def test_ddpmpp_cont_vp_parameter_count():
+  # Published: "DDPM++ cont. (VP)" ~62M (Song et al. 2021; 61.8M). Exact figure of score_sde's
+  # architecture, checked against the module-by-module walk of its constructor.
+  assert _ref_count(DDPMPP) == 61_804_419
+  assert count_params(UNet(**DDPMPP), CIFAR) == 61_804_419
+
+
+def test_ncsnpp_cont_ve_parameter_count():
+  # Published: "NCSN++ cont. (VE)" ~63M (62.76M incl. the 128 fixed Fourier frequencies W,
+  # which score_sde also stores as a parameter).
+  assert _ref_count(NCSNPP) == 62_758_915
+  assert count_params(UNet(**NCSNPP), CIFAR) == 62_758_915
+
+
+@pytest.mark.parametrize('cfg', [
+    NCSNPP_SKIP,
+    dict(NCSNPP_SKIP, progressive_combine='cat'),
+    dict(NCSNPP, progressive='residual', progressive_input='input_skip'),
+    dict(DDPMPP, resblock_type='ddpm'),
+    dict(NCSNPP, num_res_blocks=8),  # "NCSN++ cont. (deep, VE)": published ~108M.
+], ids=['output_skip+input_skip', 'input_skip-cat', 'residual-out', 'ddpm-blocks', 'deep'])
+def test_score_sde_variants_match_reference_walk(cfg):
+  assert count_params(UNet(**cfg), CIFAR) == _ref_count(cfg)
+
+
+def test_class_table_has_null_row():
+  base = count_params(UNet(), CIFAR)
+  cond = count_params(UNet(num_classes=10), CIFAR, num_classes=10)
+  assert cond - base == 11 * 4 * 128
+
+
+def test_params_do_not_depend_on_remat_policy():
+  kw = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
+  shapes = {p: _param_shapes(UNet(**kw, remat_policy=p), (1, 8, 8, 3))
+            for p in ('none', 'full', 'dots_saveable')}
+  assert shapes['none'] == shapes['full'] == shapes['dots_saveable']
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes and dtypes for every option (traced, not compiled).
+
+TINY = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1)
+
+
+def _param_shapes(module, shape, y=None):
+  init = functools.partial(module.init, train=False)
+  variables = jax.eval_shape(init, jax.random.key(0), jnp.zeros(shape), jnp.zeros(shape[:1]), y)
+  return jax.tree.map(lambda s: (s.shape, s.dtype), variables['params'])
+
+
+def _traced(module, shape, y=None, train=False):
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+  c = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
+
+  def fwd(key, x, c):
+    params = module.init(key, x, c, y, train=False)['params']
+    return params, module.apply({'params': params}, x, c, y, train=train,
+                                rngs={'dropout': key})
+
+  return jax.eval_shape(fwd, jax.random.key(0), x, c)
+
+
+@pytest.mark.parametrize('opts', [
+    dict(),
+    dict(resamp_with_conv=False),
+    dict(resblock_type='biggan', skip_rescale=True, up_attn_every_block=False),
+    dict(resblock_type='biggan', fir=True),
+    dict(resblock_type='ddpm', fir=True),
+    dict(resblock_type='ddpm', fir=True, resamp_with_conv=False),
+    dict(embedding_type='fourier'),
+    dict(resblock_type='biggan', fir=True, progressive='output_skip', progressive_input='input_skip'),
+    dict(resblock_type='biggan', progressive='output_skip', progressive_input='input_skip',
+         progressive_combine='cat'),
+    dict(resblock_type='biggan', fir=True, progressive='residual', progressive_input='residual',
+         skip_rescale=True),
+    dict(progressive='residual', progressive_input='input_skip', progressive_combine='cat'),
+    dict(num_classes=10),
+    dict(conditional=False),
+    dict(conditional=False, num_classes=3),
+    dict(num_heads=2),
+    dict(num_head_channels=4),
+    dict(out_channels=6),
+    dict(remat_policy='full'),
+    dict(remat_policy='dots_saveable', resblock_type='biggan'),
+], ids=lambda o: ','.join(f'{k}={v}' for k, v in o.items()) or 'ddpm')
+def test_unet_option_shapes(opts):
+  shape = (2, 8, 8, 3)
+  params, out = _traced(UNet(**TINY, **opts), shape, train=True)
+  assert out.shape == shape[:3] + (opts.get('out_channels', 3),)
+  assert out.dtype == jnp.float32
+  assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+
+
+def test_bfloat16_compute_keeps_float32_params_and_output():
+  params, out = _traced(UNet(**TINY, dtype=jnp.bfloat16, resblock_type='biggan', fir=True,
+                             embedding_type='fourier', progressive='output_skip',
+                             progressive_input='residual', num_classes=4), (2, 8, 8, 3))
+  assert out.dtype == jnp.float32
+  assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+
+
+def test_non_square_input():
+  _, out = _traced(UNet(**TINY), (1, 8, 16, 1))
+  assert out.shape == (1, 8, 16, 1)
+
+
+def test_bad_image_size_raises():
+  with pytest.raises(ValueError, match=r'30x30.*ch_mult=\(1, 2, 2, 2\).*multiple of 8'):
+    _traced(UNet(), (1, 30, 30, 3))
+
+
+def test_labels_without_classes_raise():
+  with pytest.raises(ValueError, match='num_classes'):
+    _traced(UNet(**TINY), (1, 8, 8, 3), y=jnp.zeros((1,), jnp.int32))
+
+
+def test_unknown_option_raises():
+  with pytest.raises(ValueError, match='resblock_type'):
+    _traced(UNet(**TINY, resblock_type='resnet'), (1, 8, 8, 3))
+
+
+def test_validate_unet_config():
+  validate_unet_config(image_size=32, ch_mult=(1, 2, 2, 2), attn_resolutions=(16,))
+  with pytest.raises(ValueError, match='image_size=28'):
+    validate_unet_config(image_size=28, ch_mult=(1, 2, 2, 2), attn_resolutions=(16,))
+  with pytest.raises(ValueError, match='attn_resolutions'):
+    validate_unet_config(image_size=32, ch_mult=(1, 2, 2, 2), attn_resolutions=(12,))
+
+
+def test_exports():
+  assert MODELS == {'unet': UNet, 'mlp': MLP}
+  assert models.count_params is count_params
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics on one tiny U-Net with random (not initializer-drawn) parameters: eager and cheap.
+
+SMALL = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), init_scale=1.0)
+
+
+def _random_params(module, shape, y=None, seed=0):
+  rng = np.random.default_rng(seed)
+  shapes = _param_shapes(module, shape, y)
+  return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s[0]), jnp.float32), shapes,
+                      is_leaf=lambda s: isinstance(s, tuple) and isinstance(s[1], np.dtype))
+
+
+@pytest.fixture(scope='module')
+def small_case():
+  shape = (2, 8, 8, 3)
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  c = jnp.asarray([3.0, 700.0])
+  params = _random_params(UNet(**SMALL, dropout=0.5), shape)
+  return x, c, params
+
+
+def test_remat_policies_give_same_output(small_case):
+  x, c, params = small_case
+  ref = UNet(**SMALL, dropout=0.5).apply({'params': params}, x, c, train=False)
+  assert float(jnp.abs(ref).max()) > 0
+  for policy in ('full', 'dots_saveable'):
+    net = UNet(**SMALL, dropout=0.5, remat_policy=policy)
+    # jit: eagerly, every checkpointed block would be compiled on its own.
+    out = jax.jit(functools.partial(net.apply, train=False))({'params': params}, x, c)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_only_in_training(small_case):
+  x, c, params = small_case
+  net = UNet(**SMALL, dropout=0.5)
+  apply = functools.partial(net.apply, {'params': params}, x, c)
+  eval_a, eval_b = apply(train=False), apply(train=False)
+  np.testing.assert_array_equal(eval_a, eval_b)
+  train_a = apply(train=True, rngs={'dropout': jax.random.key(0, impl='unsafe_rbg')})
+  train_b = apply(train=True, rngs={'dropout': jax.random.key(1, impl='unsafe_rbg')})
+  assert not np.allclose(train_a, eval_a)
+  assert not np.allclose(train_a, train_b)
+  no_dropout = UNet(**SMALL, dropout=0.0).apply({'params': params}, x, c, train=True)
+  np.testing.assert_allclose(no_dropout, eval_a, rtol=1e-6, atol=1e-6)
+
+
+def test_noise_conditioning_changes_output(small_case):
+  x, c, params = small_case
+  net = UNet(**SMALL, dropout=0.5)
+  a = net.apply({'params': params}, x, c, train=False)
+  b = net.apply({'params': params}, x, c + 1.0, train=False)
+  assert not np.allclose(a, b)
+
+
+def test_class_conditioning_and_null_class():
+  shape = (2, 8, 8, 3)
+  net = UNet(**SMALL, num_classes=3)
+  params = _random_params(net, shape)
+  x = jnp.ones(shape)
+  c = jnp.asarray([10.0, 10.0])
+  null = net.apply({'params': params}, x, c, train=False)
+  explicit_null = net.apply({'params': params}, x, c, jnp.asarray([3, 3]), train=False)
+  np.testing.assert_array_equal(null, explicit_null)
+  labelled = net.apply({'params': params}, x, c, jnp.asarray([0, 2]), train=False)
+  assert not np.allclose(labelled, null)
+  assert not np.allclose(labelled[0], labelled[1])  # Same x and c_noise, different labels.
+
+
+def test_bfloat16_close_to_float32(small_case):
+  x, c, params = small_case
+  ref = UNet(**SMALL).apply({'params': params}, x, c, train=False)
+  bf16 = UNet(**SMALL, dtype=jnp.bfloat16)
+  out = jax.jit(functools.partial(bf16.apply, train=False))({'params': params}, x, c)
+  assert out.dtype == jnp.float32
+  assert float(jnp.abs(out - ref).max()) < 0.1 * float(jnp.abs(ref).max())
+
+
+def test_zero_init_output():
+  # init_scale=0 zero-initializes the last layer (DDPM): the untrained network outputs 0.
+  net = UNet(ch=4, ch_mult=(1,), num_res_blocks=0, attn_resolutions=())
+  x, c = jnp.ones((1, 4, 4, 2)), jnp.ones((1,))
+
+  @jax.jit  # One compilation instead of one per initializer and shape.
+  def init_and_apply(key):
+    params = net.init(key, x, c, train=False)['params']
+    return params, net.apply({'params': params}, x, c, train=False)
+
+  # The RBG generator compiles much faster than threefry.
+  params, out = init_and_apply(jax.random.key(0, impl='unsafe_rbg'))
+  assert float(jnp.abs(params['Conv_1']['kernel']).max()) == 0.0
+  assert float(jnp.abs(params['Conv_0']['kernel']).max()) > 0.0
+  np.testing.assert_array_equal(out, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# FIR resampling against a direct NumPy implementation of StyleGAN2's upfirdn_2d_ref.
+
+
+def _upfirdn_ref(x, k, up, down, pad0, pad1):
+  b, h, w, c = x.shape
+  z = np.zeros((b, h * up, w * up, c), x.dtype)
+  z[:, ::up, ::up, :] = x
+  z = np.pad(z, ((0, 0), (pad0, pad1), (pad0, pad1), (0, 0)))
+  kh = k.shape[0]
+  oh, ow = z.shape[1] - kh + 1, z.shape[2] - kh + 1
+  kf = k[::-1, ::-1]
+  out = np.zeros((b, oh, ow, c), x.dtype)
+  for i in range(kh):
+    for j in range(kh):
+      out += kf[i, j] * z[:, i:i + oh, j:j + ow, :]
+  return out[:, ::down, ::down, :]
+
+
+@pytest.mark.parametrize('up,down,pad', [(2, 1, (2, 1)), (1, 2, (1, 1)), (1, 1, (1, 2))])
+def test_upfirdn_matches_reference(up, down, pad):
+  x = np.random.default_rng(0).standard_normal((1, 6, 6, 2)).astype(np.float32)
+  k = fir.setup_kernel((1, 3, 3, 1))
+  out = fir.upfirdn_2d(jnp.asarray(x), k, up=up, down=down, pad=pad)
+  np.testing.assert_allclose(out, _upfirdn_ref(x, k, up, down, *pad), rtol=1e-5, atol=1e-5)
+
+
+def test_fir_resampling_shapes_and_dc_gain():
+  x = jnp.ones((1, 8, 8, 2))
+  up, down = fir.upsample_2d(x), fir.downsample_2d(x)
+  assert up.shape == (1, 16, 16, 2) and down.shape == (1, 4, 4, 2)
+  # Unit DC gain away from the zero-padded border.
+  np.testing.assert_allclose(up[:, 2:-2, 2:-2], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(down[:, 1:-1, 1:-1], 1.0, rtol=1e-6)
+  w = jnp.ones((3, 3, 2, 5))
+  assert fir.upsample_conv_2d(x, w).shape == (1, 16, 16, 5)
+  assert fir.conv_downsample_2d(x, w).shape == (1, 4, 4, 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# MLP.
+
+
+@pytest.mark.parametrize('shape', [(4, 5), (4, 2, 3)])
+def test_mlp_shapes_and_zero_init(shape):
+  net = MLP(hidden_dim=16, num_layers=2, embed_dim=8)
+  x = jnp.ones(shape)
+  c = jnp.arange(shape[0], dtype=jnp.float32)
+  params = net.init(jax.random.key(0), x, c, train=False)['params']
+  out = net.apply({'params': params}, x, c, train=False)
+  assert out.shape == shape and out.dtype == jnp.float32
+  np.testing.assert_array_equal(out, 0.0)  # Zero-initialized output layer.
+
+
+def test_mlp_conditioning_and_bfloat16():
+  net = MLP(hidden_dim=16, num_layers=2, embed_dim=8, num_classes=2, dtype=jnp.bfloat16)
+  x = jnp.ones((3, 2))
+  c = jnp.asarray([0.0, 1.0, 2.0])
+  params = _random_params(net, (3, 2))
+  assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  null = net.apply({'params': params}, x, c, train=False)
+  assert null.dtype == jnp.float32
+  np.testing.assert_array_equal(null, net.apply({'params': params}, x, c, jnp.full((3,), 2),
+                                                train=False))
+  assert not np.allclose(null, net.apply({'params': params}, x, c, jnp.zeros((3,), jnp.int32),
+                                         train=False))
+  assert not np.allclose(null[0], null[1])  # c_noise matters.
+  assert count_params(net, (3, 2), num_classes=2) == sum(
+      p.size for p in jax.tree.leaves(params))
