@@ -44,6 +44,48 @@ def noise_input(process, t: jax.Array, kind: NoiseInput) -> jax.Array:
   raise ValueError(f'noise_input={kind!r} is not known; use one of {NOISE_INPUTS}.')
 
 
+def _is_variance_exploding(process) -> bool:
+  """True for processes that only add noise (alpha = 1 throughout, the VE SDE / SMLD)."""
+  return bool(abs(float(process.log_alpha(process.t_max))) < 1e-6)
+
+
+def check_model_process(noise_input_kind: NoiseInput, parameterization: Parameterization,
+                        process) -> None:
+  """Raises ValueError when a model's conditioning does not fit ``process``.
+
+  A VE model (NCSN++, conditioned on ``log sigma``) only ever saw ``alpha = 1``; a VP / sub-VP
+  model conditioned on ``999 t`` saw ``t in [eps, 1]``, which neither a VE process (alpha = 1, other
+  sigmas at the same t) nor a ``DiscreteVP`` (t in [1, N]) gives it. Called by the trainer before
+  it pairs a network with a process (e.g. when a checkpoint's config is overridden).
+
+  Args:
+    noise_input_kind: the network's ``c_noise`` kind (``NOISE_INPUTS``).
+    parameterization: how its output is read (``processes.PREDICTIONS``).
+    process: the process the model is asked to serve.
+  """
+  prediction_type(parameterization)
+  if noise_input_kind not in NOISE_INPUTS:
+    raise ValueError(f'noise_input={noise_input_kind!r} is not known; use one of {NOISE_INPUTS}.')
+  name = type(process).__name__
+  ve = _is_variance_exploding(process)
+  if noise_input_kind == 'log_sigma' and not ve:
+    raise ValueError(
+        f"a VE model (noise_input='log_sigma', as NCSN++ for the VE SDE) was asked for the "
+        f'{name} process, whose alpha(t) decays (a VP-type process); use a VE process '
+        f"(sde.VESDE) or a model trained with noise_input='t999' (VP/sub-VP SDEs) or 't' "
+        f'(DiscreteVP).')
+  if noise_input_kind == 't999':
+    if ve:
+      raise ValueError(
+          f"a VP model (noise_input='t999', trained on a VP or sub-VP SDE) was asked for the VE "
+          f"process {name}; use sde.VPSDE / sde.SubVPSDE, or a model trained with "
+          f"noise_input='log_sigma' for VE.")
+    if abs(float(process.t_max) - 1.0) > 1e-6:
+      raise ValueError(
+          f"noise_input='t999' expects continuous times in [eps, 1]; {name} has t_max = "
+          f"{process.t_max} (for DiscreteVP use noise_input='t').")
+
+
 def prediction_type(parameterization: Parameterization) -> processes.Prediction:
   """The prediction type a model_fn built with ``parameterization`` returns."""
   if parameterization not in processes.PREDICTIONS:
