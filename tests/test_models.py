@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import models
-from diffusion_jax.models import MLP, MODELS, UNet, count_params, fir, validate_unet_config
+from diffusion_jax.models import MLP, MODELS, UNet, count_params, fir, layers, validate_unet_config
 
 CIFAR = (1, 32, 32, 3)
 
@@ -354,6 +354,48 @@ def test_zero_init_output():
   assert float(jnp.abs(params['Conv_1']['kernel']).max()) == 0.0
   assert float(jnp.abs(params['Conv_0']['kernel']).max()) > 0.0
   np.testing.assert_array_equal(out, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers against NumPy formulas.
+
+
+def test_sinusoidal_embedding_matches_ddpm_formula():
+  c = np.asarray([0.0, 1.0, 999.0], np.float32)
+  dim = 8
+  freqs = np.exp(-np.log(10000.0) * np.arange(dim // 2) / (dim // 2 - 1))  # DDPM: half - 1.
+  want = np.concatenate([np.sin(c[:, None] * freqs), np.cos(c[:, None] * freqs)], axis=1)
+  np.testing.assert_allclose(layers.sinusoidal_embedding(jnp.asarray(c), dim), want,
+                             rtol=1e-5, atol=1e-4)
+
+
+def _group_norm_ref(x, scale, bias, groups, eps=1e-6):
+  b, h, w, c = x.shape
+  g = x.reshape(b, h, w, groups, c // groups)
+  mean = g.mean(axis=(1, 2, 4), keepdims=True)
+  var = g.var(axis=(1, 2, 4), keepdims=True)
+  return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * scale + bias
+
+
+def test_attention_block_matches_numpy():
+  heads, c = 2, 8
+  block = layers.AttnBlock(num_heads=heads, init_scale=1.0)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 3, 4, c)).astype(np.float32)
+  shapes = jax.eval_shape(block.init, jax.random.key(0), x)['params']
+  p = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
+  out = block.apply({'params': jax.tree.map(jnp.asarray, p)}, jnp.asarray(x))
+
+  gn = p['GroupNorm_0']
+  h = _group_norm_ref(x, gn['scale'], gn['bias'], layers.num_groups(c))
+  proj = [h @ p[f'Dense_{i}']['kernel'] + p[f'Dense_{i}']['bias'] for i in range(3)]
+  q, k, v = (t.reshape(2, 12, heads, c // heads) for t in proj)
+  logits = np.einsum('bqnd,bknd->bnqk', q, k) / np.sqrt(c // heads)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  a = np.einsum('bnqk,bknd->bqnd', weights, v).reshape(2, 3, 4, c)
+  want = x + a @ p['Dense_3']['kernel'] + p['Dense_3']['bias']
+  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ The network returns the raw ``F(x, c_noise)``; what F means (eps, x0, v, score) 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -188,7 +189,7 @@ class UNet(nn.Module):
     dt = self.dtype
     c_noise = jnp.broadcast_to(jnp.asarray(c_noise, jnp.float32), (batch,))
 
-    # Noise (and class) embedding, computed in float32 and projected in `dtype`.
+    # Noise (and class) embedding, computed in float32 and projected in ``dtype``.
     temb = None
     if self.conditional:
       if self.embedding_type == 'fourier':
@@ -219,19 +220,23 @@ class UNet(nn.Module):
     if self.resblock_type == 'biggan':
       common.update(fir=self.fir, fir_kernel=tuple(self.fir_kernel))
 
-    num_blocks = [0]
+    block_ids = itertools.count()
 
     def res_block(h, out_ch=None, **kw):
       # Explicit names: nn.remat renames the class (Checkpoint...), and checkpoints must not
       # depend on the remat policy they were trained with.
-      name = f'ResnetBlock_{num_blocks[0]}'
-      num_blocks[0] += 1
+      name = f'ResnetBlock_{next(block_ids)}'
       return block_cls(out_ch=out_ch, **common, **kw, name=name)(h, temb)
 
     def attn(h):
       return layers.AttnBlock(num_heads=self.num_heads, num_head_channels=self.num_head_channels,
                               skip_rescale=self.skip_rescale, init_scale=self.init_scale,
                               dtype=dt)(h)
+
+    def to_image(h, features, init_scale):
+      # The per-level output head of the progressive (StyleGAN2-style) output pyramid.
+      h = nn.swish(layers.group_norm(h.shape[-1], dt)(h))
+      return layers.conv3x3(features, dt, init_scale=init_scale)(h)
 
     resample = dict(fir=self.fir, fir_kernel=tuple(self.fir_kernel), dtype=dt)
     x = x.astype(dt)
@@ -278,9 +283,6 @@ class UNet(nn.Module):
         h = attn(h)
 
       if self.progressive != 'none':
-        to_image = lambda t, features, scale: layers.conv3x3(  # noqa: E731
-            features, dt, init_scale=scale)(
-                nn.swish(layers.group_norm(t.shape[-1], dt)(t)))
         if level == num_levels - 1:
           if self.progressive == 'output_skip':
             pyramid = to_image(h, out_channels, self.init_scale)
