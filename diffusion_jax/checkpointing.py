@@ -77,6 +77,16 @@ class CheckpointCorruptedError(RuntimeError):
   """No checkpoint step in the directory could be restored."""
 
 
+class _Corrupt(Exception):
+  """A step's files are missing, unreadable or do not match their fingerprints."""
+
+
+def _short(e: Exception, limit: int = 300) -> str:
+  """First `limit` characters of an error on one line (tensorstore errors run to pages)."""
+  text = str(e).replace('\n', ' ')
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
 def _key_str(entry) -> str:
   for attr in ('key', 'name', 'idx'):
     if hasattr(entry, attr):
@@ -396,6 +406,14 @@ class Checkpointer:
                          f'{sorted(steps)}.')
       steps = [step]
     abstract_dict = flax.serialization.to_state_dict(abstract_state)
+    for name, leaf in _flatten(abstract_dict).items():
+      if getattr(leaf, 'sharding', None) is None:
+        raise ValueError(
+            f'abstract_state leaf {name!r} has no sharding, so orbax cannot know where to put it. '
+            'Build it as jax.ShapeDtypeStruct(shape, dtype, sharding=...) from the state shardings '
+            '(see sharding.create_sharded_state), e.g. jax.tree.map(lambda x, s: '
+            'jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), jax.eval_shape(init, key), '
+            'shardings).')
     failures = []
     for candidate in steps:
       try:
@@ -420,12 +438,3 @@ class Checkpointer:
       self.wait_until_finished()
     finally:
       self._manager.close()
-
-
-class _Corrupt(Exception):
-  """A step's files are missing, unreadable or do not match their fingerprints."""
-
-
-def _short(e: Exception, limit: int = 300) -> str:
-  text = str(e).replace('\n', ' ')
-  return text if len(text) <= limit else text[:limit] + '...'
