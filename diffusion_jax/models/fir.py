@@ -61,14 +61,16 @@ def upfirdn_2d(x: jax.Array, kernel: np.ndarray, *, up: int = 1, down: int = 1,
       dimension_numbers=_NHWC, feature_group_count=channels)
 
 
-def upsample_2d(x: jax.Array, kernel: Sequence[float] = (1, 3, 3, 1), factor: int = 2) -> jax.Array:
+def upsample_2d(x: jax.Array, kernel: Sequence[float] = (1, 3, 3, 1),
+                factor: int = 2) -> jax.Array:
   """FIR-filtered upsampling: ``[B, H, W, C] -> [B, H*factor, W*factor, C]``."""
   k = setup_kernel(kernel) * factor**2  # Gain factor**2 keeps the mean after zero insertion.
   p = k.shape[0] - factor
   return upfirdn_2d(x, k, up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
 
 
-def downsample_2d(x: jax.Array, kernel: Sequence[float] = (1, 3, 3, 1), factor: int = 2) -> jax.Array:
+def downsample_2d(x: jax.Array, kernel: Sequence[float] = (1, 3, 3, 1),
+                  factor: int = 2) -> jax.Array:
   """FIR-filtered downsampling: ``[B, H, W, C] -> [B, H/factor, W/factor, C]``."""
   k = setup_kernel(kernel)
   p = k.shape[0] - factor

@@ -8,6 +8,7 @@ computation runs in the module's ``dtype``. Block structure follows DDPM (Ho et 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,7 +27,7 @@ _SQRT2 = math.sqrt(2.0)
 
 
 def default_init(scale: float = 1.0) -> Initializer:
-  """DDPM's initializer: ``variance_scaling(scale, 'fan_avg', 'uniform')``; zeros when ``scale == 0``.
+  """DDPM's initializer ``variance_scaling(scale, 'fan_avg', 'uniform')``; zeros for ``scale == 0``.
 
   DDPM zero-initializes (scale 1e-10) the last conv of every residual branch, the attention output
   projection and the output conv, so that every block starts as the identity (Ho et al. 2020,
@@ -118,7 +119,7 @@ class GaussianFourierProjection(nn.Module):
 
 
 class AttnBlock(nn.Module):
-  """Spatial self-attention with a residual connection (DDPM ``attn_block``; score_sde ``AttnBlockpp``).
+  """Spatial self-attention with a residual connection (DDPM ``attn_block``, ``AttnBlockpp``).
 
   Runs through ``jax.nn.dot_product_attention`` so XLA or cuDNN flash attention is chosen per
   backend. With one head the parameters and function are exactly DDPM's.
@@ -311,7 +312,7 @@ class ResnetBlockDDPM(nn.Module):
 
 
 class ResnetBlockBigGAN(nn.Module):
-  """BigGAN-style residual block that can resample (Brock et al. 2019; score_sde ``ResnetBlockBigGANpp``).
+  """BigGAN-style residual block that can resample (Brock et al. 2019; ``ResnetBlockBigGANpp``).
 
   As ``ResnetBlockDDPM`` but up/downsampling happens inside the block, on both the residual branch
   (after the first norm) and the shortcut, which then gets a 1x1 conv. Used by DDPM++ and NCSN++
@@ -347,9 +348,11 @@ class ResnetBlockBigGAN(nn.Module):
     out_ch = self.out_ch or in_ch
     h = nn.swish(group_norm(in_ch, self.dtype)(x))
     if self.up:
-      resample = (lambda t: fir_lib.upsample_2d(t, self.fir_kernel)) if self.fir else _naive_upsample
+      resample = functools.partial(fir_lib.upsample_2d, kernel=self.fir_kernel)
+      resample = resample if self.fir else _naive_upsample
     elif self.down:
-      resample = (lambda t: fir_lib.downsample_2d(t, self.fir_kernel)) if self.fir else _naive_downsample
+      resample = functools.partial(fir_lib.downsample_2d, kernel=self.fir_kernel)
+      resample = resample if self.fir else _naive_downsample
     else:
       resample = None
     if resample is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -55,7 +56,7 @@ class MLP(nn.Module):
     shape = x.shape
     batch = shape[0]
     dim = math.prod(shape[1:])
-    dense = lambda n, **kw: nn.Dense(n, dtype=self.dtype, param_dtype=jnp.float32, **kw)  # noqa: E731
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
 
     c_noise = jnp.broadcast_to(jnp.asarray(c_noise, jnp.float32), (batch,))
     emb = layers.sinusoidal_embedding(c_noise, self.embed_dim)
