@@ -374,3 +374,37 @@ class VESDE(_SDE):
   def prior_logp(self, z: jax.Array) -> jax.Array:
     """log N(z; 0, sigma_max^2 I) per example. z: [B, ...] -> [B]."""
     return processes._standard_normal_logp(z, self.sigma_max)  # pylint: disable=protected-access
+
+
+# --- likelihood weighting ------------------------------------------------------------------------
+
+
+def importance_sample_times(process, key: jax.Array, shape: tuple[int, ...]
+                            ) -> tuple[jax.Array, jax.Array]:
+  """Times for the likelihood-weighted loss, drawn with density proportional to g(t)^2 / sigma(t)^2.
+
+  The likelihood weighting of Song et al. (2021b, "Maximum Likelihood Training of Score-Based
+  Diffusion Models", Thm. 1 and Sec. 5) puts ``g(t)^2`` on the score error, i.e.
+  ``g^2/sigma^2`` on the eps error. Since ``g^2 = -sigma^2 d lambda/dt`` (module docstring), that
+  weight is ``-d lambda/dt``: drawing t with density proportional to it is drawing the log-SNR
+  lambda uniformly on ``[lambda(t_max), lambda(t_min)]``, exactly, for every process (for the VP
+  SDE this is the closed-form sampler of that paper's code; for VE it is uniform t).
+
+  Args:
+    process: a process with ``log_snr`` and ``t_from_log_snr``.
+    key: PRNG key.
+    shape: the shape of the times, e.g. ``(B,)``.
+
+  Returns:
+    t: float32 ``shape``, in ``[t_min, t_max]``.
+    weight: float32 ``shape``, ``Z / (t_max - t_min)`` with ``Z = lambda(t_min) - lambda(t_max)``,
+      so that ``mean(weight * ||eps_hat - eps||^2)`` estimates without bias the same objective as
+      uniform ``t`` with weight ``g^2/sigma^2`` (score_sde's ``likelihood_weighting=True``).
+  """
+  lam_hi = process.log_snr(jnp.float32(process.t_min))
+  lam_lo = process.log_snr(jnp.float32(process.t_max))
+  u = jax.random.uniform(key, shape, jnp.float32)
+  t = process.t_from_log_snr(lam_hi - u * (lam_hi - lam_lo))
+  t = jnp.clip(t, process.t_min, process.t_max)
+  weight = jnp.full(shape, (lam_hi - lam_lo) / (process.t_max - process.t_min), jnp.float32)
+  return t, weight
