@@ -21,9 +21,10 @@ Guarantees:
   directory that is never listed as a step.
 - Corruption is detected on restore: unreadable metadata, a missing or truncated file, or a
   fingerprint mismatch. The step is reported with its path (absl warning) and the previous step is
-  tried; corrupted steps newer than the one restored are renamed to `<step>.corrupt-<time>` (kept for
-  inspection, no longer listed) so training can save those step numbers again. If no step is good,
-  `CheckpointCorruptedError` lists every path and reason.
+  tried; corrupted steps newer than the one restored are renamed to `<step>.corrupt-<time>` (kept
+  for inspection, no longer listed) so training can save those step numbers again. If no step is
+  good, `CheckpointCorruptedError` lists every path and reason. Explicitly requested steps
+  (`restore(..., step=n)`) never fall back.
 - Retention (`max_to_keep`) never deletes the newest checkpoint known to be good (one this object
   saved and saw committed, or restored), even when the save that follows it fails in the background.
 - Restoring into a model of different shapes raises `ValueError` naming the first mismatching
@@ -312,8 +313,8 @@ class Checkpointer:
         force=force,
     )
     if not saved:
-      logging.warning('Checkpoint step %d not saved: the latest step on disk is %s (steps only move '
-                      'forward).', step, self.latest_step())
+      logging.warning('Checkpoint step %d not saved: the latest step on disk is %s (steps only '
+                      'move forward).', step, self.latest_step())
       return False
     self._pending = step
     if not self._manager.is_saving_in_progress():
@@ -327,8 +328,8 @@ class Checkpointer:
     for name, shape in expected.items():
       if name not in saved:
         raise ValueError(
-            f'Checkpoint {where} has no array {name!r} (expected shape {shape}): it was written by a '
-            f'different model or optimizer. {_FIX_SHAPES}')
+            f'Checkpoint {where} has no array {name!r} (expected shape {shape}): it was written '
+            f'by a different model or optimizer. {_FIX_SHAPES}')
       if saved[name] != shape:
         raise ValueError(
             f'Checkpoint {where} does not match the model: {name!r} has shape {saved[name]} in the '

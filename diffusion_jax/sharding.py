@@ -29,7 +29,8 @@ BATCH_AXES = ('data', 'fsdp')
 PyTree = Any
 
 
-def make_mesh(*, data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(*, data: int = -1, fsdp: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the `('data', 'fsdp')` device mesh.
 
   Args:

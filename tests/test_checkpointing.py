@@ -218,7 +218,8 @@ def test_corrupted_latest_falls_back_to_previous(ckpt_dir, corrupt):
   step_dir = pathlib.Path(ckpt_dir) / '2'
   corrupt(step_dir)
 
-  with mock.patch.object(checkpointing.logging, 'warning', wraps=checkpointing.logging.warning) as w:
+  warning = checkpointing.logging.warning
+  with mock.patch.object(checkpointing.logging, 'warning', wraps=warning) as w:
     restored, data_state, step = ckpt.restore(abstract_of(make_init(features=256)))
   assert step == 1 and data_state == {'i': 1}
   assert_bitwise_equal(restored, good)
@@ -283,7 +284,8 @@ def test_non_finite_params_are_not_saved(ckpt_dir):
   assert ckpt.save(1, trained_state())
   state = trained_state()
   for field in ('params', 'ema_params'):
-    bad = state.replace(**{field: jax.tree.map(lambda x: x.at[0].set(jnp.nan), getattr(state, field))})
+    poisoned = jax.tree.map(lambda x: x.at[0].set(jnp.nan), getattr(state, field))
+    bad = state.replace(**{field: poisoned})
     with mock.patch.object(checkpointing.logging, 'error') as error:
       assert not ckpt.save(2, bad)
     assert 'NaN or Inf' in error.call_args.args[0]

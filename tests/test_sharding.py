@@ -96,6 +96,7 @@ def test_meshes_and_fsdp_axis_choice_on_8_devices():
 def test_sharded_sgd_step_matches_single_device():
   out = run_with_devices("""
       import jax, jax.numpy as jnp, numpy as np, optax
+      from jax.sharding import PartitionSpec as P
       import flax.linen as nn
       from flax import struct
       from diffusion_jax import sharding
@@ -144,18 +145,18 @@ def test_sharded_sgd_step_matches_single_device():
       abstract = jax.eval_shape(init, key)
       shardings = sharding.param_sharding(abstract, mesh, min_size=256)
       state = jax.jit(init, out_shardings=shardings)(key)
-      assert state.params['Dense_0']['kernel'].sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
+      assert state.params['Dense_0']['kernel'].sharding.spec == P(None, 'fsdp')
       batch = sharding.global_batch(local, mesh)
-      assert batch['x'].sharding.spec == jax.sharding.PartitionSpec(('data', 'fsdp'))
+      assert batch['x'].sharding.spec == P(('data', 'fsdp'))
       assert len(batch['x'].addressable_shards) == 8
       step = jax.jit(train_step, out_shardings=(shardings, sharding.replicated(mesh)),
                      donate_argnums=(0,))
       for _ in range(3):
         state, loss = step(state, batch)
-      assert state.params['Dense_0']['kernel'].sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
+      assert state.params['Dense_0']['kernel'].sharding.spec == P(None, 'fsdp')
       # 1e-6, not bitwise: the sharded step sums the per-device partial gradients in a different
-      # order (all-reduce / reduce-scatter) than the single-device reduction; float32 addition is not
-      # associative, so results differ in the last bits (~1e-7 relative) but not more.
+      # order (all-reduce / reduce-scatter) than the single-device reduction; float32 addition is
+      # not associative, so results differ in the last bits (~1e-7 relative) but not more.
       for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-6)
       np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
