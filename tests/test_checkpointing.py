@@ -247,6 +247,17 @@ def test_no_good_checkpoint_raises_with_paths(ckpt_dir):
   ckpt.close()
 
 
+def test_explicit_corrupted_step_does_not_fall_back(ckpt_dir):
+  ckpt = checkpointing.Checkpointer(ckpt_dir)
+  ckpt.save(1, trained_state(features=256))
+  ckpt.save(2, trained_state(features=256))
+  _truncate(pathlib.Path(ckpt_dir) / '2')
+  with pytest.raises(checkpointing.CheckpointCorruptedError, match=str(pathlib.Path(ckpt_dir) / '2')):
+    ckpt.restore(abstract_of(make_init(features=256)), step=2)
+  assert ckpt.all_steps() == [1, 2]  # nothing moved: the caller asked for this step explicitly
+  ckpt.close()
+
+
 def test_interrupted_write_is_invisible(ckpt_dir):
   # What a crash mid-save leaves behind: orbax's temporary directory, never renamed to '3'.
   ckpt = checkpointing.Checkpointer(ckpt_dir)
