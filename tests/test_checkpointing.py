@@ -252,7 +252,8 @@ def test_explicit_corrupted_step_does_not_fall_back(ckpt_dir):
   ckpt.save(1, trained_state(features=256))
   ckpt.save(2, trained_state(features=256))
   _truncate(pathlib.Path(ckpt_dir) / '2')
-  with pytest.raises(checkpointing.CheckpointCorruptedError, match=str(pathlib.Path(ckpt_dir) / '2')):
+  corrupted = str(pathlib.Path(ckpt_dir) / '2')
+  with pytest.raises(checkpointing.CheckpointCorruptedError, match=corrupted):
     ckpt.restore(abstract_of(make_init(features=256)), step=2)
   assert ckpt.all_steps() == [1, 2]  # nothing moved: the caller asked for this step explicitly
   ckpt.close()
