@@ -51,12 +51,14 @@ def num_groups(channels: int) -> int:
 
 
 def group_norm(channels: int, dtype: Dtype, name: str | None = None) -> nn.GroupNorm:
+  """GroupNorm with eps 1e-6 (DDPM, score_sde); statistics are reduced in float32 by Flax."""
   return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype,
                       param_dtype=jnp.float32, name=name)
 
 
 def conv3x3(features: int, dtype: Dtype, *, init_scale: float = 1.0,
             name: str | None = None) -> nn.Conv:
+  """3x3 'SAME' convolution with DDPM's initializer (``init_scale=0``: zero-initialized)."""
   return nn.Conv(features, (3, 3), padding='SAME', kernel_init=default_init(init_scale),
                  dtype=dtype, param_dtype=jnp.float32, name=name)
 
