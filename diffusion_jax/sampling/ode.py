@@ -11,6 +11,7 @@ integrated by the Dormand-Prince 5(4) pair with error control, here inside ``jit
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -78,7 +79,7 @@ def _batch_rms(tree) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   b = leaves[0].shape[0]
   sq = sum(jnp.sum(jnp.square(l.reshape(b, -1)), axis=1) for l in leaves)
-  n = sum(l[0].size for l in leaves)
+  n = sum(math.prod(l.shape[1:]) for l in leaves)
   return jnp.max(jnp.sqrt(sq / n))
 
 
