@@ -24,7 +24,7 @@ def get_config():
   config.training.log_every = 2
   config.training.checkpoint_every = 2
   config.training.sample_every = 0
-  config.training.num_sample_images = 4
+  config.training.num_sample_images = 0  # no sampler compile in smoke runs; tests turn it on
   config.optim.warmup_steps = 0
   config.sampling.method = 'ddim'
   config.sampling.num_steps = 3

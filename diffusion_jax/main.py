@@ -59,8 +59,17 @@ def _init_distributed() -> None:
     jax.distributed.initialize()  # a TPU pod: JAX finds the coordinator itself
 
 
+class _QuietLibraries:
+  """Drops the INFO chatter of orbax and grain (a line per save) from the console; warnings stay."""
+
+  def filter(self, record) -> bool:
+    noisy = any(lib in record.pathname for lib in ('/orbax/', '/grain/', '/etils/'))
+    return record.levelno >= 30 or not noisy
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=import-outside-toplevel
   from diffusion_jax import train  # pylint: disable=import-outside-toplevel
   _init_distributed()

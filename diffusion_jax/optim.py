@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import optax
 
 OPTIMIZERS = ('adam', 'adamw')
@@ -38,6 +39,17 @@ def learning_rate_schedule(*, learning_rate: float, warmup_steps: int = 0, decay
       [warmup_steps])
 
 
+def _decay_mask(params):
+  """Weight decay on every parameter except the fixed Gaussian-Fourier frequencies of NCSN++.
+
+  Those frequencies (``GaussianFourierProjection_0/W``) are kept as a parameter for checkpoint
+  compatibility with score_sde but never trained (stop_gradient); decoupled decay would still
+  shrink them.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not any('GaussianFourierProjection' in str(k) for k in path), params)
+
+
 def make_optimizer(*, name: str = 'adam', learning_rate: float = 2e-4, warmup_steps: int = 0,
                    schedule: str = 'constant', total_steps: int | None = None,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
@@ -58,6 +70,6 @@ def make_optimizer(*, name: str = 'adam', learning_rate: float = 2e-4, warmup_st
                        'the gradient, which is not decoupled weight decay).')
     opt = optax.adam(lr, b1=b1, b2=b2, eps=eps)
   else:
-    opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask)
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip and grad_clip > 0 else []
   return optax.chain(*parts, opt)

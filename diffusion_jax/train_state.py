@@ -135,7 +135,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, p
       params=keep_if_ok(new_params, state.params),
       ema_params=keep_if_ok(new_ema, state.ema_params),
       opt_state=keep_if_ok(new_opt_state, state.opt_state))
-  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['grad_norm'] = optax.tree.norm(grads)
   metrics['skipped'] = 1 - ok.astype(jnp.int32)
   if config.lr_schedule is not None:
     metrics['lr'] = jnp.asarray(config.lr_schedule(state.step), jnp.float32)

@@ -46,7 +46,7 @@ def _make_folder(root, n=12, size=10, corrupt=False):
 
 def test_digits_one_job_writes_metrics_checkpoints(tmp_path):
   workdir = str(tmp_path / 'run')
-  state = train.train_and_evaluate(_tiny(), workdir)
+  state = train.train_and_evaluate(_tiny(**{'training.num_sample_images': 4}), workdir)
   assert int(state.step) == 4
   rows = _metrics(workdir)
   logged = [r for r in rows if 'loss' in r]
@@ -176,7 +176,7 @@ def test_cli_rejects_unknown_field_before_compiling(tmp_path):
 
 @pytest.mark.parametrize('overrides, pattern', [
     ({'training.batch_size': 'eight'}, r"training\.batch_size.*type int"),
-    ({'data.image_size': 6}, r'image_size=6 is not divisible'),
+    ({'data.image_size': 9}, r'image_size=9 is not divisible'),
     ({'model.unet.attn_resolutions': (3,)}, r'attn_resolutions'),
     ({'sampling.method': 'dpm_fast'}, r'sampling\.method'),
     ({'model.num_classes': 10}, r'data\.use_labels'),
