@@ -114,6 +114,11 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.grid = ''  # time grid: '' (the method's default) | 'uniform' | 'logsnr' | 'karras' | 'quadratic'.
   sampling.eta = 0.0  # ddim: stochasticity (0 = deterministic DDIM, 1 = DDPM-like).
   sampling.clip_x0 = False  # clip predicted x0 to [-1, 1] (images only).
+  sampling.predictor = 'reverse_diffusion'  # pc: 'reverse_diffusion' | 'euler_maruyama' | 'ancestral' | 'none'.
+  sampling.corrector = 'langevin'  # pc: 'langevin' | 'ald' | 'none'.
+  sampling.snr = 0.16  # pc: signal-to-noise ratio of the Langevin corrector.
+  sampling.rtol = 1e-5  # ode: relative tolerance of the adaptive PF-ODE solver.
+  sampling.atol = 1e-5  # ode: absolute tolerance.
 
   # --- evaluation (--mode=eval) -----------------------------------------------------------------
   evaluation = config.eval = ml_collections.ConfigDict()
@@ -122,6 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.num_draws = 1  # dequantization / Hutchinson draws per example.
   evaluation.rtol = 1e-5  # PF-ODE relative tolerance.
   evaluation.atol = 1e-5  # PF-ODE absolute tolerance.
+  evaluation.dequantize = 'uniform'  # 'uniform' (8-bit images) | 'none' (continuous data).
 
   # --- device mesh ------------------------------------------------------------------------------
   mesh = config.mesh = ml_collections.ConfigDict()

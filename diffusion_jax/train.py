@@ -102,6 +102,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice('optim.optimizer', config.optim.optimizer, optim.OPTIMIZERS)
   _choice('optim.schedule', config.optim.schedule, optim.SCHEDULES)
   _choice('sampling.method', config.sampling.method, tuple(sampling.METHODS))
+  _choice('eval.dequantize', config.eval.dequantize, ('uniform', 'none'))
   for name in ('training.batch_size', 'training.num_train_steps', 'training.log_every',
                'training.checkpoint_every', 'training.keep_checkpoints', 'training.steps_per_call',
                'training.max_nonfinite_steps', 'sampling.num_steps', 'sampling.num_samples',
@@ -190,14 +191,16 @@ def _element_shape(config) -> tuple[int, ...] | None:
 
 
 def create_data(config, *, split: str | None = None, num_epochs: int | None = None,
-                shuffle: bool = True) -> input_pipeline.DataPipeline:
+                shuffle: bool = True, batch_size: int | None = None,
+                random_flip: bool | None = None) -> input_pipeline.DataPipeline:
   """This process's input pipeline (its shard, per-process batch)."""
   d = config.data
+  batch_size = batch_size or config.training.batch_size
   return input_pipeline.create_dataset(
       source=d.source, path=d.path or None, name=d.name or None, split=split or d.split,
       data_dir=d.data_dir or None, image_size=d.image_size if d.source != 'array' else None,
-      num_channels=d.num_channels, batch_size=config.training.batch_size // jax.process_count(),
-      seed=config.seed, shuffle=shuffle, num_epochs=num_epochs, random_flip=d.random_flip,
+      num_channels=d.num_channels, batch_size=batch_size // jax.process_count(),
+      seed=config.seed, shuffle=shuffle, num_epochs=num_epochs, random_flip=d.random_flip if random_flip is None else random_flip,
       use_labels=d.use_labels, process_index=jax.process_index(),
       process_count=jax.process_count(), worker_count=d.worker_count)
 
@@ -252,6 +255,10 @@ def make_sampler(config: ml_collections.ConfigDict, s: Setup, batch_size: int):
     options['grid'] = smp.grid
   if smp.method == 'ddim':
     options['eta'] = smp.eta
+  elif smp.method == 'pc':
+    options.update(predictor=smp.predictor, corrector=smp.corrector, snr=smp.snr)
+  elif smp.method == 'ode':
+    options.update(rtol=smp.rtol, atol=smp.atol)
   if smp.clip_x0:
     options['clip_x0'] = True
   if num_classes:
@@ -513,32 +520,37 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   """Bits/dim of the EMA model on ``data.eval_split`` via the probability-flow ODE."""
   from diffusion_jax import likelihood  # pylint: disable=import-outside-toplevel
   s, state, step = _restore_for_inference(config, workdir)
-  data = create_data(config, split=config.data.eval_split, num_epochs=1, shuffle=False)
+  data = create_data(config, split=config.data.eval_split, num_epochs=1, shuffle=False,
+                     batch_size=config.eval.batch_size, random_flip=False)
   ev = config.eval
   model_fn = preconditioning.make_model_fn(
       s.network_fn, state.ema_params, s.process, parameterization=config.model.parameterization,
       noise_input_kind=config.model.noise_input)
   prediction = preconditioning.prediction_type(config.model.parameterization)
-  bpds, n = [], 0
+  means, stderrs, sizes = [], [], []
   key = jax.random.PRNGKey(config.seed + 3)
-  for i, batch in enumerate(data.iterator):
-    x = batch['x'][:ev.batch_size]
-    result = likelihood.bits_per_dim(model_fn, s.process, x, key=jax.random.fold_in(key, i),
-                                     prediction=prediction, num_draws=ev.num_draws,
-                                     data_range='[-1,1]', rtol=ev.rtol, atol=ev.atol)
-    bpds.append(np.asarray(result.per_example))
-    n += len(x)
-    if n >= ev.num_examples:
+  dequantize = None if ev.dequantize == 'none' else ev.dequantize
+  for i, batch in enumerate(tqdm.tqdm(data.iterator, desc='bits/dim',
+                                      disable=jax.process_index() != 0)):
+    x = batch['x'][:ev.num_examples - sum(sizes)]
+    mean, stderr = likelihood.bits_per_dim(
+        model_fn, s.process, x, key=jax.random.fold_in(key, i), prediction=prediction,
+        num_draws=ev.num_draws, dequantize=dequantize, rtol=ev.rtol, atol=ev.atol)
+    means.append(mean)
+    stderrs.append(stderr)
+    sizes.append(len(x))
+    if sum(sizes) >= ev.num_examples:
       break
-  all_bpd = np.concatenate(bpds)[:ev.num_examples]
-  metrics = {'eval_bpd': float(all_bpd.mean()),
-             'eval_bpd_stderr': float(all_bpd.std(ddof=1) / np.sqrt(len(all_bpd)))
-             if len(all_bpd) > 1 else float('nan'),
-             'eval_num_examples': int(len(all_bpd))}
+  n = np.asarray(sizes, np.float64)
+  # Batches are independent: the overall mean weights each batch by its size, and so does its
+  # standard error (sqrt of the summed variances of the batch sums, over N).
+  metrics = {'eval_bpd': float(np.sum(n * np.asarray(means)) / n.sum()),
+             'eval_bpd_stderr': float(np.sqrt(np.sum((n * np.asarray(stderrs))**2)) / n.sum()),
+             'eval_num_examples': int(n.sum())}
   writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
   writer.write(step, metrics)
   writer.close()
   if jax.process_index() == 0:
     print(f'bits/dim at step {step}: {metrics["eval_bpd"]:.4f} +- {metrics["eval_bpd_stderr"]:.4f}'
-          f' ({len(all_bpd)} examples)', flush=True)
+          f' ({metrics["eval_num_examples"]} examples)', flush=True)
   return metrics
