@@ -111,7 +111,8 @@ def log_likelihood(model_fn: Callable[..., jax.Array], process, x: jax.Array, *,
     raise ValueError(f't_start must lie in (0, t_max = {process.t_max}); got {t_start}.')
   x = jnp.asarray(x, jnp.float32)
   if x.ndim < 2:
-    raise ValueError(f'x must be a batch [B, ...] with at least one data axis; got shape {x.shape}.')
+    raise ValueError(f'x must be a batch [B, ...] with at least one data axis; got shape '
+                     f'{x.shape}.')
   score_fn = ode_lib.score_fn_from_model(model_fn, process, prediction=prediction)
 
   if divergence == 'hutchinson':
@@ -145,7 +146,7 @@ def log_likelihood(model_fn: Callable[..., jax.Array], process, x: jax.Array, *,
 
 
 def _to_8bit_levels(x) -> np.ndarray:
-  """Integer levels 0..255 of 8-bit data given as ints or scaled to [-1, 1]; ValueError otherwise."""
+  """Levels 0..255 of 8-bit data given as ints or scaled to [-1, 1]; ValueError otherwise."""
   x_np = np.asarray(x)
   if np.issubdtype(x_np.dtype, np.integer):
     if x_np.size and (x_np.min() < 0 or x_np.max() > _BITS_8 - 1):

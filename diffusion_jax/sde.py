@@ -1,17 +1,18 @@
 """Continuous-time score SDEs behind the Process contract: VP, sub-VP and VE.
 
 Song et al. (2021), "Score-Based Generative Modeling through Stochastic Differential Equations"
-(ICLR 2021), write the forward process as an Itô SDE ``dx = f(t) x dt + g(t) dw`` on ``t in [0, T]``
-whose marginal is ``x_t = alpha(t) x_0 + sigma(t) eps`` (their Appendix B):
+(ICLR 2021), write the forward process as an Ito SDE ``dx = f(t) x dt + g(t) dw`` on
+``t in [0, T]`` whose marginal is ``x_t = alpha(t) x_0 + sigma(t) eps`` (their Appendix B):
 
 - VP (eq. 11, the continuous DDPM): ``beta(t) = beta_min + t (beta_max - beta_min)``,
   ``f = -beta/2``, ``g = sqrt(beta)``, ``log alpha = -t^2 (beta_max - beta_min)/4 - t beta_min/2``,
   ``sigma^2 = 1 - alpha^2``.
 - sub-VP (eq. 17): the VP drift with ``g^2 = beta (1 - alpha^4)``, so ``sigma = 1 - alpha^2``; its
   variance stays below the VP one, so ``alpha^2 + sigma^2 != 1``.
-- VE (eq. 9, the continuous SMLD/NCSN): ``alpha = 1``, ``sigma = sigma_min (sigma_max/sigma_min)^t``,
-  ``f = 0``, ``g = sigma sqrt(2 log(sigma_max/sigma_min))``. As in score_sde, ``sigma(0) = sigma_min``:
-  the t = 0 marginal is the data convolved with N(0, sigma_min^2).
+- VE (eq. 9, the continuous SMLD/NCSN): ``alpha = 1``,
+  ``sigma = sigma_min (sigma_max/sigma_min)^t``, ``f = 0``,
+  ``g = sigma sqrt(2 log(sigma_max/sigma_min))``. As in score_sde, ``sigma(0) = sigma_min``: the
+  t = 0 marginal is the data convolved with N(0, sigma_min^2).
 
 Every marginal of this kind obeys ``f = d log alpha/dt`` and ``g^2 = d sigma^2/dt - 2 f sigma^2
 = -sigma^2 d lambda/dt`` with ``lambda = log(alpha^2/sigma^2)`` the log-SNR (Kingma et al. 2021,
@@ -51,7 +52,7 @@ def linear_sde_coefficients(process, t: jax.typing.ArrayLike) -> tuple[jax.Array
   """``(f(t), g(t)^2)`` of the linear SDE ``dx = f x dt + g dw`` whose marginal is ``process``'s.
 
   ``f = d log alpha/dt`` and ``g^2 = d sigma^2/dt - 2 f sigma^2 = 2 sigma^2 d log(sigma/alpha)/dt``
-  (Kingma et al. 2021, App. B; Song et al. 2021, eq. 29), both by forward-mode differentiation of
+  (Kingma et al. 2021, App. B; Song et al. 2021, App. B), both by forward-mode differentiation of
   the process's ``log_alpha`` and ``sigma``. For a ``DiscreteVP`` log alpha is piecewise linear, so
   these are the slopes of the segment ``t`` lies on.
 
@@ -64,8 +65,7 @@ def linear_sde_coefficients(process, t: jax.typing.ArrayLike) -> tuple[jax.Array
   """
   t = jnp.asarray(t, jnp.float32)
   one = jnp.ones_like(t)
-  log_alpha, dlog_alpha = jax.jvp(process.log_alpha, (t,), (one,))
-  del log_alpha
+  _, dlog_alpha = jax.jvp(process.log_alpha, (t,), (one,))
   log_sigma_fn = getattr(process, 'log_sigma', None) or (lambda s: jnp.log(process.sigma(s)))
   log_sigma, dlog_sigma = jax.jvp(log_sigma_fn, (t,), (one,))
   g2 = 2.0 * jnp.exp(2.0 * log_sigma) * (dlog_sigma - dlog_alpha)
@@ -97,11 +97,11 @@ def discretize(process, x: jax.Array, t: jax.typing.ArrayLike, dt: jax.typing.Ar
                ) -> tuple[jax.Array, jax.Array]:
   """One forward step ``x_{t+dt} = x + f + G z`` of any process, by its exact Gaussian transition.
 
-  ``q(x_{t+dt} | x_t) = N(alpha_{t+dt|t} x_t, sigma_{t+dt|t}^2 I)``, so ``f = (alpha_{t+dt|t} - 1) x``
-  and ``G = sigma_{t+dt|t}``. For the VP SDE this is the DDPM discretization
-  (``beta = 1 - alpha_{t+dt}^2/alpha_t^2``), for the VE SDE the SMLD one
+  ``q(x_{t+dt} | x_t) = N(alpha_{t+dt|t} x_t, sigma_{t+dt|t}^2 I)``, so
+  ``f = (alpha_{t+dt|t} - 1) x`` and ``G = sigma_{t+dt|t}``. For the VP SDE this is the DDPM
+  discretization (``beta = 1 - alpha_{t+dt}^2/alpha_t^2``), for the VE SDE the SMLD one
   (``G^2 = sigma_{t+dt}^2 - sigma_t^2``): the two discretizations of score_sde's ``discretize``
-  (Song et al. 2021, App. E, eqs. 46-47), here on any grid rather than ``N`` fixed scales.
+  (Song et al. 2021, App. E), here on any grid rather than ``N`` fixed scales.
 
   Args:
     process: any process of the contract.
@@ -122,10 +122,11 @@ def discretize(process, x: jax.Array, t: jax.typing.ArrayLike, dt: jax.typing.Ar
 
 
 class ReverseSDE(struct.PyTreeNode):
-  """The reverse-time SDE, or the probability-flow ODE, of a forward SDE (Song et al. 2021, eqs. 6, 13).
+  """The reverse-time SDE or probability-flow ODE of a forward SDE (Song et al. 2021, eqs. 6, 13).
 
   ``dx = [f(x, t) - c g(t)^2 score(x, t)] dt + g_rev(t) dw_bar`` run from ``T`` down to ``t_min``
-  (``dt < 0``), with ``c = 1, g_rev = g`` for the reverse SDE and ``c = 1/2, g_rev = 0`` for the ODE.
+  (``dt < 0``), with ``c = 1, g_rev = g`` for the reverse SDE and ``c = 1/2, g_rev = 0`` for the
+  ODE.
   Built by ``SDE.reverse``.
 
   Attributes:
@@ -150,7 +151,7 @@ class ReverseSDE(struct.PyTreeNode):
 
   def discretize(self, x: jax.Array, t: jax.typing.ArrayLike, dt: jax.typing.ArrayLike
                  ) -> tuple[jax.Array, jax.Array]:
-    """The reverse-diffusion step of Song et al. (2021), eq. 47: ``x_{t-dt} = x - f + G z``.
+    """The reverse-diffusion step of Song et al. (2021), App. E: ``x_{t-dt} = x - f + G z``.
 
     ``(f, G)`` of the forward transition from ``t - dt`` to ``t`` give ``f_rev = f - G^2 score`` and
     ``G_rev = G`` (0 for the probability flow, with ``G^2 / 2``).
@@ -227,7 +228,7 @@ class _VPFamily(_SDE):
     return self.beta_min + jnp.asarray(t, jnp.float32) * (self.beta_max - self.beta_min)
 
   def log_alpha(self, t: jax.typing.ArrayLike) -> jax.Array:
-    """log alpha(t) = -t^2 (beta_max - beta_min)/4 - t beta_min/2 (Song et al. 2021, eq. 33)."""
+    """log alpha(t) = -t^2 (beta_max - beta_min)/4 - t beta_min/2 (Song et al. 2021, App. B)."""
     t = self._check_times_public(t)
     return -0.25 * t * t * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
@@ -287,7 +288,7 @@ class SubVPSDE(_VPFamily):
   """The sub-VP SDE (Song et al. 2021, eq. 17), which gives better likelihoods.
 
   ``dx = -beta(t)/2 x dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta))) dw``; the mean is the VP one and
-  ``sigma(t) = 1 - alpha(t)^2`` (eq. 29), below the VP ``sqrt(1 - alpha^2)``, so the process is not
+  ``sigma(t) = 1 - alpha(t)^2`` (App. B), below the VP ``sqrt(1 - alpha^2)``, so the process is not
   variance preserving.
 
   Attributes:

@@ -119,7 +119,8 @@ def test_bits_per_dim_of_8bit_data():
   assert 0 < stderr < 1.0
   assert abs(bpd - ref) < 0.01, (bpd, ref)
   # The same data given as floats k/127.5 - 1 is recognized as 8-bit.
-  np.testing.assert_array_equal(likelihood._to_8bit_levels(k / 127.5 - 1.0), k)  # pylint: disable=protected-access
+  levels = likelihood._to_8bit_levels(k / 127.5 - 1.0)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(levels, k)
 
 
 def test_bits_per_dim_of_continuous_data(data):

@@ -59,7 +59,8 @@ def test_defaults_and_immutability():
 
 @pytest.mark.parametrize('name', list(SDES))
 def test_drift_and_diffusion_generate_the_marginal(name):
-  """d log alpha/dt = f and d sigma^2/dt = 2 f sigma^2 + g^2 (Song et al. 2021, eqs. 5.50-5.51)."""
+  """d log alpha/dt = f and d sigma^2/dt = 2 f sigma^2 + g^2 (Sarkka & Solin 2019, eqs. 5.50-5.51,
+  as used in Song et al. 2021, App. B)."""
   process = SDES[name]
   t = jnp.linspace(0.01, 0.99, 9)
   x = jnp.ones((9, 1))
@@ -272,9 +273,10 @@ def test_ode_follows_the_exact_flow_and_nfe_falls_with_rtol(name):
                                     denoise=False))(x_T)
     nfes.append(int(info['nfe']))
     if rtol == 1e-5:
+      t_min = process.t_min
       exact = MIXTURE.pf_ode_map(np.asarray(x_T), float(process.alpha(1.0)),
-                                 float(process.sigma(1.0)), alpha_end=float(process.alpha(process.t_min)),
-                                 sigma_end=float(process.sigma(process.t_min)))
+                                 float(process.sigma(1.0)), alpha_end=float(process.alpha(t_min)),
+                                 sigma_end=float(process.sigma(t_min)))
       np.testing.assert_allclose(x, exact, atol=2e-3)
   assert nfes[1] < nfes[0], nfes
 

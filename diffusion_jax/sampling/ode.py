@@ -86,7 +86,7 @@ def _batch_rms(tree) -> jax.Array:
 def solve_ode(fn: Callable[[jax.Array, Any], Any], y0: Any, t0: float | jax.Array,
               t1: float | jax.Array, *, rtol: float = 1e-5, atol: float = 1e-5,
               max_steps: int = 4096, first_step: float | None = None) -> ODESolution:
-  """Integrates ``dy/dt = fn(t, y)`` from ``t0`` to ``t1`` (either direction) by Dormand-Prince 5(4).
+  """Integrates ``dy/dt = fn(t, y)`` from ``t0`` to ``t1`` (either way) by Dormand-Prince 5(4).
 
   The embedded pair of Dormand & Prince (1980) with local extrapolation and FSAL (6 evaluations a
   step), the standard step-size controller ``h *= clip(0.9 err^(-1/5), 0.2, 10)`` (Hairer et al.,
@@ -172,7 +172,7 @@ def solve_ode(fn: Callable[[jax.Array, Any], Any], y0: Any, t0: float | jax.Arra
 
 def score_fn_from_model(model_fn: Callable[..., jax.Array], process, *,
                         prediction: processes.Prediction) -> sde_lib.ScoreFn:
-  """``score_fn(x, t)`` from a ``model_fn(x, t) -> prediction`` by ``processes.convert_prediction``."""
+  """``score_fn(x, t)`` from ``model_fn(x, t) -> prediction`` (``processes.convert_prediction``)."""
   if prediction not in processes.PREDICTIONS:
     raise ValueError(f'prediction={prediction!r} is not known; use one of {processes.PREDICTIONS}.')
 
@@ -192,7 +192,7 @@ def ode(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *,
         return_trajectory: bool = False, callback: Callable[[int, int], Any] | None = None,
         clip_x0: bool = False, dynamic_threshold: float | None = None
         ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Samples by integrating the probability-flow ODE with adaptive steps (Song et al. 2021, Sec. 4.3).
+  """Samples by the probability-flow ODE with adaptive steps (Song et al. 2021, Sec. 4.3).
 
   ``dx/dt = f(t) x - g(t)^2/2 score(x, t)`` (eq. 13) from ``t_max`` to ``t_min`` by ``solve_ode``
   (Dormand-Prince 5(4), the RK45 of score_sde's ODE sampler, rtol = atol = 1e-5 as there), for any

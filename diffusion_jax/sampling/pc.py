@@ -5,19 +5,21 @@ first ``n_corrector_steps`` of Langevin MCMC at ``t_i`` (the corrector), then on
 numerical solver of the reverse-time SDE (the predictor). Predictors:
 
 - ``'reverse_diffusion'``: the reverse of the forward process's own Gaussian transition,
-  ``x <- x - f + G^2 score + G z`` with ``(f, G)`` of ``q(x_{t_i} | x_{t_{i+1}})`` (Song et al. 2021,
-  App. E, eq. 47). With the exact transition (``sde.discretize``) this is the DDPM-style step for VP
-  processes and the SMLD one for VE, and it works for every process, ``DiscreteVP`` included.
+  ``x <- x - f + G^2 score + G z`` with ``(f, G)`` of ``q(x_{t_i} | x_{t_{i+1}})``
+  (Song et al. 2021, App. E). With the exact transition (``sde.discretize``) this is the DDPM-style
+  step for VP processes and the SMLD one for VE, and it works for every process, ``DiscreteVP``
+  included.
 - ``'euler_maruyama'``: Euler-Maruyama on the reverse SDE (eq. 6); needs ``drift_and_diffusion``.
 - ``'ancestral'``: a draw from ``q(x_{t_{i+1}} | x_{t_i}, x0_hat)`` with ``x0_hat`` by Tweedie's
-  formula (Ho et al. 2020, eq. 6-7, Song et al. 2021, App. F); for VP processes the DDPM sampler
-  with its "fixedsmall" variance (score_sde uses beta, the "fixedlarge" one), for VE eq. 47's SMLD
-  ancestral step. Works for every process.
+  formula (Ho et al. 2020, eqs. 6-7; Song et al. 2021, App. F); for VP processes the DDPM sampler
+  with its "fixedsmall" variance (score_sde uses beta, the "fixedlarge" one), for VE the SMLD
+  ancestral step of App. F. Works for every process.
 - ``'none'``: corrector-only sampling (annealed Langevin dynamics when ``corrector='ald'``).
 
-Correctors (Algorithms 4 and 5 of score_sde's code): ``'langevin'`` with the step size set by the
-target signal-to-noise ratio ``snr`` (Song et al. 2021, Algorithm 5), and ``'ald'``, the annealed
-Langevin dynamics of NCSN (Song & Ermon 2019) with step ``2 alpha_i (snr sigma(t_i))^2``; ``'none'``.
+Correctors: ``'langevin'``, Langevin MCMC with the step size set by the target signal-to-noise
+ratio ``snr`` (Song et al. 2021, App. G, Algorithms 4 (VE) and 5 (VP)), and ``'ald'``, the annealed
+Langevin dynamics of NCSN (Song & Ermon 2019) with step ``2 alpha_i (snr sigma(t_i))^2``;
+``'none'``.
 ``snr = 0.16`` is score_sde's CIFAR-10 default (``configs/default_cifar10_configs.py``) for VP and
 VE alike; ``alpha_i`` is the one-step ``alpha_{t_i|t_{i+1}}^2`` (``1 - beta_i`` for VP, 1 for VE).
 
@@ -108,7 +110,7 @@ def pc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps
     score = score_fn(x, t)
     z = jax.random.normal(k, x.shape, jnp.float32)
     if corrector == 'langevin':
-      # Algorithm 5 of Song et al. (2021): eps = 2 alpha (r ||z|| / ||score||)^2, with the norms
+      # Algorithms 4-5 of Song et al. (2021): eps = 2 alpha (r ||z|| / ||score||)^2, with the norms
       # averaged over the batch as in score_sde: per example, a score near 0 (x at a mode) in low
       # dimension gives a huge step.
       ratio = jnp.mean(_norm(z)) / jnp.maximum(jnp.mean(_norm(score)), 1e-30)
