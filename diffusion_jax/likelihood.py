@@ -24,6 +24,7 @@ The ODE solver controls the error of each example separately and steps all of th
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -113,36 +114,40 @@ def log_likelihood(model_fn: Callable[..., jax.Array], process, x: jax.Array, *,
   if x.ndim < 2:
     raise ValueError(f'x must be a batch [B, ...] with at least one data axis; got shape '
                      f'{x.shape}.')
-  score_fn = ode_lib.score_fn_from_model(model_fn, process, prediction=prediction)
+  if divergence == 'exact':
+    probe = None
+  elif noise == 'rademacher':
+    probe = jax.random.rademacher(key, x.shape, jnp.float32)
+  else:
+    probe = jax.random.normal(key, x.shape, jnp.float32)
+  logp, info = _solve(model_fn, process, x, probe, jnp.float32(t0), prediction=prediction,
+                      divergence=divergence, rtol=rtol, atol=atol, max_steps=max_steps)
+  return (logp, info) if return_info else logp
 
-  if divergence == 'hutchinson':
-    if noise == 'rademacher':
-      probe = jax.random.rademacher(key, x.shape, jnp.float32)
-    else:
-      probe = jax.random.normal(key, x.shape, jnp.float32)
+
+# One compilation per (model_fn, settings, shapes): an eval loop that passes the same model_fn for
+# every batch compiles once. Under jit the start time is traced, so a t_start below t_min is not
+# refused by the process's check of concrete times (which guards the public API, not the solver).
+@functools.partial(jax.jit, static_argnames=('model_fn', 'prediction', 'divergence', 'rtol',
+                                             'atol', 'max_steps'))
+def _solve(model_fn, process, x, probe, t0, *, prediction, divergence, rtol, atol, max_steps):
+  """The augmented PF-ODE from t0 to t_max: logp [B] and the info dict of ``log_likelihood``."""
+  score_fn = ode_lib.score_fn_from_model(model_fn, process, prediction=prediction)
 
   def vector_field(t, state):
     x_t, _ = state
     drift = lambda y: sde_lib.probability_flow_drift(process, score_fn, y, t)
     if divergence == 'exact':
-      dx, div = _divergence_exact(drift, x_t)
-    else:
-      dx, div = _divergence_hutchinson(drift, x_t, probe)
-    return dx, div
+      return _divergence_exact(drift, x_t)
+    return _divergence_hutchinson(drift, x_t, probe)
 
   state0 = (x, jnp.zeros(x.shape[:1], jnp.float32))
-  # Under jit the times are traced, so a t_start below t_min is not refused by the process's
-  # check of concrete times (which guards the public API, not the solver's inner evaluations).
-  solve = jax.jit(lambda y0, t_0: ode_lib.solve_ode(vector_field, y0, t_0, process.t_max,
-                                                    rtol=rtol, atol=atol, max_steps=max_steps))
-  sol = solve(state0, jnp.float32(t0))
+  sol = ode_lib.solve_ode(vector_field, state0, t0, process.t_max, rtol=rtol, atol=atol,
+                          max_steps=max_steps)
   z, delta_logp = sol.y
   prior_logp = process.prior_logp(z)
-  logp = prior_logp + delta_logp
-  if not return_info:
-    return logp
-  return logp, {'z': z, 'delta_logp': delta_logp, 'prior_logp': prior_logp, 'nfe': sol.nfe,
-                'success': sol.success}
+  return prior_logp + delta_logp, {'z': z, 'delta_logp': delta_logp, 'prior_logp': prior_logp,
+                                   'nfe': sol.nfe, 'success': sol.success}
 
 
 def _to_8bit_levels(x) -> np.ndarray:
@@ -162,6 +167,13 @@ def _to_8bit_levels(x) -> np.ndarray:
         'data). For continuous data pass dequantize=None: bits/dim is then -log2 p(x)/D of a '
         'density, which is not comparable to 8-bit bits/dim and can be negative.')
   return np.round(levels).astype(np.float32)
+
+
+@jax.jit
+def _dequantize(levels: jax.Array, key: jax.Array) -> jax.Array:
+  """8-bit levels ``k`` -> ``(k + u)/128 - 1`` in [-1, 1), ``u ~ U[0, 1)``."""
+  u = jax.random.uniform(key, levels.shape, jnp.float32)
+  return (levels + u) / (_BITS_8 / 2) - 1.0
 
 
 def bits_per_dim(model_fn: Callable[..., jax.Array], process, x, *, key: jax.Array,
@@ -222,14 +234,9 @@ def bits_per_dim(model_fn: Callable[..., jax.Array], process, x, *, key: jax.Arr
   if b < 1 or d < 1:
     raise ValueError(f'x must be a non-empty batch [B, ...]; got shape {data.shape}.')
 
-  @jax.jit
   def one_draw(k):
     k_deq, k_div = jax.random.split(k)
-    if dequantize is None:
-      z = data
-    else:
-      u = jax.random.uniform(k_deq, data.shape, jnp.float32)
-      z = (data + u) / (_BITS_8 / 2) - 1.0
+    z = data if dequantize is None else _dequantize(data, k_deq)
     logp = log_likelihood(model_fn, process, z, key=k_div, prediction=prediction,
                           divergence=divergence, noise=noise, rtol=rtol, atol=atol,
                           t_start=t_start)

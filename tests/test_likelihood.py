@@ -118,6 +118,11 @@ def test_bits_per_dim_of_8bit_data():
   ref = float(jnp.mean(-logp / (2 * math.log(2.0)))) + 7.0
   assert 0 < stderr < 1.0
   assert abs(bpd - ref) < 0.01, (bpd, ref)
+  # An eval loop passes the same model_fn for every batch: the solver compiles once.
+  compiled = likelihood._solve._cache_size()  # pylint: disable=protected-access
+  likelihood.bits_per_dim(model_fn, process, 255 - k, key=jax.random.key(1), num_draws=1,
+                          divergence='exact')
+  assert likelihood._solve._cache_size() == compiled  # pylint: disable=protected-access
   # The same data given as floats k/127.5 - 1 is recognized as 8-bit.
   levels = likelihood._to_8bit_levels(k / 127.5 - 1.0)  # pylint: disable=protected-access
   np.testing.assert_array_equal(levels, k)
