@@ -1,0 +1,225 @@
+"""What every fixed-step sampler shares: the schedule, the denoiser, the final step and the scan.
+
+A sampler sees the model only through a *denoiser* ``denoise(x, t) -> (x0, eps)`` in float32,
+built here from a ``model_fn`` of any prediction type, with the optional clipping or dynamic
+thresholding of the predicted x0 (Saharia et al. 2022, Sec. 2.3).
+
+The schedule holds the grid times ``t: [n]`` and ``alpha, sigma: [n + 1]`` whose last entry is the
+data (alpha = 1, sigma = 0): step ``i`` goes from ``t[i]`` to ``t[i + 1]`` and the last step from
+``t[n - 1]`` to the data ("denoise to zero").
+
+The data is the limit of the data prediction along the probability-flow ODE as
+``s = (sigma / alpha)^2 -> 0``, and the data prediction is a smooth function of ``s`` there (Tweedie:
+``x0_hat = y + s grad log p_s(y)`` with ``y = x / alpha``, and ``dy/ds = -grad log p_s(y) / 2``). Solvers
+written in log-SNR (DPM-Solver++, UniPC) cannot step to lambda = +inf at their order, and an Euler
+step (Karras et al. 2022, Algorithm 2's last step) is first order. ``extrapolate_to_data`` instead
+extrapolates the last ``k`` data predictions to ``s = 0`` by a polynomial in ``s``, which keeps order
+``k``: its error is ``O(s_{n-1} ... s_{n-k})``, below float32 resolution for k >= 2 on usual grids.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax import processes
+from diffusion_jax.sampling import grids as grids_lib
+
+Denoiser = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+class Schedule(NamedTuple):
+  """Grid times and the noise levels of every step's start and end.
+
+  Attributes:
+    t: [n] float32 grid times, decreasing; the model is evaluated there.
+    alpha: [n + 1] alpha at the grid times, then 1 (the data).
+    sigma: [n + 1] sigma at the grid times, then 0 (the data).
+  """
+
+  t: jax.Array  # [n]
+  alpha: jax.Array  # [n + 1]
+  sigma: jax.Array  # [n + 1]
+
+  @property
+  def num_steps(self) -> int:
+    return self.t.shape[0]
+
+  @property
+  def log_snr(self) -> jax.Array:
+    """lambda = log(alpha / sigma) per grid time [n] (half the log-SNR, as in Lu et al. 2022)."""
+    return jnp.log(self.alpha[:-1]) - jnp.log(self.sigma[:-1])
+
+  @property
+  def rho(self) -> jax.Array:
+    """sigma / alpha [n + 1], the noise level of the scaled ODE (Karras et al. 2022); ends at 0."""
+    return self.sigma / self.alpha
+
+  def next_t(self) -> jax.Array:
+    """[n] the time each step ends at; the last step (to data) repeats its own time as a dummy."""
+    return jnp.concatenate([self.t[1:], self.t[-1:]])
+
+  def is_last(self) -> jax.Array:
+    return jnp.arange(self.num_steps) == self.num_steps - 1
+
+
+def make_schedule(process, num_steps: int, *, grid: str, spacing: str = 'trailing') -> Schedule:
+  """The schedule on the named grid (``grids.GRIDS``) plus the final step to the data."""
+  t = grids_lib.make_grid(process, num_steps, grid, spacing=spacing)
+  alpha = jnp.concatenate([process.alpha(t).astype(jnp.float32), jnp.ones((1,), jnp.float32)])
+  sigma = jnp.concatenate([process.sigma(t).astype(jnp.float32), jnp.zeros((1,), jnp.float32)])
+  return Schedule(t=t, alpha=alpha, sigma=sigma)
+
+
+# --- the denoiser ---------------------------------------------------------------------------------
+
+
+def dynamic_threshold_x0(x0: jax.Array, percentile: float) -> jax.Array:
+  """Dynamic thresholding of Saharia et al. (2022), Sec. 2.3 (Imagen).
+
+  ``s`` is the ``percentile`` (in [0, 100]) of ``|x0|`` per example, at least 1; ``x0`` is clipped to
+  ``[-s, s]`` and divided by ``s``. x0: [B, ...].
+  """
+  flat = jnp.abs(x0.reshape(x0.shape[0], -1))
+  s = jnp.maximum(jnp.percentile(flat, percentile, axis=1), 1.0)
+  s = processes._bcast(s, x0)  # pylint: disable=protected-access
+  return jnp.clip(x0, -s, s) / s
+
+
+def make_denoiser(model_fn: Callable[..., jax.Array], process, *, prediction: str,
+                  clip_x0: bool = False, dynamic_threshold: float | None = None) -> Denoiser:
+  """``denoise(x, t) -> (x0, eps)``, float32, from ``model_fn(x, t) -> prediction``.
+
+  Args:
+    model_fn: ``model_fn(x: [B, ...], t: [B]) -> [B, ...]`` of type ``prediction``; any guidance
+      is already inside it.
+    process: the process whose alpha, sigma convert the prediction.
+    prediction: 'eps', 'x0', 'v' or 'score'.
+    clip_x0: clip the predicted x0 to [-1, 1] (for data known to lie there), then recompute eps.
+    dynamic_threshold: a percentile in (0, 100]: Imagen's dynamic thresholding of x0 instead.
+  """
+  if prediction not in processes.PREDICTIONS:
+    raise ValueError(f'prediction={prediction!r} is not known; use one of {processes.PREDICTIONS}.')
+  if dynamic_threshold is not None and not 0 < float(dynamic_threshold) <= 100:
+    raise ValueError(f'dynamic_threshold is a percentile in (0, 100], got {dynamic_threshold}.')
+
+  def denoise(x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    t_b = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
+    alpha, sigma = process.alpha(t_b), process.sigma(t_b)
+    out = jnp.asarray(model_fn(x, t_b)).astype(jnp.float32)  # integrate in float32 always
+    x0, eps = processes.to_x0_eps(process, out, x, t_b, prediction=prediction)
+    if clip_x0 or dynamic_threshold is not None:
+      if dynamic_threshold is not None:
+        x0 = dynamic_threshold_x0(x0, float(dynamic_threshold))
+      else:
+        x0 = jnp.clip(x0, -1.0, 1.0)
+      a = processes._bcast(alpha, x)  # pylint: disable=protected-access
+      s = processes._bcast(sigma, x)  # pylint: disable=protected-access
+      eps = (x - a * x0) / s
+    return x0, eps
+
+  return denoise
+
+
+# --- the final step -------------------------------------------------------------------------------
+
+
+def lagrange_weights_at_zero(s: jax.Array, k: jax.Array) -> jax.Array:
+  """Weights ``w: [K]`` with ``p(0) = sum_j w_j f(s_j)`` for the polynomial through the first k points.
+
+  Args:
+    s: [K] abscissae, distinct among the first k.
+    k: int (may be traced), 1 <= k <= K; entries j >= k get weight 0.
+  """
+  num = s.shape[0]
+  idx = jnp.arange(num)
+  used = idx < k
+  weights = []
+  for j in range(num):
+    w = jnp.float32(1.0)
+    for m in range(num):
+      if m == j:
+        continue
+      denom = s[m] - s[j]
+      safe = jnp.where(used[m] & (denom != 0), denom, 1.0)
+      w = w * jnp.where(used[m], s[m] / safe, 1.0)
+    weights.append(jnp.where(used[j], w, 0.0))
+  return jnp.stack(weights)
+
+
+def extrapolate_to_data(x0_hist: jax.Array, rho_hist: jax.Array, k: jax.Array) -> jax.Array:
+  """The data, extrapolated from the last k data predictions to ``(sigma/alpha)^2 = 0``.
+
+  Args:
+    x0_hist: [K, B, ...] data predictions along the trajectory, newest first.
+    rho_hist: [K] sigma / alpha where each was made.
+    k: how many to use (int, may be traced): k = 1 returns ``x0_hist[0]`` (the DDIM/Euler step).
+
+  Returns:
+    [B, ...] the extrapolated data (see the module docstring for why ``s = rho^2``).
+  """
+  w = lagrange_weights_at_zero(jnp.square(rho_hist.astype(jnp.float32)), k)
+  return jnp.tensordot(w, x0_hist, axes=1)
+
+
+def push(hist: jax.Array, value: jax.Array) -> jax.Array:
+  """Shifts a fixed-size history ``[K, ...]`` (newest first) by one and puts ``value`` in front."""
+  return jnp.concatenate([value[None].astype(hist.dtype), hist[:-1]], axis=0)
+
+
+# --- the scan -------------------------------------------------------------------------------------
+
+
+def scan_steps(body: Callable[[Any, Any], tuple[Any, jax.Array]], carry: Any, xs: Any, *,
+               x_T: jax.Array, num_steps: int, return_trajectory: bool = False,
+               callback: Callable[[int, int], Any] | None = None,
+               trajectory_from: int = 0) -> tuple[Any, dict]:
+  """One ``lax.scan`` of ``body(carry, xs_i) -> (carry, x_after_i)`` with trajectory and progress.
+
+  Args:
+    body: one step; returns the new carry and the state it reached.
+    carry, xs: as for ``lax.scan``; ``xs`` must hold ``'i'``, the iteration index [L].
+    x_T: [B, ...] the start, first entry of the trajectory.
+    num_steps: n, reported to ``callback`` as its second argument.
+    return_trajectory: collect the states; they come back as ``info['trajectory']``,
+      ``[n + 1, B, ...]`` with x_T first.
+    callback: ``callback(step, num_steps)``, called under jit through an ordered
+      ``jax.debug.callback`` after each step, with ``step`` in 1..n.
+    trajectory_from: iterations before this one are not steps (a two-evaluation warm start);
+      their states are left out of the trajectory and they do not report progress.
+
+  Returns:
+    The final carry and the info dict (with 'trajectory' when asked).
+  """
+
+  def wrapped(c, x_i):
+    c, x_new = body(c, x_i)
+    if callback is not None:
+      step = x_i['i'] + 1 - trajectory_from
+
+      def report(s):
+        s = int(s)
+        if s >= 1:
+          callback(s, num_steps)
+
+      jax.debug.callback(report, step, ordered=True)
+    return c, (x_new if return_trajectory else None)
+
+  carry, states = jax.lax.scan(wrapped, carry, xs)
+  info = {}
+  if return_trajectory:
+    info['trajectory'] = jnp.concatenate([x_T[None].astype(jnp.float32),
+                                          states[trajectory_from:]], axis=0)
+  return carry, info
+
+
+def noise(key: jax.Array, i: jax.Array, like: jax.Array) -> jax.Array:
+  """Standard normal noise for step ``i``: ``fold_in(key, i)`` (STYLE.md 1)."""
+  return jax.random.normal(jax.random.fold_in(key, i), like.shape, jnp.float32)
+
+
+def bcast(a: jax.Array, x: jax.Array) -> jax.Array:
+  """A scalar or ``[B]`` array shaped to broadcast against ``x: [B, ...]``."""
+  return processes._bcast(a, x)  # pylint: disable=protected-access

@@ -1,0 +1,119 @@
+"""Ancestral DDPM sampling (Ho et al. 2020) and DDIM (Song et al. 2021a).
+
+Both evaluate the model once per grid time, so NFE = num_steps, and end with the step to the data,
+where the posterior collapses onto the predicted x0.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax import processes
+from diffusion_jax.sampling import core
+
+
+def _require_key(key, method: str):
+  if key is None:
+    raise ValueError(f'method {method!r} is stochastic and needs a PRNG `key`.')
+  return key
+
+
+def ddpm(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
+         key: jax.Array | None, prediction: str = 'eps',
+         variance: Literal['small', 'large'] = 'small', grid: str = 'uniform',
+         spacing: str = 'trailing', clip_x0: bool = False, dynamic_threshold: float | None = None,
+         return_trajectory: bool = False, callback=None) -> tuple[jax.Array, dict]:
+  """Ancestral sampling: Algorithm 2 of Ho et al. (2020), on any grid of any process.
+
+  Each step samples ``q(x_s | x_t, x0 = x0_hat)`` (``processes.posterior``, Kingma et al. 2021
+  eqs. 31-33); for DiscreteVP with ``num_steps == N`` on the uniform grid this steps through
+  ``t = N, ..., 1`` and is exactly Ho et al.'s algorithm. The last step returns the predicted x0
+  without noise, as Algorithm 2 at t = 1.
+
+  Args:
+    model_fn: ``model_fn(x: [B, ...], t: [B]) -> prediction``.
+    process: any process of the contract.
+    x_T: [B, ...] start noise at the prior's scale.
+    num_steps: model evaluations.
+    key: PRNG key; step i draws its noise from ``fold_in(key, i)``.
+    prediction: the model's prediction type.
+    variance: 'small', the posterior variance beta_tilde (Ho et al. eq. 7), or 'large', beta
+      (generalized to skipped steps as the variance of q(x_t | x_s), Ho et al. Sec. 3.2).
+    grid, spacing: the time grid (``grids.make_grid``).
+    clip_x0, dynamic_threshold: see ``core.make_denoiser``.
+    return_trajectory, callback: see ``core.scan_steps``.
+
+  Returns:
+    x_0 [B, ...] float32 and an info dict with 'nfe'.
+  """
+  key = _require_key(key, 'ddpm')
+  if variance not in ('small', 'large'):
+    raise ValueError(f"variance={variance!r} is not known; use 'small' or 'large'.")
+  sched = core.make_schedule(process, num_steps, grid=grid, spacing=spacing)
+  denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
+                               dynamic_threshold=dynamic_threshold)
+
+  def step(x, xs):
+    x0, _ = denoise(x, xs['t'])
+    mean, var = processes.posterior(process, x, x0, xs['t'], xs['t_next'])
+    if variance == 'large':
+      _, var = processes.transition(process, xs['t'], xs['t_next'])
+    z = core.noise(key, xs['i'], x)
+    x_next = mean + jnp.sqrt(var) * z
+    x_next = jnp.where(xs['last'], x0, x_next)
+    return x_next, x_next
+
+  xs = {'i': jnp.arange(num_steps), 't': sched.t, 't_next': sched.next_t(), 'last': sched.is_last()}
+  x, info = core.scan_steps(step, x_T, xs, x_T=x_T, num_steps=num_steps,
+                            return_trajectory=return_trajectory, callback=callback)
+  return x, {'nfe': num_steps, **info}
+
+
+def ddim(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
+         key: jax.Array | None = None, prediction: str = 'eps', eta: float = 0.0,
+         grid: str = 'uniform', spacing: str = 'trailing', clip_x0: bool = False,
+         dynamic_threshold: float | None = None, return_trajectory: bool = False,
+         callback=None) -> tuple[jax.Array, dict]:
+  """DDIM: Song et al. (2021a), eq. 12, written for any alpha, sigma.
+
+  ``x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z`` with
+  ``c = eta * (sigma_s / sigma_t) * sqrt(sigma_t^2 - alpha_t^2 sigma_s^2 / alpha_s^2)``: eta = 0 is
+  the deterministic DDIM (Euler's method on the probability-flow ODE in ``sigma / alpha``, Karras et
+  al. 2022, Sec. 3), eta = 1 the DDPM posterior variance.
+
+  Args:
+    eta: >= 0; needs ``key`` when > 0 (noise of step i from ``fold_in(key, i)``).
+    Others as ``ddpm``.
+
+  Returns:
+    x_0 [B, ...] float32 and an info dict with 'nfe'.
+  """
+  if not isinstance(eta, jax.Array) and eta < 0:
+    raise ValueError(f'eta must be >= 0, got {eta}.')
+  stochastic = isinstance(eta, jax.Array) or eta > 0
+  if stochastic:
+    key = _require_key(key, 'ddim with eta > 0')
+  sched = core.make_schedule(process, num_steps, grid=grid, spacing=spacing)
+  denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
+                               dynamic_threshold=dynamic_threshold)
+
+  def step(x, xs):
+    x0, eps = denoise(x, xs['t'])
+    a_t, s_t, a_s, s_s = xs['alpha'], xs['sigma'], xs['alpha_next'], xs['sigma_next']
+    x_next = a_s * x0
+    if stochastic:
+      c2 = jnp.square(eta * s_s / s_t) * jnp.maximum(s_t**2 - jnp.square(a_t * s_s / a_s), 0.0)
+      x_next = (x_next + jnp.sqrt(jnp.maximum(s_s**2 - c2, 0.0)) * eps
+                + jnp.sqrt(c2) * core.noise(key, xs['i'], x))
+    else:
+      x_next = x_next + s_s * eps
+    return x_next, x_next
+
+  xs = {'i': jnp.arange(num_steps), 't': sched.t, 'alpha': sched.alpha[:-1],
+        'sigma': sched.sigma[:-1], 'alpha_next': sched.alpha[1:], 'sigma_next': sched.sigma[1:]}
+  x, info = core.scan_steps(step, x_T, xs, x_T=x_T, num_steps=num_steps,
+                            return_trajectory=return_trajectory, callback=callback)
+  return x, {'nfe': num_steps, **info}

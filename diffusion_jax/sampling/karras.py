@@ -1,0 +1,127 @@
+"""Euler and Heun samplers of Karras et al. (2022), Algorithms 1-2, with optional churn.
+
+Written in the scaled variables of the probability-flow ODE, ``y = x / alpha`` and the noise level
+``rho = sigma / alpha`` (Karras et al.'s sigma(t) with s(t) = alpha), where the ODE reads
+``dy/drho = (y - x0_hat) / rho`` for every process. Churn (Algorithm 2, lines 4-6) first raises the
+noise level to ``rho_hat = rho (1 + gamma)`` by adding fresh noise, ``gamma = min(S_churn / n,
+sqrt(2) - 1)`` for ``rho`` in ``[S_tmin, S_tmax]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.sampling import core
+
+
+def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order, grid, spacing,
+            S_churn, S_tmin, S_tmax, S_noise, clip_x0, dynamic_threshold, return_trajectory,
+            callback, method):
+  n = num_steps
+  if S_churn < 0:
+    raise ValueError(f'{method}: S_churn must be >= 0, got {S_churn}.')
+  churn = S_churn > 0
+  if churn and key is None:
+    raise ValueError(f'{method} with S_churn > 0 is stochastic and needs a PRNG `key`.')
+  sched = core.make_schedule(process, n, grid=grid, spacing=spacing)
+  denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
+                               dynamic_threshold=dynamic_threshold)
+  rho = sched.rho
+  rho_max = rho[0]
+  gamma = jnp.where((rho[:-1] >= S_tmin) & (rho[:-1] <= S_tmax),
+                    min(S_churn / n, math.sqrt(2.0) - 1.0), 0.0)
+  xs = {'i': jnp.arange(n), 't': sched.t, 't_next': sched.next_t(), 'rho': rho[:-1],
+        'rho_next': rho[1:], 'alpha_next': sched.alpha[1:], 'gamma': gamma,
+        'last': sched.is_last()}
+  # Data predictions at the trajectory's grid points, for the final step (core module docstring).
+  carry = (x_T / sched.alpha[0], jnp.zeros((2,) + x_T.shape, jnp.float32),
+           jnp.ones((2,), jnp.float32))
+
+  def step(c, s):
+    y, m, rho_hist = c
+    rho_hat, t_hat = s['rho'], s['t']
+    if churn:
+      rho_hat = jnp.minimum(s['rho'] * (1.0 + s['gamma']), rho_max)
+      y = y + (jnp.sqrt(jnp.maximum(rho_hat**2 - s['rho']**2, 0.0)) * S_noise
+               * core.noise(key, s['i'], y))
+      t_hat = jnp.where(s['gamma'] > 0, process.t_from_log_snr(-2.0 * jnp.log(rho_hat)), s['t'])
+    x0, _ = denoise(process.alpha(t_hat) * y, t_hat)
+    m = core.push(m, x0)
+    rho_hist = core.push(rho_hist, rho_hat)
+    d = (y - x0) / rho_hat
+    dt = s['rho_next'] - rho_hat
+    y_next = y + dt * d  # Euler; at the last step (rho_next = 0) this is x0_hat
+    if second_order:
+      def correct(_):
+        x0_2, _ = denoise(s['alpha_next'] * y_next, s['t_next'])
+        d2 = (y_next - x0_2) / s['rho_next']
+        return y + dt * 0.5 * (d + d2)
+
+      def final(_):
+        # Deterministic: extrapolate the last two data predictions (second order); with churn
+        # the last step is Euler's, as Algorithm 2.
+        k = jnp.minimum(s['i'] + 1, 1 if churn else 2)
+        return core.extrapolate_to_data(m, rho_hist, k)
+
+      y_next = jax.lax.cond(s['last'], final, correct, None)
+    return (y_next, m, rho_hist), y_next * s['alpha_next']
+
+  (y, *_), info = core.scan_steps(step, carry, xs, x_T=x_T, num_steps=n,
+                                  return_trajectory=return_trajectory, callback=callback)
+  return y, {'nfe': 2 * n - 1 if second_order else n, **info}
+
+
+def euler(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
+          key: jax.Array | None = None, prediction: str = 'eps', grid: str = 'karras',
+          spacing: str = 'trailing', S_churn: float = 0.0, S_tmin: float = 0.0,  # pylint: disable=invalid-name
+          S_tmax: float = float('inf'), S_noise: float = 1.0, clip_x0: bool = False,  # pylint: disable=invalid-name
+          dynamic_threshold: float | None = None, return_trajectory: bool = False,
+          callback=None) -> tuple[jax.Array, dict]:
+  """Euler's method on the PF ODE: Algorithm 2 of Karras et al. (2022) without the Heun correction.
+
+  Deterministic (S_churn = 0) it equals DDIM (eta = 0) on the same grid. NFE = num_steps.
+
+  Args:
+    model_fn: ``model_fn(x: [B, ...], t: [B]) -> prediction``.
+    process: any process of the contract.
+    x_T: [B, ...] start noise.
+    num_steps: grid times (model evaluations).
+    key: PRNG key, needed when S_churn > 0 (noise of step i from ``fold_in(key, i)``).
+    prediction: the model's prediction type.
+    grid, spacing: the time grid (``grids.make_grid``); Karras' rho = 7 by default.
+    S_churn, S_tmin, S_tmax, S_noise: Karras et al.'s churn (S_tmin, S_tmax in sigma / alpha).
+    clip_x0, dynamic_threshold: see ``core.make_denoiser``.
+    return_trajectory, callback: see ``core.scan_steps``.
+
+  Returns:
+    x_0 [B, ...] float32 and an info dict with 'nfe'.
+  """
+  return _karras(model_fn, process, x_T, num_steps=num_steps, key=key, prediction=prediction,
+                 second_order=False, grid=grid, spacing=spacing, S_churn=S_churn, S_tmin=S_tmin,
+                 S_tmax=S_tmax, S_noise=S_noise, clip_x0=clip_x0,
+                 dynamic_threshold=dynamic_threshold, return_trajectory=return_trajectory,
+                 callback=callback, method='euler')
+
+
+def heun(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
+         key: jax.Array | None = None, prediction: str = 'eps', grid: str = 'karras',
+         spacing: str = 'trailing', S_churn: float = 0.0, S_tmin: float = 0.0,  # pylint: disable=invalid-name
+         S_tmax: float = float('inf'), S_noise: float = 1.0, clip_x0: bool = False,  # pylint: disable=invalid-name
+         dynamic_threshold: float | None = None, return_trajectory: bool = False,
+         callback=None) -> tuple[jax.Array, dict]:
+  """Heun's second-order method: Algorithms 1-2 of Karras et al. (2022).
+
+  Each step to a grid time takes two evaluations; the last step to the data takes one and, when
+  deterministic, extrapolates the last two data predictions (``core.extrapolate_to_data``), so the
+  method stays second order where Algorithm 1's final Euler step is first order.
+  NFE = 2 num_steps - 1. Arguments as ``euler``.
+  """
+  return _karras(model_fn, process, x_T, num_steps=num_steps, key=key, prediction=prediction,
+                 second_order=True, grid=grid, spacing=spacing, S_churn=S_churn, S_tmin=S_tmin,
+                 S_tmax=S_tmax, S_noise=S_noise, clip_x0=clip_x0,
+                 dynamic_threshold=dynamic_threshold, return_trajectory=return_trajectory,
+                 callback=callback, method='heun')

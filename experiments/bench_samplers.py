@@ -1,0 +1,392 @@
+"""Sampler accuracy and speed on the exact Gaussian-mixture oracle, against diffusers' schedulers.
+
+    python experiments/bench_samplers.py                  # ~5 min on 2 CPU cores
+    python experiments/bench_samplers.py --quick          # fewer grids, no timing
+    python experiments/bench_samplers.py --flax-python=/tmp/dfx/bin/python   # diffusers Flax peer
+
+Every sampler starts from the same x_T under ``DiscreteVP.linear()`` with the exact eps-prediction of
+``oracles.example_mixture()``; the error is the RMS distance to the exact probability-flow map
+``pf_ode_map`` (SciPy, float64), so it is pure discretization error. NFE counts model evaluations
+per sample (Heun: 2 per step, less one; PLMS and PNDM: one extra for the warm start).
+
+Peers, each at its best setting (every ``timestep_spacing``, Karras sigmas where offered,
+``clip_sample``/thresholding off, ``lower_order_final`` on and off): the PyTorch schedulers of
+diffusers (DDIM, PNDM, DPMSolverMultistep 2M/3M, UniPC, DEIS, Euler, Heun, LMS) when torch and
+diffusers are installed, and the Flax schedulers of diffusers 0.39 (their last release with Flax),
+run in a separate interpreter (``--flax-python``) under ``jax.jit`` + ``lax.fori_loop`` for the
+speed comparison. Missing peers print 'not installed'.
+
+The JAX model here is the oracle's formula with the 2 x 2 inverses written out (checked against
+``GaussianMixture.model_fn`` at startup): the same function, a fraction of the compile time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+NFES = (5, 10, 20, 50)
+SPACINGS = ('linspace', 'leading', 'trailing')
+
+
+# --- the oracle as a closed-form JAX function (also run by the Flax peer's interpreter) ---------
+
+
+def mixture_eps_2d(weights, means, covs):
+  """``eps(x, alpha, sigma)``: E[eps | x_t] of a 2-D Gaussian mixture, x: [B, 2], alpha/sigma: [B]."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  logw = jnp.log(jnp.asarray(weights, jnp.float32))
+  mu = jnp.asarray(means, jnp.float32)  # [K, 2]
+  c = jnp.asarray(covs, jnp.float32)  # [K, 2, 2]
+
+  def eps(x, alpha, sigma):
+    a2, s2 = (alpha**2)[:, None], (sigma**2)[:, None]
+    p = a2 * c[None, :, 0, 0] + s2  # [B, K], the noised covariances' entries
+    q = a2 * c[None, :, 0, 1]
+    r = a2 * c[None, :, 1, 1] + s2
+    det = p * r - q * q
+    d0 = x[:, None, 0] - alpha[:, None] * mu[None, :, 0]
+    d1 = x[:, None, 1] - alpha[:, None] * mu[None, :, 1]
+    sol0 = (r * d0 - q * d1) / det
+    sol1 = (p * d1 - q * d0) / det
+    logp = logw - 0.5 * (jnp.log(det) + d0 * sol0 + d1 * sol1)
+    resp = jax.nn.softmax(logp, axis=-1)
+    score = -jnp.stack([jnp.sum(resp * sol0, -1), jnp.sum(resp * sol1, -1)], -1)
+    return -sigma[:, None] * score
+
+  return eps
+
+
+# --- the diffusers Flax peer (runs in the interpreter given by --flax-python) -------------------
+
+
+def flax_peer_main(path: str) -> None:
+  """Times diffusers' Flax DDIM and DPM-Solver++ under jit + fori_loop; prints JSON."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import diffusers  # pylint: disable=import-outside-toplevel
+  data = np.load(path)
+  eps_fn = mixture_eps_2d(data['weights'], data['means'], data['covs'])
+  x_T = jnp.asarray(data['x_T'])
+  out = {'version': diffusers.__version__, 'results': []}
+  for name, cls, kw in (('DDIM', diffusers.FlaxDDIMScheduler, {'set_alpha_to_one': True}),
+                        ('DPM++2M', diffusers.FlaxDPMSolverMultistepScheduler,
+                         {'solver_order': 2})):
+    sched = cls(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                beta_schedule='linear', **kw)
+    for nfe in NFES:
+      state = sched.create_state()
+      state = sched.set_timesteps(state, nfe, x_T.shape)
+
+      def run(x, state=state, sched=sched):
+        abar = state.common.alphas_cumprod
+
+        def body(i, carry):
+          x, st = carry
+          t = st.timesteps[i]
+          a = jnp.sqrt(abar[t]) * jnp.ones(x.shape[:1])
+          s = jnp.sqrt(1 - abar[t]) * jnp.ones(x.shape[:1])
+          e = eps_fn(x, a, s)
+          x, st = sched.step(st, e, t, x, return_dict=False)
+          return x, st
+
+        return jax.lax.fori_loop(0, nfe, body, (x, state))[0]
+
+      t0 = time.perf_counter()
+      compiled = jax.jit(run).lower(x_T).compile()
+      compile_s = time.perf_counter() - t0
+      x0 = compiled(x_T).block_until_ready()
+      walls = []
+      for _ in range(5):
+        t0 = time.perf_counter()
+        compiled(x_T).block_until_ready()
+        walls.append(time.perf_counter() - t0)
+      out['results'].append({'name': name, 'nfe': nfe, 'x0': np.asarray(x0).tolist(),
+                             'compile_s': compile_s, 'wall_s': float(np.median(walls))})
+  print(json.dumps(out))
+
+
+# --- ours ---------------------------------------------------------------------------------------
+
+
+def steps_for_nfe(method: str, nfe: int) -> int:
+  if method == 'heun':
+    return (nfe + 1) // 2
+  if method == 'plms':
+    return max(nfe - 1, 1)
+  return nfe
+
+
+def our_candidates(quick: bool):
+  """(label, method, options) of every deterministic configuration measured."""
+  grids = [('uniform', s) for s in SPACINGS] + [('logsnr', None), ('karras', None),
+                                                 ('quadratic', None)]
+  if quick:
+    grids = [('uniform', 'trailing'), ('logsnr', None), ('karras', None)]
+  methods = [('ddim', {}), ('plms', {}), ('heun', {}), ('dpmpp_2m', {}), ('dpmpp_3m', {}),
+             ('unipc', {'order': 2, 'variant': 'bh1'}), ('unipc', {'order': 2, 'variant': 'bh2'}),
+             ('unipc', {'order': 3, 'variant': 'bh1'})]
+  for (method, opts), (grid, spacing) in itertools.product(methods, grids):
+    o = dict(opts, grid=grid)
+    if spacing:
+      o['spacing'] = spacing
+    label = method + ''.join(f' {k}={v}' for k, v in opts.items())
+    yield label, method, o, grid + (f'/{spacing}' if spacing else '')
+
+
+def run_ours(process, model, x_T, ref, quick):
+  import jax  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import sampling  # pylint: disable=import-outside-toplevel
+  rows = []
+  for label, method, opts, grid in our_candidates(quick):
+    errs = {}
+    for nfe in NFES:
+      n = steps_for_nfe(method, nfe)
+      try:
+        fn = jax.jit(lambda x, n=n, method=method, opts=opts: sampling.sample(
+            model, process, method=method, num_steps=n, x_T=x, return_info=True, **opts))
+        x0, info = fn(x_T)
+      except ValueError as e:  # e.g. order 3 with too few steps
+        errs[nfe] = (None, str(e))
+        continue
+      errs[nfe] = (float(np.sqrt(np.mean(np.sum((np.asarray(x0, np.float64) - ref)**2, -1)))),
+                   info['nfe'])
+    rows.append((label, grid, errs))
+  return rows
+
+
+def time_ours(process, model, x_T, methods):
+  import jax  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import sampling  # pylint: disable=import-outside-toplevel
+  out = {}
+  for method in methods:
+    for nfe in NFES:
+      n = steps_for_nfe(method, nfe)
+      fn = jax.jit(lambda x, n=n, method=method: sampling.sample(model, process, method=method,
+                                                                  num_steps=n, x_T=x))
+      t0 = time.perf_counter()
+      compiled = fn.lower(x_T).compile()
+      compile_s = time.perf_counter() - t0
+      compiled(x_T).block_until_ready()
+      walls = []
+      for _ in range(5):
+        t0 = time.perf_counter()
+        compiled(x_T).block_until_ready()
+        walls.append(time.perf_counter() - t0)
+      out[(method, nfe)] = (compile_s, float(np.median(walls)))
+  return out
+
+
+# --- diffusers' PyTorch schedulers ---------------------------------------------------------------
+
+
+def run_torch_peers(mix, x_T_np, ref):
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    import diffusers  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None, 'not installed (pip install torch diffusers)'
+  base = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule='linear')
+  vp = {  # name -> (class, extra config variants)
+      'DDIM': (diffusers.DDIMScheduler, [dict(clip_sample=False, set_alpha_to_one=True)]),
+      'PNDM': (diffusers.PNDMScheduler, [dict(skip_prk_steps=True, set_alpha_to_one=True)]),
+      'DPM++2M': (diffusers.DPMSolverMultistepScheduler,
+                  [dict(solver_order=2, lower_order_final=l, use_karras_sigmas=k)
+                   for l in (True, False) for k in (False, True)]),
+      'DPM++3M': (diffusers.DPMSolverMultistepScheduler,
+                  [dict(solver_order=3, lower_order_final=l, use_karras_sigmas=k)
+                   for l in (True, False) for k in (False, True)]),
+      'UniPC-bh2': (diffusers.UniPCMultistepScheduler,
+                    [dict(solver_order=o, solver_type='bh2', lower_order_final=l)
+                     for o in (2, 3) for l in (True, False)]),
+      'UniPC-bh1': (diffusers.UniPCMultistepScheduler,
+                    [dict(solver_order=o, solver_type='bh1', lower_order_final=l)
+                     for o in (2, 3) for l in (True, False)]),
+      'DEIS': (diffusers.DEISMultistepScheduler,
+               [dict(solver_order=o, lower_order_final=l) for o in (2, 3) for l in (True, False)]),
+      'Euler': (diffusers.EulerDiscreteScheduler, [dict(use_karras_sigmas=k) for k in (False, True)]),
+      'Heun': (diffusers.HeunDiscreteScheduler, [dict(use_karras_sigmas=k) for k in (False, True)]),
+      'LMS': (diffusers.LMSDiscreteScheduler, [dict(use_karras_sigmas=k) for k in (False, True)]),
+  }
+  results = {}
+  for name, (cls, variants) in vp.items():
+    best = {}
+    for variant, spacing in itertools.product(variants, SPACINGS):
+      for nfe in NFES:
+        try:
+          err, calls = _torch_run(torch, cls, dict(base, timestep_spacing=spacing, **variant),
+                                  nfe, mix, x_T_np, ref)
+        except Exception as e:  # pylint: disable=broad-except
+          # A configuration a scheduler rejects (e.g. an order above the steps) is not a result.
+          del e
+          continue
+        if np.isfinite(err) and (nfe not in best or err < best[nfe][0]):
+          best[nfe] = (err, calls, f'{spacing} {variant}')
+    results[name] = best
+  return results, diffusers.__version__
+
+
+def _torch_run(torch, cls, config, nfe, mix, x_T_np, ref):
+  """Runs one diffusers scheduler with the exact oracle; returns (RMS error, model calls)."""
+  sched = cls(**config)
+  abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))  # float64, as our process
+  steps = nfe
+  if cls.__name__ == 'HeunDiscreteScheduler':
+    steps = (nfe + 1) // 2
+  elif cls.__name__ == 'PNDMScheduler':
+    steps = max(nfe - 1, 1)
+  sched.set_timesteps(steps)
+  x = torch.tensor(x_T_np, dtype=torch.float32) * float(sched.init_noise_sigma)
+  ve_scaled = cls.__name__ in ('EulerDiscreteScheduler', 'HeunDiscreteScheduler',
+                               'LMSDiscreteScheduler')
+  has_sigmas = getattr(sched, 'sigmas', None) is not None
+  calls = 0
+  for i, t in enumerate(sched.timesteps):
+    x_in = sched.scale_model_input(x, t)
+    if has_sigmas:  # the scheduler's own noise level sigma / alpha for this evaluation
+      rho = float(sched.sigmas[i])
+      y = x.double().numpy() * (1.0 if ve_scaled else np.sqrt(1.0 + rho**2))
+    else:
+      a = np.sqrt(abar[int(t)])
+      rho = np.sqrt(1 - abar[int(t)]) / a
+      y = x_in.double().numpy() / a
+    eps = mix.eps_y_np(y, rho) if rho > 0 else np.zeros_like(y)
+    calls += 1
+    x = sched.step(torch.tensor(eps, dtype=torch.float32), t, x).prev_sample
+  x0 = x.double().numpy()
+  return float(np.sqrt(np.mean(np.sum((x0 - ref)**2, -1)))), calls
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--quick', action='store_true')
+  parser.add_argument('--batch', type=int, default=256)
+  parser.add_argument('--flax-python', default='/tmp/dfx/bin/python',
+                      help='an interpreter with diffusers==0.39 (Flax schedulers), jax and flax')
+  parser.add_argument('--flax-peer', default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.flax_peer:
+    flax_peer_main(args.flax_peer)
+    return
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import oracles, processes  # pylint: disable=import-outside-toplevel
+
+  process = processes.DiscreteVP.linear()
+  mix = oracles.example_mixture()
+  x_T = jax.random.normal(jax.random.PRNGKey(0), (args.batch, 2), jnp.float32)
+  x_T_np = np.asarray(x_T, np.float64)
+  alpha_T, sigma_T = float(process.alpha(process.t_max)), float(process.sigma(process.t_max))
+  ref = mix.pf_ode_map(x_T_np, alpha_T, sigma_T)
+  eps_fn = mixture_eps_2d(mix.weights, mix.means, mix.covs)
+
+  def model(x, t, y=None):
+    del y
+    return eps_fn(x, process.alpha(t), process.sigma(t))
+
+  t_check = jnp.linspace(1.0, 1000.0, args.batch)
+  gap = float(jnp.max(jnp.abs(model(x_T, t_check) - mix.model_fn(process)(x_T, t_check))))
+  assert gap < 1e-4, f'closed-form oracle differs from GaussianMixture.model_fn by {gap}'
+
+  print(f'# DiscreteVP.linear(), example_mixture(), B={args.batch}, RMS error vs pf_ode_map\n')
+  t0 = time.perf_counter()
+  ours = run_ours(process, model, x_T, ref, args.quick)
+  print(f'## diffusion_jax ({time.perf_counter() - t0:.0f} s)\n')
+  head = '| method | grid | ' + ' | '.join(f'NFE {n}' for n in NFES) + ' |'
+  print(head + '\n|' + '---|' * (len(NFES) + 2))
+  best_ours = {}
+  for label, grid, errs in ours:
+    cells = []
+    for nfe in NFES:
+      err, nfe_used = errs[nfe]
+      if err is None:
+        cells.append('—')
+        continue
+      cells.append(f'{err:.2e}' + ('' if nfe_used == nfe else f' ({nfe_used})'))
+      if nfe not in best_ours or err < best_ours[nfe][0]:
+        best_ours[nfe] = (err, f'{label} [{grid}]')
+    print(f'| {label} | {grid} | ' + ' | '.join(cells) + ' |')
+
+  print('\n## diffusers (PyTorch), best setting per NFE\n')
+  peers, version = run_torch_peers(mix, x_T_np, ref)
+  best_peer = {}
+  if peers is None:
+    print(version)
+  else:
+    print(f'diffusers {version}\n')
+    print('| scheduler | ' + ' | '.join(f'NFE {n}' for n in NFES) + ' |\n|' + '---|' * (len(NFES) + 1))
+    for name, best in peers.items():
+      cells = []
+      for nfe in NFES:
+        if nfe not in best:
+          cells.append('—')
+          continue
+        err, calls, _ = best[nfe]
+        cells.append(f'{err:.2e}' + ('' if calls == nfe else f' ({calls})'))
+        if nfe not in best_peer or err < best_peer[nfe][0]:
+          best_peer[nfe] = (err, f'{name} [{best[nfe][2]}]')
+      print(f'| {name} | ' + ' | '.join(cells) + ' |')
+    print('\n## ours vs diffusers: best error at each NFE (target ratio <= 0.5)\n')
+    print('| NFE | ours | best diffusers | ratio |\n|---|---|---|---|')
+    for nfe in NFES:
+      if nfe in best_ours and nfe in best_peer:
+        print(f'| {nfe} | {best_ours[nfe][0]:.2e} {best_ours[nfe][1]} | '
+              f'{best_peer[nfe][0]:.2e} {best_peer[nfe][1]} | '
+              f'{best_ours[nfe][0] / best_peer[nfe][0]:.3f} |')
+
+  if args.quick:
+    return
+  print(f'\n## speed, B={args.batch}, CPU (jit; median of 5 runs)\n')
+  timing = time_ours(process, model, x_T, ('ddim', 'dpmpp_2m'))
+  flax = _run_flax_peer(args.flax_python, mix, x_T_np)
+  if isinstance(flax, str):
+    print(f'diffusers Flax: {flax}\n')
+    flax = {}
+  else:
+    print(f"diffusers Flax {flax['version']} (lax.fori_loop over scheduler.step)\n")
+    flax = {(r['name'], r['nfe']): r for r in flax['results']}
+  print('| method | NFE | compile s | wall ms | Flax compile s | Flax wall ms | compile ratio | '
+        'wall ratio | Flax RMS err |\n|' + '---|' * 9)
+  for (method, nfe), (compile_s, wall_s) in timing.items():
+    peer = flax.get(({'ddim': 'DDIM', 'dpmpp_2m': 'DPM++2M'}[method], nfe))
+    if peer:
+      err = float(np.sqrt(np.mean(np.sum((np.asarray(peer['x0']) - ref)**2, -1))))
+      print(f"| {method} | {nfe} | {compile_s:.2f} | {1e3 * wall_s:.2f} | {peer['compile_s']:.2f} | "
+            f"{1e3 * peer['wall_s']:.2f} | {compile_s / peer['compile_s']:.2f} | "
+            f"{wall_s / peer['wall_s']:.2f} | {err:.2e} |")
+    else:
+      print(f'| {method} | {nfe} | {compile_s:.2f} | {1e3 * wall_s:.2f} | — | — | — | — | — |')
+
+
+def _run_flax_peer(python, mix, x_T_np):
+  if not python or not os.path.exists(python):
+    return 'not installed (python -m venv /tmp/dfx && /tmp/dfx/bin/pip install diffusers==0.39.0 jax flax)'
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, 'peer.npz')
+    np.savez(path, weights=mix.weights, means=mix.means, covs=mix.covs,
+             x_T=x_T_np.astype(np.float32))
+    proc = subprocess.run([python, os.path.abspath(__file__), '--flax-peer', path],
+                          capture_output=True, text=True, check=False,
+                          env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
+  if proc.returncode != 0:
+    tail = proc.stderr.strip().splitlines()[-1:] or ['?']
+    return f'not installed or failed ({tail[0]})'
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  main()

@@ -1,0 +1,421 @@
+"""Samplers against the exact Gaussian-mixture oracle (diffusion_jax/oracles.py).
+
+The oracle's probability-flow map (SciPy, float64) is the exact answer every deterministic sampler
+approximates, so the error is pure discretization error and its slope in NFE is the method's order;
+stochastic samplers must reproduce the mixture's moments and mode weights within sampling error.
+The model is the oracle's formula with the 2 x 2 inverses written out (checked against
+``GaussianMixture.model_fn`` below): the same function, compiled several times faster.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax import oracles, processes, sampling
+from diffusion_jax.sampling import core, grids, guidance
+
+B = 64
+
+
+def mixture_model(mix, process, prediction='eps'):
+  """The exact ``model_fn(x, t, y=None)`` of a 2-D mixture, closed form."""
+  logw = jnp.log(jnp.asarray(mix.weights, jnp.float32))
+  mu = jnp.asarray(mix.means, jnp.float32)
+  c = jnp.asarray(mix.covs, jnp.float32)
+
+  def fn(x, t, y=None):
+    del y
+    alpha, sigma = process.alpha(t), process.sigma(t)
+    a2, s2 = (alpha**2)[:, None], (sigma**2)[:, None]
+    p, q, r = a2 * c[:, 0, 0] + s2, a2 * c[:, 0, 1], a2 * c[:, 1, 1] + s2
+    det = p * r - q * q
+    d0 = x[:, None, 0] - alpha[:, None] * mu[:, 0]
+    d1 = x[:, None, 1] - alpha[:, None] * mu[:, 1]
+    sol0, sol1 = (r * d0 - q * d1) / det, (p * d1 - q * d0) / det
+    resp = jax.nn.softmax(logw - 0.5 * (jnp.log(det) + d0 * sol0 + d1 * sol1), axis=-1)
+    score = -jnp.stack([jnp.sum(resp * sol0, -1), jnp.sum(resp * sol1, -1)], -1)
+    return processes.convert_prediction(score, x, alpha, sigma, source='score', target=prediction)
+
+  return fn
+
+
+PROCESSES = {'linear': processes.DiscreteVP.linear(), 'cosine': processes.DiscreteVP.cosine()}
+MIXTURES = {1.0: oracles.example_mixture(), 3.0: oracles.example_mixture(scale=3.0)}
+
+
+@functools.lru_cache(maxsize=None)
+def setup(process_name='linear', scale=1.0):
+  """(process, mixture, model, x_T [B, 2], exact PF-ODE image of x_T [B, 2] float64)."""
+  process, mix = PROCESSES[process_name], MIXTURES[scale]
+  x_T = jax.random.normal(jax.random.PRNGKey(0), (B, 2), jnp.float32)
+  ref = mix.pf_ode_map(np.asarray(x_T, np.float64), float(process.alpha(process.t_max)),
+                       float(process.sigma(process.t_max)))
+  return process, mix, mixture_model(mix, process), x_T, ref
+
+
+def rms(x, ref):
+  return float(np.sqrt(np.mean(np.sum((np.asarray(x, np.float64) - ref)**2, -1))))
+
+
+def run(model, process, x_T, method, n, **options):
+  fn = jax.jit(lambda x: sampling.sample(model, process, method=method, num_steps=n, x_T=x,
+                                         return_info=True, **options))
+  return fn(x_T)
+
+
+def test_closed_form_model_is_the_oracle():
+  process, mix, model, x_T, _ = setup()
+  t = jnp.linspace(1.0, 1000.0, B)
+  np.testing.assert_allclose(model(x_T, t), mix.model_fn(process)(x_T, t), atol=2e-5)
+
+
+# --- grids ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name', sorted(grids.GRIDS))
+@pytest.mark.parametrize('process_name', ['linear', 'cosine'])
+def test_grids_decrease_within_the_domain(name, process_name):
+  process = PROCESSES[process_name]
+  for n in (1, 7, 50):
+    t = np.asarray(grids.make_grid(process, n, name))
+    assert t.shape == (n,) and t.dtype == np.float32
+    assert np.all(np.diff(t) < 0)
+    assert t[0] == process.t_max and t.min() >= process.t_min
+    if name != 'uniform' and n > 1:
+      assert t[-1] == process.t_min
+
+
+def test_grid_shapes():
+  process = PROCESSES['linear']
+  lam = np.asarray(process.log_snr(grids.logsnr(process, 9)))
+  np.testing.assert_allclose(np.diff(lam), np.diff(lam)[0], rtol=2e-3)
+  rho = np.exp(-0.5 * np.asarray(process.log_snr(grids.karras(process, 9)), np.float64))
+  ramp = rho ** (1 / 7)  # eq. 5 of Karras et al.: linear in rho^(1/7)
+  np.testing.assert_allclose(np.diff(ramp), np.diff(ramp)[0], rtol=2e-3)
+  # diffusers' timestep_spacing, in our 1-based steps (diffusers' t + 1).
+  np.testing.assert_array_equal(grids.uniform(process, 10, spacing='trailing'),
+                                np.arange(1000, 0, -100))
+  np.testing.assert_array_equal(grids.uniform(process, 10, spacing='leading'),
+                                np.arange(901, 0, -100))
+  np.testing.assert_array_equal(grids.uniform(process, 4, spacing='linspace'), [1000, 667, 334, 1])
+  for spacing in grids.SPACINGS:  # Ho et al. Algorithm 2: every step
+    np.testing.assert_array_equal(grids.uniform(process, 1000, spacing=spacing),
+                                  np.arange(1000, 0, -1))
+
+
+# --- DDPM is Algorithm 2 of Ho et al. --------------------------------------------------------------
+
+
+def test_ddpm_is_ho_algorithm_2():
+  process = processes.DiscreteVP.linear(num_timesteps=50, beta_start=1e-3, beta_end=0.2)
+  mix = MIXTURES[1.0]
+  model = mixture_model(mix, process)
+  key = jax.random.PRNGKey(3)
+  x_T = jax.random.normal(jax.random.PRNGKey(4), (8, 2))
+  for variance in ('small', 'large'):
+    got = sampling.sample(model, process, method='ddpm', num_steps=50, x_T=x_T, key=key,
+                          variance=variance)
+    x = x_T
+    for i, t in enumerate(range(50, 0, -1)):  # t = N, ..., 1 with Ho et al.'s eqs. 6-7, 11
+      tb = jnp.full((8,), t)
+      eps = model(x, tb.astype(jnp.float32))
+      abar = jnp.exp(2 * process.log_alphas[t])
+      x0 = (x - jnp.sqrt(1 - abar) * eps) / jnp.sqrt(abar)
+      mean, beta_tilde, beta = process.posterior_mean_variance(x, x0, tb)
+      var = beta_tilde if variance == 'small' else beta
+      z = jax.random.normal(jax.random.fold_in(key, i), x.shape)
+      x = mean + (t > 1) * jnp.sqrt(var)[:, None] * z
+    np.testing.assert_allclose(got, x, atol=2e-4, rtol=1e-4)
+
+
+# --- convergence to the exact PF-ODE map ---------------------------------------------------------
+
+
+@pytest.mark.parametrize('process_name,scale', [('linear', 1.0), ('cosine', 1.0), ('linear', 3.0)])
+def test_ddim_converges_to_the_pf_ode_map(process_name, scale):
+  process, _, model, x_T, ref = setup(process_name, scale)
+  errors = [rms(run(model, process, x_T, 'ddim', n)[0], ref) for n in (10, 100, 1000)]
+  assert errors[0] > errors[1] > errors[2]
+  assert errors[2] < 0.01 * scale
+
+
+# (method, options, process, NFE pair where the error is asymptotic (measured), order).
+# The mixture's trajectories near the boundary between modes keep the error pre-asymptotic up to
+# ~100 NFE; the pairs are where the local slope has settled.
+ORDER_CASES = [
+    ('ddim', {}, 'linear', (80, 160), 1),
+    ('euler', {}, 'linear', (80, 160), 1),
+    ('heun', {}, 'linear', (80, 160), 2),  # steps; NFE 159, 319
+    ('dpmpp_2m', {}, 'linear', (160, 320), 2),
+    ('dpmpp_3m', {}, 'linear', (160, 320), 3),
+    ('unipc', {'order': 2}, 'linear', (160, 320), 3),  # UniP-2 + UniC: order 3
+    ('unipc', {'order': 3}, 'linear', (80, 160), 4),
+    ('unipc', {'order': 2, 'variant': 'bh1'}, 'linear', (160, 320), 3),
+    ('ddim', {}, 'cosine', (80, 160), 1),
+    ('dpmpp_2m', {}, 'cosine', (320, 640), 2),
+    ('dpmpp_3m', {}, 'cosine', (160, 320), 3),
+    ('unipc', {'order': 3}, 'cosine', (160, 320), 4),
+]
+
+
+@pytest.mark.parametrize('method,options,process_name,steps,order', ORDER_CASES,
+                         ids=[f'{c[0]}{c[1] or ""}-{c[2]}' for c in ORDER_CASES])
+def test_convergence_order(method, options, process_name, steps, order):
+  process, _, model, x_T, ref = setup(process_name)
+  errs, nfes = [], []
+  for n in steps:
+    x0, info = run(model, process, x_T, method, n, **options)
+    errs.append(rms(x0, ref))
+    nfes.append(info['nfe'])
+  slope = -np.log(errs[1] / errs[0]) / np.log(nfes[1] / nfes[0])
+  assert abs(slope - order) <= 0.3, (errs, nfes, slope)
+
+
+@pytest.mark.parametrize('method', ['dpmpp_2m', 'ddim'])
+@pytest.mark.parametrize('prediction', ['x0', 'v', 'score'])
+def test_prediction_types_agree(method, prediction):
+  process, mix, model, x_T, _ = setup()
+  want = run(model, process, x_T, method, 20)[0]
+  other = mixture_model(mix, process, prediction)
+  got = run(other, process, x_T, method, 20, prediction=prediction)[0]
+  np.testing.assert_allclose(got, want, atol=2e-4)
+
+
+# --- stochastic samplers reproduce the distribution ----------------------------------------------
+
+
+def _moments_close(samples, mix, n_ref=200_000):
+  """Mean, covariance and mode weights within 4 standard errors of the exact mixture."""
+  samples = np.asarray(samples, np.float64)
+  n = samples.shape[0]
+  true, _ = mix.sample(jax.random.PRNGKey(123), n_ref)
+  true = np.asarray(true, np.float64)
+  m = mix.mean()
+  se_mean = np.sqrt(np.diag(mix.cov()) / n)
+  np.testing.assert_array_less(np.abs(samples.mean(0) - m), 4 * se_mean)
+  centred_true = true - m
+  prods_true = np.einsum('ni,nj->nij', centred_true, centred_true)
+  se_cov = prods_true.std(0) / np.sqrt(n)
+  cov = np.cov(samples.T, bias=True)
+  np.testing.assert_array_less(np.abs(cov - mix.cov()), 4 * se_cov + 1e-12)
+  # Mode weights through the Bayes assignment, compared with the same statistic on exact samples.
+  assign = np.argmax(np.asarray(mix.responsibilities(jnp.asarray(samples, jnp.float32))), -1)
+  assign_true = np.argmax(np.asarray(mix.responsibilities(jnp.asarray(true, jnp.float32))), -1)
+  for k in range(len(mix.weights)):
+    p = np.mean(assign_true == k)
+    assert abs(np.mean(assign == k) - p) <= 4 * np.sqrt(p * (1 - p) / n), k
+
+
+@pytest.mark.parametrize('method,n,options', [('ddpm', 1000, {}), ('ddim', 200, {'eta': 1.0}),
+                                              ('dpmpp_2m_sde', 100, {}),
+                                              ('euler', 200, {'S_churn': 40.0})])
+def test_stochastic_samplers_reproduce_the_mixture(method, n, options):
+  process, mix, model = PROCESSES['linear'], MIXTURES[1.0], mixture_model(MIXTURES[1.0],
+                                                                          PROCESSES['linear'])
+  fn = jax.jit(lambda key: sampling.sample(model, process, method=method, num_steps=n, key=key,
+                                           shape=(3000, 2), **options))
+  _moments_close(fn(jax.random.PRNGKey(7)), mix)
+
+
+def test_stochastic_sampler_keys():
+  process, _, model, x_T, _ = setup()
+  a = sampling.sample(model, process, method='dpmpp_2m_sde', num_steps=10, x_T=x_T,
+                      key=jax.random.PRNGKey(1))
+  b = sampling.sample(model, process, method='dpmpp_2m_sde', num_steps=10, x_T=x_T,
+                      key=jax.random.PRNGKey(1))
+  c = sampling.sample(model, process, method='dpmpp_2m_sde', num_steps=10, x_T=x_T,
+                      key=jax.random.PRNGKey(2))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+
+
+# --- the contract ---------------------------------------------------------------------------------
+
+
+def test_all_methods_run_with_every_option():
+  process, _, model, x_T, _ = setup()
+  key = jax.random.PRNGKey(0)
+  calls = []
+  for method in sorted(sampling.METHODS):
+    fn = jax.jit(lambda x, k, method=method: sampling.sample(
+        model, process, method=method, num_steps=4, x_T=x, key=k, return_info=True,
+        return_trajectory=True, callback=lambda i, n: calls.append((i, n))))
+    x0, info = fn(x_T, key)
+    assert x0.shape == x_T.shape and x0.dtype == jnp.float32
+    assert info['trajectory'].shape == (5,) + x_T.shape
+    np.testing.assert_array_equal(info['trajectory'][0], x_T)
+    np.testing.assert_array_equal(info['trajectory'][-1], x0)
+    assert np.all(np.isfinite(x0))
+    jax.effects_barrier()
+    assert calls == [(i, 4) for i in range(1, 5)], (method, calls)
+    # Same x_T (and key): same result.
+    np.testing.assert_array_equal(fn(x_T, key)[0], x0)
+    jax.effects_barrier()
+    calls.clear()
+
+
+def test_shape_and_key_start():
+  process, _, model, _, _ = setup()
+  key = jax.random.PRNGKey(5)
+  got = sampling.sample(model, process, method='ddim', num_steps=6, key=key, shape=(4, 2))
+  x_T = process.prior_sample(jax.random.split(key)[1], (4, 2))
+  np.testing.assert_array_equal(got, sampling.sample(model, process, method='ddim', num_steps=6,
+                                                     x_T=x_T))
+
+
+def test_ddim_is_euler_on_the_same_grid():
+  process, _, model, x_T, _ = setup()
+  a = sampling.sample(model, process, method='ddim', num_steps=12, x_T=x_T, grid='karras')
+  b = sampling.sample(model, process, method='euler', num_steps=12, x_T=x_T)
+  np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_float32_integration_whatever_the_model_dtype():
+  process, _, model, x_T, _ = setup()
+  bf16 = lambda x, t, y=None: model(x, t).astype(jnp.bfloat16)
+  x0 = sampling.sample(bf16, process, method='dpmpp_2m', num_steps=10, x_T=x_T)
+  assert x0.dtype == jnp.float32
+  np.testing.assert_allclose(x0, sampling.sample(model, process, method='dpmpp_2m', num_steps=10,
+                                                 x_T=x_T), atol=0.05)
+
+
+def test_clipping_and_dynamic_thresholding():
+  process, _, model, x_T, ref = setup('linear', 3.0)
+  assert np.abs(ref).max() > 2  # data outside [-1, 1]: clipping must be off by default
+  x0 = sampling.sample(model, process, method='ddim', num_steps=50, x_T=x_T)
+  assert rms(x0, ref) < 0.2
+  for opts in ({'clip_x0': True}, {'dynamic_threshold': 99.5}):
+    x0 = sampling.sample(model, process, method='ddim', num_steps=50, x_T=x_T, **opts)
+    assert np.abs(x0).max() <= 1.0 + 1e-6
+  x0 = core.dynamic_threshold_x0(jnp.array([[0.5, 3.0, -0.2, 0.1]]), 100.0)
+  np.testing.assert_allclose(x0, [[0.5 / 3, 1.0, -0.2 / 3, 0.1 / 3]], rtol=1e-6)
+
+
+@pytest.mark.parametrize('method', ['ddim', 'heun', 'dpmpp_3m', 'unipc', 'plms'])
+def test_one_compilation_whatever_num_steps(method):
+  process, _, model, x_T, _ = setup()
+  traces = []
+
+  def counting_model(x, t, y=None):
+    traces.append(x.shape)
+    return model(x, t, y)
+
+  sizes, counts = [], []
+  for n in (10, 40):
+    traces.clear()
+    jaxpr = jax.make_jaxpr(lambda x, n=n: sampling.sample(counting_model, process, method=method,
+                                                          num_steps=n, x_T=x))(x_T)
+    sizes.append(len(jaxpr.jaxpr.eqns))
+    counts.append(len(traces))
+  # The model is traced a fixed number of times (inside the scan body: Heun's second evaluation
+  # is a second call site), and the program does not grow with num_steps.
+  assert counts[0] == counts[1] <= 2, counts
+  assert sizes[0] == sizes[1], sizes
+
+  chex.clear_trace_counter()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def sampler(x):
+    return sampling.sample(model, process, method=method, num_steps=10, x_T=x)
+
+  for i in range(3):
+    sampler(x_T + i)
+
+
+def test_errors():
+  process, _, model, x_T, _ = setup()
+  s = functools.partial(sampling.sample, model, process)
+  with pytest.raises(ValueError, match='ddim.*dpmpp_2m.*unipc'):
+    s(method='ddim2', num_steps=5, x_T=x_T)
+  for bad in (0, -1, 2.5):
+    with pytest.raises(ValueError, match='num_steps'):
+      s(method='ddim', num_steps=bad, x_T=x_T)
+  with pytest.raises(ValueError, match='order=3 needs at least 3 steps'):
+    s(method='dpmpp_3m', num_steps=2, x_T=x_T)
+  with pytest.raises(ValueError, match='order=3 needs at least 3 steps'):
+    s(method='unipc', num_steps=2, x_T=x_T, order=3)
+  with pytest.raises(ValueError, match='order'):
+    s(method='dpmpp_2m', num_steps=5, x_T=x_T, order=3)
+  with pytest.raises(ValueError, match=r'shape \(64, 2\).*shape=\(64, 3\)'):
+    s(method='ddim', num_steps=5, x_T=x_T, shape=(64, 3))
+  with pytest.raises(ValueError, match='floating'):
+    s(method='ddim', num_steps=5, x_T=jnp.ones((4, 2), jnp.int32))
+  with pytest.raises(ValueError, match='x_T.*shape and key'):
+    s(method='ddim', num_steps=5, shape=(4, 2))
+  with pytest.raises(ValueError, match='needs a PRNG `key`'):
+    s(method='ddpm', num_steps=5, x_T=x_T)
+  with pytest.raises(ValueError, match='needs a PRNG `key`'):
+    s(method='ddim', num_steps=5, x_T=x_T, eta=1.0)
+  with pytest.raises(ValueError, match='grid'):
+    s(method='ddim', num_steps=5, x_T=x_T, grid='cubic')
+  with pytest.raises(ValueError, match='spacing'):
+    s(method='ddim', num_steps=5, x_T=x_T, spacing='middle')
+  with pytest.raises(ValueError, match='prediction'):
+    s(method='ddim', num_steps=5, x_T=x_T, prediction='noise')
+  with pytest.raises(ValueError, match='no labels'):
+    s(method='ddim', num_steps=5, x_T=x_T, guidance_scale=3.0)
+  with pytest.raises(ValueError, match='null_label'):
+    s(method='ddim', num_steps=5, x_T=x_T, guidance_scale=3.0, labels=jnp.zeros(64, jnp.int32))
+  with pytest.raises(ValueError, match='takes no labels'):
+    sampling.sample(lambda x, t: x, process, method='ddim', num_steps=5, x_T=x_T,
+                    guidance_scale=3.0, labels=jnp.zeros(64, jnp.int32), null_label=3)
+  with pytest.raises(ValueError, match=r'labels must be integers of shape \[B\]'):
+    s(method='ddim', num_steps=5, x_T=x_T, guidance_scale=3.0, labels=jnp.zeros(3, jnp.int32),
+      null_label=3)
+  with pytest.raises(TypeError):
+    s(method='ddim', num_steps=5, x_T=x_T, order=2)
+
+
+# --- classifier-free guidance ---------------------------------------------------------------------
+
+
+def test_classifier_free_guidance():
+  process, _, model, x_T, _ = setup()
+  labels = jnp.arange(B, dtype=jnp.int32) % 3
+  null = 3
+  batches = []
+
+  def record(n):
+    batches.append(int(n))
+
+  def cond_model(x, t, y):
+    jax.debug.callback(record, x.shape[0], ordered=True)
+    shift = jnp.where(y == null, 0.0, 0.1 * (y.astype(jnp.float32) + 1.0))
+    return model(x, t) + shift[:, None]
+
+  n, w = 7, 2.5
+  guided = sampling.sample(cond_model, process, method='dpmpp_2m', num_steps=n, x_T=x_T,
+                           guidance_scale=w, labels=labels, null_label=null)
+  jax.effects_barrier()
+  assert batches == [2 * B] * n  # one call per step on the doubled batch
+  # The same sampler on the hand-combined prediction: uncond + w (cond - uncond).
+  shift = 0.1 * (labels.astype(jnp.float32) + 1.0)
+  want = sampling.sample(lambda x, t: model(x, t) + w * shift[:, None], process,
+                         method='dpmpp_2m', num_steps=n, x_T=x_T)
+  np.testing.assert_allclose(guided, want, atol=1e-4)
+  batches.clear()
+  one = sampling.sample(cond_model, process, method='dpmpp_2m', num_steps=n, x_T=x_T,
+                        guidance_scale=1.0, labels=labels, null_label=null)
+  cond = sampling.sample(cond_model, process, method='dpmpp_2m', num_steps=n, x_T=x_T,
+                         labels=labels)
+  np.testing.assert_array_equal(one, cond)
+  want = sampling.sample(lambda x, t: model(x, t) + shift[:, None], process, method='dpmpp_2m',
+                         num_steps=n, x_T=x_T)
+  np.testing.assert_allclose(one, want, atol=1e-5)
+
+
+def test_guidance_rescale():
+  key1, key2 = jax.random.split(jax.random.PRNGKey(0))
+  cond = jax.random.normal(key1, (4, 8, 8, 3))
+  guided = 3.0 * jax.random.normal(key2, (4, 8, 8, 3))
+  full = guidance.rescale_guidance(guided, cond, 1.0)
+  np.testing.assert_allclose(jnp.std(full, axis=(1, 2, 3)), jnp.std(cond, axis=(1, 2, 3)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(guidance.rescale_guidance(guided, cond, 0.0), guided)
+  half = guidance.rescale_guidance(guided, cond, 0.5)
+  np.testing.assert_allclose(half, 0.5 * (full + guided), rtol=1e-5, atol=1e-6)
