@@ -242,6 +242,7 @@ def test_pc_works_for_discrete_vp_and_explains_euler_maruyama():
                                      predictor='ancestral', corrector='none',
                                      return_trajectory=True))(x_T, jax.random.key(3))
   assert info['trajectory'].shape == (201, 2000, 2)
+  np.testing.assert_array_equal(info['trajectory'][-1], x0)
   _assert_matches_mixture(x0)
   with pytest.raises(ValueError, match="'reverse_diffusion', 'ancestral' or 'none'"):
     pc(model_fn, process, x_T, num_steps=10, key=jax.random.key(0), predictor='euler_maruyama')
@@ -292,6 +293,7 @@ def test_ode_trajectory_and_discrete_vp():
   jax.effects_barrier()
   assert info['trajectory'].shape == (5, 16, 2) and bool(info['success'])
   np.testing.assert_allclose(info['trajectory'][0], x_T)
+  np.testing.assert_array_equal(info['trajectory'][-1], x0)  # denoised, as the other samplers
   assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
   assert np.all(np.isfinite(np.asarray(x0)))
 

@@ -21,7 +21,7 @@ from diffusion_jax import processes
 from diffusion_jax import sde as sde_lib
 from diffusion_jax.sampling import core
 
-METHODS = ('dopri5',)
+SOLVERS = ('dopri5',)
 
 # Dormand & Prince (1980), "A family of embedded Runge-Kutta formulae", Table 2 (RK5(4)7M);
 # Hairer, Norsett & Wanner, "Solving ODEs I", Table II.5.2.
@@ -188,7 +188,7 @@ def score_fn_from_model(model_fn: Callable[..., jax.Array], process, *,
 def ode(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *,
         num_steps: int | None = None, key: jax.Array | None = None,
         prediction: processes.Prediction = 'eps', rtol: float = 1e-5, atol: float = 1e-5,
-        method: str = 'dopri5', max_steps: int = 4096, denoise: bool = True,
+        solver: str = 'dopri5', max_steps: int = 4096, denoise: bool = True,
         return_trajectory: bool = False, callback: Callable[[int, int], Any] | None = None,
         clip_x0: bool = False, dynamic_threshold: float | None = None
         ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -208,14 +208,15 @@ def ode(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *,
     key: ignored (deterministic sampler).
     prediction: what model_fn returns: 'eps', 'x0', 'v' or 'score'.
     rtol, atol: the solver's tolerances.
-    method: 'dopri5'.
+    solver: 'dopri5' (named ``solver``, not ``method``: ``sampling.sample`` takes ``method='ode'``).
     max_steps: the most step attempts; ``info['success']`` is False when they ran out.
     denoise: at ``t_min``, return the model's ``E[x0 | x_{t_min}]`` (one more evaluation; Tweedie's
       formula, ``x0 = (x + sigma^2 score) / alpha``) instead of ``x_{t_min}``, as score_sde's
       ``noise_removal``.
     return_trajectory: also return ``info['trajectory']``, ``[num_steps + 1, B, ...]``, the states
       at ``num_steps + 1`` equally spaced times from ``t_max`` to ``t_min``: the solve is then
-      restarted at each of them (2 more evaluations per piece for the first step's size).
+      restarted at each of them (2 more evaluations per piece for the first step's size). With
+      ``denoise`` the last entry is the returned x0, as for the other samplers.
     callback: ``callback(step, num_steps)`` after each piece (one piece without a trajectory).
     clip_x0, dynamic_threshold: applied to the model's x0 (``core.make_denoiser``); clipping
       changes the vector field, so an ODE with it has no longer the data's marginals.
@@ -225,8 +226,8 @@ def ode(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *,
     ``num_accepted``, ``num_rejected``, ``success`` and, when asked, ``trajectory``.
   """
   del key
-  if method not in METHODS:
-    raise ValueError(f'method={method!r} is not known; use one of {METHODS}.')
+  if solver not in SOLVERS:
+    raise ValueError(f'solver={solver!r} is not known; use one of {SOLVERS}.')
   if not (rtol > 0 and atol > 0):
     raise ValueError(f'rtol and atol must be positive; got rtol={rtol}, atol={atol}.')
   if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
@@ -266,5 +267,7 @@ def ode(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *,
   if denoise:
     x, _ = denoiser(x, jnp.full(x.shape[:1], process.t_min, jnp.float32))
     nfe += 1
+    if return_trajectory:
+      info['trajectory'] = info['trajectory'].at[-1].set(x)
   info.update(nfe=nfe, num_accepted=n_acc, num_rejected=n_rej, success=success)
   return x, info

@@ -72,7 +72,8 @@ def pc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps
     denoise: at ``t_min``, return ``E[x0 | x_{t_min}]`` by Tweedie's formula (one more model
       evaluation) rather than the last noisy state; score_sde's ``noise_removal``.
     return_trajectory: also return ``info['trajectory']``, ``[N + 1, B, ...]``: ``x_T`` and the
-      state after each step.
+      state after each step; with ``denoise`` the last entry is the returned x0, as for the
+      other samplers.
     callback: ``callback(step, num_steps)`` after each step (``core.scan_steps``).
     clip_x0, dynamic_threshold: clip or threshold the model's x0 before it is turned into the
       score (``core.make_denoiser``); off by default, as in score_sde.
@@ -157,6 +158,8 @@ def pc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps
   if denoise:
     x, _ = denoiser(x, jnp.full((batch,), process.t_min, jnp.float32))
     nfe += 1
+    if return_trajectory:
+      info['trajectory'] = info['trajectory'].at[-1].set(x)
   info['nfe'] = jnp.asarray(nfe, jnp.int32)
   return x, info
 
