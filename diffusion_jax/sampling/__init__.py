@@ -42,6 +42,8 @@ from diffusion_jax.sampling.ddim import ddim, ddpm
 from diffusion_jax.sampling.dpm_solver import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m
 from diffusion_jax.sampling.guidance import classifier_free_guidance
 from diffusion_jax.sampling.karras import euler, heun
+from diffusion_jax.sampling.ode import ode
+from diffusion_jax.sampling.pc import pc
 from diffusion_jax.sampling.plms import plms
 from diffusion_jax.sampling.unipc import unipc
 
@@ -55,6 +57,8 @@ METHODS: dict[str, Callable[..., tuple[jax.Array, dict]]] = {
     'dpmpp_3m': dpmpp_3m,
     'dpmpp_2m_sde': dpmpp_2m_sde,
     'unipc': unipc,
+    'pc': pc,
+    'ode': ode,
 }
 
 __all__ = ['METHODS', 'sample', 'grids']
