@@ -308,3 +308,15 @@ def test_solve_ode_on_a_linear_system():
   np.testing.assert_allclose(back.y, y0, rtol=1e-5)
   assert bool(sol.success) and int(sol.nfe) == 2 + 6 * (int(sol.num_accepted) +
                                                        int(sol.num_rejected))
+
+
+def test_pc_program_does_not_grow_with_num_steps():
+  process = SDES['ve']
+  model = MIXTURE.model_fn(process)
+  x_T = jnp.zeros((4, 2))
+  sizes = []
+  for n in (10, 40):
+    jaxpr = jax.make_jaxpr(lambda x, n=n: pc(model, process, x, num_steps=n,
+                                             key=jax.random.key(0)))(x_T)
+    sizes.append(len(jaxpr.jaxpr.eqns))
+  assert sizes[0] == sizes[1], sizes
