@@ -25,6 +25,7 @@ The ODE solver controls the error of each example separately and steps all of th
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from typing import Callable
 
@@ -34,7 +35,11 @@ import numpy as np
 
 from diffusion_jax import processes
 from diffusion_jax import sde as sde_lib
-from diffusion_jax.sampling import ode as ode_lib
+
+# The module, not the package attribute: `diffusion_jax.sampling.ode` is the sampler function once
+# sampling/__init__.py has run (`from .ode import ode`), so `from diffusion_jax.sampling import ode`
+# returns the function whenever the package was imported first (as by the trainer).
+ode_lib = importlib.import_module('diffusion_jax.sampling.ode')
 
 DIVERGENCES = ('hutchinson', 'exact')
 NOISES = ('rademacher', 'gaussian')
