@@ -12,26 +12,18 @@ score_sde sums them (a constant factor that Adam's normalization absorbs).
     python -m diffusion_jax.main --config=configs/cifar_ve_ncsnpp.py --workdir=runs/cifar_ve
 """
 
-from configs import cifar
+from configs import cifar_vp_cont
 
 
 def get_config():
-  config = cifar.get_config()
+  config = cifar_vp_cont.get_config()  # the DDPM++ body: BigGAN blocks, skip rescale, 4 per level
   unet = config.model.unet
-  unet.ch = 128
-  unet.ch_mult = (1, 2, 2, 2)
-  unet.num_res_blocks = 4
-  unet.attn_resolutions = (16,)
-  unet.dropout = 0.1
-  unet.resblock_type = 'biggan'
-  unet.skip_rescale = True
   unet.fir = True
   unet.embedding_type = 'fourier'
   unet.fourier_scale = 16.0
   unet.progressive = 'none'
   unet.progressive_input = 'residual'
   unet.progressive_combine = 'sum'
-  unet.up_attn_every_block = False
   config.model.parameterization = 'score'
   config.model.noise_input = 'log_sigma'
 
@@ -41,12 +33,9 @@ def get_config():
   config.process.t_eps = 1e-5
 
   config.training.weighting = 'snr'  # lambda(t) = sigma^2 on the score error
-  config.training.num_train_steps = 1_300_000
   config.training.ema_decay = 0.999
-  config.optim.learning_rate = 2e-4
-  config.optim.warmup_steps = 5000
-
   config.sampling.method = 'pc'
-  config.sampling.num_steps = 1000
-  config.eval.num_examples = 10_000
+  config.sampling.predictor = 'reverse_diffusion'
+  config.sampling.corrector = 'langevin'
+  config.sampling.snr = 0.16
   return config

@@ -43,6 +43,8 @@ def get_config():
   config.optim.grad_clip = 1.0
 
   config.sampling.method = 'pc'
+  config.sampling.predictor = 'euler_maruyama'
+  config.sampling.corrector = 'none'
   config.sampling.num_steps = 1000
   config.eval.num_examples = 10_000
   return config
