@@ -15,14 +15,17 @@ Song et al. (2021), "Score-Based Generative Modeling through Stochastic Differen
   t = 0 marginal is the data convolved with N(0, sigma_min^2).
 
 Every marginal of this kind obeys ``f = d log alpha/dt`` and ``g^2 = d sigma^2/dt - 2 f sigma^2
-= -sigma^2 d lambda/dt`` with ``lambda = log(alpha^2/sigma^2)`` the log-SNR (Kingma et al. 2021,
-eq. 7 and App. B), so ``linear_sde_coefficients`` derives ``(f, g^2)`` from any process with
+= -sigma^2 d lambda/dt`` with ``lambda = log(alpha^2/sigma^2)`` the log-SNR (cf. Kingma et al.
+2021, VDM), so ``linear_sde_coefficients`` derives ``(f, g^2)`` from any process with
 ``jax.jvp`` -- ``DiscreteVP`` included -- and ``probability_flow_drift`` is the probability-flow ODE
 (Song et al. 2021, eq. 13) of every process. The SDE classes give closed forms for the same.
+The same identity makes ``importance_sample_times`` (the likelihood weighting's time density)
+uniform in lambda.
 
-Times: ``t_min`` is the ``eps`` field (1e-3 for VP/sub-VP, 1e-5 for VE, the ``sampling_eps`` of the
-score_sde configs), ``t_max`` the ``T`` field (1). Concrete times outside ``[t_min, t_max]`` raise
-ValueError at the public methods; traced times are not checked (``processes.check_times``).
+Times: ``t_min`` is the ``eps`` field (1e-3 for VP/sub-VP, 1e-5 for VE, the ``sampling_eps`` of
+score_sde's ``run_lib.py``), ``t_max`` the ``T`` field (1). Concrete times outside
+``[t_min, t_max]`` raise ValueError at the public methods; traced times are not checked
+(``processes.check_times``).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def linear_sde_coefficients(process, t: jax.typing.ArrayLike) -> tuple[jax.Array
   """``(f(t), g(t)^2)`` of the linear SDE ``dx = f x dt + g dw`` whose marginal is ``process``'s.
 
   ``f = d log alpha/dt`` and ``g^2 = d sigma^2/dt - 2 f sigma^2 = 2 sigma^2 d log(sigma/alpha)/dt``
-  (Kingma et al. 2021, App. B; Song et al. 2021, App. B), both by forward-mode differentiation of
+  (Song et al. 2021, App. B; cf. Kingma et al. 2021), both by forward-mode differentiation of
   the process's ``log_alpha`` and ``sigma``. For a ``DiscreteVP`` log alpha is piecewise linear, so
   these are the slopes of the segment ``t`` lies on.
 
@@ -337,7 +340,7 @@ class VESDE(_SDE):
 
   Attributes:
     sigma_min, sigma_max: sigma(0), sigma(1).
-    eps: t_min (1e-5 in score_sde's VE configs); T: t_max.
+    eps: t_min (1e-5, score_sde's sampling_eps for VE); T: t_max.
   """
 
   sigma_min: float = struct.field(pytree_node=False, default=0.01)
