@@ -47,4 +47,5 @@ def get_config():
   config.sampling.corrector = 'none'
   config.sampling.num_steps = 1000
   config.eval.num_examples = 10_000
+  config.eval.t_start = 1e-5  # as score_sde's likelihood evaluation
   return config

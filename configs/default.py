@@ -128,6 +128,7 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.rtol = 1e-5  # PF-ODE relative tolerance.
   evaluation.atol = 1e-5  # PF-ODE absolute tolerance.
   evaluation.dequantize = 'uniform'  # 'uniform' (8-bit images) | 'none' (continuous data).
+  evaluation.t_start = 0.0  # PF-ODE start time for likelihoods (0 = process.t_min; score_sde: 1e-5).
 
   # --- device mesh ------------------------------------------------------------------------------
   mesh = config.mesh = ml_collections.ConfigDict()

@@ -535,7 +535,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     x = batch['x'][:ev.num_examples - sum(sizes)]
     mean, stderr = likelihood.bits_per_dim(
         model_fn, s.process, x, key=jax.random.fold_in(key, i), prediction=prediction,
-        num_draws=ev.num_draws, dequantize=dequantize, rtol=ev.rtol, atol=ev.atol)
+        num_draws=ev.num_draws, dequantize=dequantize, rtol=ev.rtol, atol=ev.atol,
+        t_start=ev.t_start or None)
     means.append(mean)
     stderrs.append(stderr)
     sizes.append(len(x))
