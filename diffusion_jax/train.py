@@ -129,9 +129,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'training.{name}={config.training[name]} must be a multiple of '
                        f'training.steps_per_call={k}.')
   if config.model.name == 'unet':
-    models_lib.validate_unet_config(image_size=config.data.image_size,
-                                    ch_mult=tuple(config.model.unet.ch_mult),
-                                    attn_resolutions=tuple(config.model.unet.attn_resolutions))
+    try:
+      models_lib.validate_unet_config(image_size=config.data.image_size,
+                                      ch_mult=tuple(config.model.unet.ch_mult),
+                                      attn_resolutions=tuple(config.model.unet.attn_resolutions))
+    except ValueError as e:  # name the config field, not the function's argument
+      text = str(e)
+      field = ('model.unet.attn_resolutions' if text.startswith('attn_resolutions') else
+               'model.unet.ch_mult' if text.startswith('ch_mult') else 'data.image_size')
+      raise ValueError(f'Config field {field!r}: {e}') from e
   check = getattr(preconditioning, 'check_model_process', None)
   if check is not None:
     check(config.model.noise_input, config.model.parameterization, build_process(config.process))
