@@ -33,6 +33,7 @@ beyond the last checkpoint interval (SIGKILL loses the steps since the last chec
 ``training.checkpoint_every``; SIGTERM, a corrupted newest checkpoint's interval aside, loses 0).
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -243,3 +244,337 @@ def test_sigterm_saves_at_the_step_boundary_exits_0_and_resumes_exactly(interrup
   assert 'Preemption signal: saved step' in runs['termed'].output()
   assert f'start at step {saved} of {NUM_STEPS}' in runs['termed'].output()
   _assert_same_as_reference(runs, 'termed')
+
+
+# --- damaged checkpoints (in process) -------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A tiny run of 4 steps with checkpoints 2 and 4; tests copy it before damaging it."""
+  workdir = tmp_path_factory.mktemp('trained') / 'run'
+  train.train_and_evaluate(_tiny(), str(workdir))
+  assert _steps_on_disk(workdir) == [2, 4]
+  return workdir
+
+
+def _copy(trained_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained_dir, workdir)
+  return workdir
+
+
+def _largest_state_file(step_dir: pathlib.Path) -> pathlib.Path:
+  return max(step_dir.glob('state/ocdbt.process_*/d/*'), key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir):
+  path = _largest_state_file(step_dir)
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def _scribble(step_dir):
+  path = _largest_state_file(step_dir)
+  data = bytearray(path.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 16] = b'\x00' * 16
+  path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize('damage', [_truncate, _scribble])
+def test_damaged_checkpoint_is_named_and_the_previous_one_used(trained, tmp_path, capsys, damage):
+  workdir = _copy(trained, tmp_path)
+  step_dir = workdir / 'checkpoints' / '4'
+  damage(step_dir)
+  with mock.patch.object(checkpointing.logging, 'warning',
+                         wraps=checkpointing.logging.warning) as warning:
+    state = train.train_and_evaluate(_tiny(**{'training.num_train_steps': 6}), str(workdir))
+  warned = ' '.join(' '.join(map(str, c.args)) for c in warning.call_args_list)
+  assert str(step_dir) in warned and 'corrupted' in warned
+  assert 'start at step 2 of 6' in capsys.readouterr().out
+  assert int(state.step) == 6
+  assert _steps_on_disk(workdir) == [2, 4, 6]  # step 4 trained again and saved anew
+  assert any(p.name.startswith('4.corrupt-') for p in (workdir / 'checkpoints').iterdir())
+  restored, _ = _read_checkpoint(workdir, 6)
+  _assert_bitwise_equal(restored['params'], jax.device_get(state.params))
+
+
+def test_crash_while_saving_keeps_the_last_good_checkpoint(trained, tmp_path, capsys,
+                                                           monkeypatch):
+  """keep_checkpoints=1 and the write of step 4 dies before its commit: step 2 must survive."""
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=import-outside-toplevel
+  original = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def disk_full_at_step_4(self, *args, **kwargs):
+    if self.get().name.startswith('4.'):
+      raise OSError('No space left on device (injected)')
+    return await original(self, *args, **kwargs)
+
+  workdir = tmp_path / 'run'
+  config = _tiny(**{'training.keep_checkpoints': 1})
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, 'finalize', disk_full_at_step_4)
+  with pytest.raises(OSError, match='No space left'):
+    train.train_and_evaluate(config, str(workdir))
+  monkeypatch.undo()
+  assert _steps_on_disk(workdir) == [2]
+  state = train.train_and_evaluate(config, str(workdir))
+  assert 'start at step 2 of 4' in capsys.readouterr().out
+  assert int(state.step) == 4
+  # The resumed run ends exactly where the uninterrupted one (the `trained` fixture) did.
+  resumed, resumed_data = _read_checkpoint(workdir, 4)
+  reference, reference_data = _read_checkpoint(trained, 4)
+  _assert_bitwise_equal(resumed, reference)
+  assert resumed_data == reference_data
+
+
+def test_restoring_into_other_shapes_names_the_first_mismatch(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  config = _tiny(**{'model.unet.ch': 32})
+  module, _ = train.build_network(config.model)
+  x = np.zeros((1, 8, 8, 1), np.float32)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x, np.ones((1,)),
+                                              train=False)['params'])
+  new = checkpointing._flatten({'ema_params': shapes})  # pylint: disable=protected-access
+  saved, _ = _read_checkpoint(workdir, 4)
+  old = checkpointing._flatten({'ema_params': saved['ema_params']})  # pylint: disable=protected-access
+  first = next(name for name in new if tuple(new[name].shape) != tuple(old[name].shape))
+  before = _metrics(workdir)
+  with pytest.raises(ValueError, match=f"'{first}' has shape") as info:
+    train.train_and_evaluate(config, str(workdir))
+  assert str(workdir / 'checkpoints' / '4') in str(info.value)
+  assert _metrics(workdir) == before and _steps_on_disk(workdir) == [2, 4]  # nothing trained
+
+
+def test_restoring_never_unpickles(trained, tmp_path, monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError(f'unpickling during a restore: {args!r:.80} {kwargs!r:.80}')
+
+  np_load = np.load
+
+  def np_load_without_pickle(*args, **kwargs):
+    if kwargs.get('allow_pickle'):
+      refuse(*args, **kwargs)
+    return np_load(*args, **kwargs)
+
+  restore = checkpointing.Checkpointer.restore
+  restored_steps = []
+
+  def guarded_restore(self, *args, **kwargs):
+    with mock.patch.object(pickle, 'load', refuse), mock.patch.object(pickle, 'loads', refuse), \
+         mock.patch.object(pickle, 'Unpickler', refuse), \
+         mock.patch.object(np, 'load', np_load_without_pickle):
+      out = restore(self, *args, **kwargs)
+    restored_steps.append(out[2])
+    return out
+
+  workdir = _copy(trained, tmp_path)
+  monkeypatch.setattr(checkpointing.Checkpointer, 'restore', guarded_restore)
+  state = train.train_and_evaluate(_tiny(**{'training.num_train_steps': 6}), str(workdir))
+  assert restored_steps == [4] and int(state.step) == 6
+
+
+# --- non-finite loss, gradients and updates (in process, MLP on an array data set) ----------------
+
+
+def _vectors(tmp_path, x) -> str:
+  path = str(tmp_path / 'vectors.npz')
+  np.savez(path, x=x)
+  return path
+
+
+def _mlp(path, **overrides):
+  return _tiny(**{'data.source': 'array', 'data.path': path, 'model.name': 'mlp',
+                  'training.log_every': 1, 'training.checkpoint_every': 1,
+                  'training.keep_checkpoints': 20, **overrides})
+
+
+def test_nan_batch_skips_the_update_and_is_counted(tmp_path):
+  # Row i holds i, so a batch tells which rows it drew; then poison one row of the third batch.
+  x = np.zeros((64, 3), np.float32)
+  x[:, 0] = np.arange(64)
+  clean = _mlp(_vectors(tmp_path, x))
+  data = train.create_data(clean)
+  rows = [np.asarray(next(data.iterator)['x'][:, 0], int) for _ in range(3)]
+  x = x / 64.0
+  x[rows[2][0], 1] = np.nan  # drawn once in the first epoch (8 batches), at step 3
+  workdir = tmp_path / 'run'
+  config = _mlp(_vectors(tmp_path, x), **{'training.num_train_steps': 5})
+  state = train.train_and_evaluate(config, str(workdir))
+  assert int(state.step) == 5
+  assert [r['skipped_steps'] for r in _logged(workdir)] == [0, 0, 1, 0, 0]
+  before, _ = _read_checkpoint(workdir, 2)
+  skipped, _ = _read_checkpoint(workdir, 3)
+  after, _ = _read_checkpoint(workdir, 4)
+  for field in ('params', 'ema_params', 'opt_state'):
+    _assert_bitwise_equal(skipped[field], before[field])  # the NaN step changed nothing
+  assert not np.array_equal(after['params']['Dense_0']['kernel'],
+                            skipped['params']['Dense_0']['kernel'])  # training went on
+  assert _all_finite((state.params, state.ema_params))
+
+
+class _PoisonedAfter:
+  """The trainer's data iterator, with every batch after the first ``n`` turned into NaN."""
+
+  def __init__(self, iterator, n):
+    self._iterator, self._n, self._count = iterator, n, 0
+
+  def __next__(self):
+    batch = next(self._iterator)
+    self._count += 1
+    if self._count > self._n:
+      batch = dict(batch, x=np.full_like(batch['x'], np.nan))
+    return batch
+
+  def get_state(self):
+    return self._iterator.get_state()
+
+  def set_state(self, state):
+    self._iterator.set_state(state)
+
+  @property
+  def num_skipped(self):
+    return self._iterator.num_skipped
+
+
+def test_consecutive_nonfinite_steps_stop_training_with_the_last_good_checkpoint_intact(
+    tmp_path, monkeypatch):
+  create_data = train.create_data
+
+  def poisoned_data(config, **kwargs):
+    data = create_data(config, **kwargs)
+    return dataclasses.replace(data, iterator=_PoisonedAfter(data.iterator, 4))
+
+  monkeypatch.setattr(train, 'create_data', poisoned_data)
+  x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+  config = _mlp(_vectors(tmp_path, x), **{
+      'training.num_train_steps': 20, 'training.checkpoint_every': 2,
+      'training.keep_checkpoints': 1, 'training.max_nonfinite_steps': 3})
+  workdir = tmp_path / 'run'
+  with pytest.raises(FloatingPointError, match='3 consecutive') as info:
+    train.train_and_evaluate(config, str(workdir))
+  assert [r['skipped_steps'] for r in _logged(workdir)] == [0, 0, 0, 0, 1, 1, 1]
+  # Step 6 was saved after two skipped steps: it holds step 4's state, which is good. (Step 4,
+  # the last good one known when 6 was written, is kept beside it despite keep_checkpoints=1.)
+  assert _steps_on_disk(workdir) == [4, 6]
+  assert 'step 6' in str(info.value) and str(workdir / 'checkpoints') in str(info.value)
+  good, _ = _read_checkpoint(workdir, 4)
+  saved, _ = _read_checkpoint(workdir, 6)
+  assert _all_finite((saved['params'], saved['ema_params'], saved['opt_state']))
+  for field in ('params', 'ema_params', 'opt_state'):
+    _assert_bitwise_equal(saved[field], good[field])
+  monkeypatch.undo()  # the data is fine again: the same command resumes from step 6
+  state = train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir))
+  assert int(state.step) == 20 and _all_finite(state.params)
+
+
+def test_overflowing_update_is_skipped_and_never_checkpointed(tmp_path):
+  """A learning rate that overflows float32: the first update would make the params Inf/NaN."""
+  x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+  config = _mlp(_vectors(tmp_path, x), **{
+      'optim.learning_rate': 1e39, 'training.num_train_steps': 20,
+      'training.checkpoint_every': 2, 'training.max_nonfinite_steps': 3})
+  workdir = tmp_path / 'run'
+  with pytest.raises(FloatingPointError, match='3 consecutive'):
+    train.train_and_evaluate(config, str(workdir))
+  assert [r['skipped_steps'] for r in _logged(workdir)] == [1, 1, 1]
+  for step in _steps_on_disk(workdir):  # none with non-finite params or EMA
+    saved, _ = _read_checkpoint(workdir, step)
+    assert _all_finite((saved['params'], saved['ema_params'], saved['opt_state'])), step
+
+
+# --- bad data ------------------------------------------------------------------------------------
+
+
+def test_corrupt_and_truncated_images_are_skipped_named_and_counted(tmp_path):
+  from diffusion_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  folder = tmp_path / 'images'
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(12):
+    Image.fromarray(rng.integers(0, 255, (10, 12), np.uint8)).save(folder / f'{i:02d}.png')
+  garbage = folder / 'garbage.png'
+  garbage.write_bytes(b'this is not a png')
+  truncated = folder / 'truncated.png'
+  good = (folder / '00.png').read_bytes()
+  truncated.write_bytes(good[:len(good) // 2])
+  config = _tiny(**{'data.source': 'folder', 'data.path': str(folder),
+                    'training.num_train_steps': 2, 'training.log_every': 1})
+  workdir = tmp_path / 'run'
+  with mock.patch.object(input_pipeline.logging, 'warning',
+                         wraps=input_pipeline.logging.warning) as warning:
+    state = train.train_and_evaluate(config, str(workdir))
+  assert int(state.step) == 2
+  warned = ' '.join(' '.join(map(str, c.args)) for c in warning.call_args_list)
+  assert str(garbage) in warned and str(truncated) in warned
+  # Two batches of 8 from 12 good files: the whole first epoch, both bad files included.
+  counts = [r['data_skipped_files'] for r in _logged(workdir)]
+  assert counts == sorted(counts) and counts[-1] >= 2
+
+
+def _no_compiling(monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError('compiled before the input was checked')
+  monkeypatch.setattr(jax, 'jit', refuse)
+  monkeypatch.setattr(train.sharding, 'create_sharded_state', refuse)
+
+
+@pytest.mark.parametrize('source, make, pattern', [
+    ('folder', lambda p: p / 'missing', 'does not exist'),
+    ('folder', lambda p: (p / 'empty').mkdir() or p / 'empty', 'contains no images'),
+    ('array', lambda p: p / 'missing.npz', 'not a file'),
+])
+def test_missing_or_empty_data_fails_before_compiling(tmp_path, monkeypatch, source, make,
+                                                      pattern):
+  path = make(tmp_path)
+  config = _tiny(**{'data.source': source, 'data.path': str(path)})
+  _no_compiling(monkeypatch)
+  with pytest.raises(ValueError, match=pattern) as info:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert str(path) in str(info.value)
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+# --- bad config ----------------------------------------------------------------------------------
+
+
+def _set(config, dotted, value):
+  config.unlock()
+  *groups, leaf = dotted.split('.')
+  node = config
+  for g in groups:
+    node = node[g]
+  with node.ignore_type():
+    node[leaf] = value
+
+
+@pytest.mark.parametrize('field, value, pattern', [
+    ('training.lerning_rate', 1e-3, r"Unknown config field 'training\.lerning_rate'"),
+    ('training.batch_size', 'eight', r"'training\.batch_size' must be of type int"),
+    ('optim.learning_rate', '1e-3', r"'optim\.learning_rate' must be of type float"),
+    ('data.image_size', 9, r"'data\.image_size': image_size=9 is not divisible"),
+    ('model.unet.attn_resolutions', (3,), r"'model\.unet\.attn_resolutions': .*\(3,\)"),
+    ('training.checkpoint_every', 3, r'training\.checkpoint_every=3 must be a multiple'),
+])
+def test_bad_config_fails_before_compiling_naming_the_field(tmp_path, monkeypatch, field, value,
+                                                            pattern):
+  config = _tiny(**{'training.steps_per_call': 2}) if 'checkpoint' in field else _tiny()
+  _set(config, field, value)
+  _no_compiling(monkeypatch)
+  with pytest.raises(ValueError, match=pattern):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_batch_not_divisible_by_the_devices_fails_before_compiling(tmp_path, monkeypatch):
+  """Two devices are faked at the mesh: a real second device would need its own process."""
+  make_mesh = train.sharding.make_mesh
+
+  def two_device_mesh(**kwargs):
+    mesh = make_mesh(**kwargs)
+    return mock.Mock(wraps=mesh, devices=np.empty((2, 1)), shape={'data': 2, 'fsdp': 1})
+
+  monkeypatch.setattr(train.sharding, 'make_mesh', two_device_mesh)
+  _no_compiling(monkeypatch)
+  with pytest.raises(ValueError, match=r'training\.batch_size=7 is not divisible by the 2 devices'):
+    train.train_and_evaluate(_tiny(**{'training.batch_size': 7}), str(tmp_path / 'run'))
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
