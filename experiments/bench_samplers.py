@@ -128,12 +128,13 @@ def steps_for_nfe(method: str, nfe: int) -> int:
 
 def our_candidates(quick: bool):
   """(label, method, options) of every deterministic configuration measured."""
-  grids = [('uniform', s) for s in SPACINGS] + [('logsnr', None), ('karras', None),
-                                                 ('quadratic', None)]
+  # The 'linspace' and 'leading' spacings start or end badly for us (they are diffusers'
+  # conventions, tried for the peers): measured 2-10x worse than 'trailing' at 5-10 NFE.
+  grids = [('uniform', 'trailing'), ('logsnr', None), ('karras', None), ('quadratic', None)]
   if quick:
-    grids = [('uniform', 'trailing'), ('logsnr', None), ('karras', None)]
+    grids = [('uniform', 'trailing'), ('quadratic', None)]
   methods = [('ddim', {}), ('plms', {}), ('heun', {}), ('dpmpp_2m', {}), ('dpmpp_3m', {}),
-             ('unipc', {'order': 2, 'variant': 'bh1'}), ('unipc', {'order': 2, 'variant': 'bh2'}),
+             ('unipc', {'order': 2, 'variant': 'bh2'}),
              ('unipc', {'order': 3, 'variant': 'bh1'})]
   for (method, opts), (grid, spacing) in itertools.product(methods, grids):
     o = dict(opts, grid=grid)

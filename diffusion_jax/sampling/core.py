@@ -9,12 +9,13 @@ data (alpha = 1, sigma = 0): step ``i`` goes from ``t[i]`` to ``t[i + 1]`` and t
 ``t[n - 1]`` to the data ("denoise to zero").
 
 The data is the limit of the data prediction along the probability-flow ODE as
-``s = (sigma / alpha)^2 -> 0``, and the data prediction is a smooth function of ``s`` there (Tweedie:
-``x0_hat = y + s grad log p_s(y)`` with ``y = x / alpha``, and ``dy/ds = -grad log p_s(y) / 2``). Solvers
-written in log-SNR (DPM-Solver++, UniPC) cannot step to lambda = +inf at their order, and an Euler
-step (Karras et al. 2022, Algorithm 2's last step) is first order. ``extrapolate_to_data`` instead
-extrapolates the last ``k`` data predictions to ``s = 0`` by a polynomial in ``s``, which keeps order
-``k``: its error is ``O(s_{n-1} ... s_{n-k})``, below float32 resolution for k >= 2 on usual grids.
+``s = (sigma / alpha)^2 -> 0``, and both the scaled state ``y = x / alpha`` and the data
+prediction are smooth functions of ``s`` there (Tweedie: ``x0_hat = y + s grad log p_s(y)``, and
+the ODE reads ``dy/ds = (y - x0_hat) / (2 s)``). Solvers written in log-SNR (DPM-Solver++, UniPC)
+cannot step to lambda = +inf at their order, and an Euler step (Karras et al. 2022, Algorithm 2's
+last step) is first order. ``extrapolate_to_data`` instead extrapolates the last ``k`` data
+predictions to ``s = 0`` by a polynomial in ``s``, which keeps order ``k``: its error is
+``O(s_{n-1} ... s_{n-k})``, below float32 resolution for k = 2 on usual grids.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def make_schedule(process, num_steps: int, *, grid: str, spacing: str = 'trailin
 def dynamic_threshold_x0(x0: jax.Array, percentile: float) -> jax.Array:
   """Dynamic thresholding of Saharia et al. (2022), Sec. 2.3 (Imagen).
 
-  ``s`` is the ``percentile`` (in [0, 100]) of ``|x0|`` per example, at least 1; ``x0`` is clipped to
-  ``[-s, s]`` and divided by ``s``. x0: [B, ...].
+  ``s`` is the ``percentile`` (in [0, 100]) of ``|x0|`` per example, at least 1; ``x0`` is clipped
+  to ``[-s, s]`` and divided by ``s``. x0: [B, ...].
   """
   flat = jnp.abs(x0.reshape(x0.shape[0], -1))
   s = jnp.maximum(jnp.percentile(flat, percentile, axis=1), 1.0)
@@ -127,7 +128,7 @@ def make_denoiser(model_fn: Callable[..., jax.Array], process, *, prediction: st
 
 
 def lagrange_weights_at_zero(s: jax.Array, k: jax.Array) -> jax.Array:
-  """Weights ``w: [K]`` with ``p(0) = sum_j w_j f(s_j)`` for the polynomial through the first k points.
+  """Weights ``w: [K]``, ``p(0) = sum_j w_j f(s_j)``, of the polynomial through the first k points.
 
   Args:
     s: [K] abscissae, distinct among the first k.
@@ -149,19 +150,30 @@ def lagrange_weights_at_zero(s: jax.Array, k: jax.Array) -> jax.Array:
   return jnp.stack(weights)
 
 
-def extrapolate_to_data(x0_hist: jax.Array, rho_hist: jax.Array, k: jax.Array) -> jax.Array:
+def extrapolate_to_data(x0_hist: jax.Array, rho_hist: jax.Array, k: jax.Array,
+                        y: jax.Array | None = None) -> jax.Array:
   """The data, extrapolated from the last k data predictions to ``(sigma/alpha)^2 = 0``.
 
   Args:
     x0_hist: [K, B, ...] data predictions along the trajectory, newest first.
     rho_hist: [K] sigma / alpha where each was made.
     k: how many to use (int, may be traced): k = 1 returns ``x0_hist[0]`` (the DDIM/Euler step).
+    y: [B, ...] the scaled state ``x / alpha`` where ``x0_hist[0]`` was made. With k >= 2, when
+      the last two points are too close for a well-conditioned extrapolation (``s_1 < 2 s_0``, a
+      grid dense near the data), the step uses ``(y + x0_hat) / 2`` instead: the exact solution of
+      ``dy/ds = (y - x0_hat(s)) / (2 s)`` for x0_hat linear in s and y smooth at s = 0, whose
+      error O(s_0^2) is then negligible.
 
   Returns:
     [B, ...] the extrapolated data (see the module docstring for why ``s = rho^2``).
   """
-  w = lagrange_weights_at_zero(jnp.square(rho_hist.astype(jnp.float32)), k)
-  return jnp.tensordot(w, x0_hist, axes=1)
+  s = jnp.square(rho_hist.astype(jnp.float32))
+  w = lagrange_weights_at_zero(s, k)
+  out = jnp.tensordot(w, x0_hist, axes=1)
+  if y is not None:
+    close = (k >= 2) & (s[1] < 2.0 * s[0])
+    out = jnp.where(close, 0.5 * (y + x0_hist[0]), out)
+  return out
 
 
 def push(hist: jax.Array, value: jax.Array) -> jax.Array:

@@ -74,7 +74,7 @@ def ddpm(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
 
 def ddim(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
          key: jax.Array | None = None, prediction: str = 'eps', eta: float = 0.0,
-         grid: str = 'uniform', spacing: str = 'trailing', clip_x0: bool = False,
+         grid: str = 'quadratic', spacing: str = 'trailing', clip_x0: bool = False,
          dynamic_threshold: float | None = None, return_trajectory: bool = False,
          callback=None) -> tuple[jax.Array, dict]:
   """DDIM: Song et al. (2021a), eq. 12, written for any alpha, sigma.

@@ -92,8 +92,8 @@ def logsnr(process, num_steps: int) -> jnp.ndarray:
 def karras(process, num_steps: int, *, rho: float = 7.0) -> jnp.ndarray:
   """The schedule of Karras et al. (2022), eq. 5, in the scaled noise level sigma / alpha.
 
-  ``s_i = (s_max^(1/rho) + i / (n - 1) (s_min^(1/rho) - s_max^(1/rho)))^rho`` with ``s = sigma/alpha``
-  at ``t_max`` and ``t_min``, mapped back to times through log-SNR = -2 log s.
+  ``s_i = (s_max^(1/rho) + i / (n - 1) (s_min^(1/rho) - s_max^(1/rho)))^rho`` with
+  ``s = sigma / alpha`` at ``t_max`` and ``t_min``, mapped back to times through log-SNR = -2 log s.
   """
   n = _check_num_steps(num_steps)
   s_min = jnp.exp(-0.5 * process.log_snr(jnp.float32(process.t_min)))
@@ -129,6 +129,8 @@ def make_grid(process, num_steps: int, grid: str, *, spacing: Spacing = 'trailin
   """The grid named ``grid`` (a key of ``GRIDS``); ``spacing`` applies to 'uniform' only."""
   if grid not in GRIDS:
     raise ValueError(f'grid={grid!r} is not known; use one of {sorted(GRIDS)}.')
+  if spacing not in SPACINGS:
+    raise ValueError(f'spacing={spacing!r} is not known; use one of {SPACINGS}.')
   if grid == 'uniform':
     return uniform(process, num_steps, spacing=spacing)
   return GRIDS[grid](process, num_steps)

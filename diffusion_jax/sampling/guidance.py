@@ -32,8 +32,9 @@ def rescale_guidance(guided: jax.Array, cond: jax.Array, phi: float) -> jax.Arra
   """Guidance rescale of Lin et al. (2024), "Common Diffusion Noise Schedules and Sample Steps are
   Flawed", eqs. 15-16.
 
-  ``x_rescaled = guided * std(cond) / std(guided)``, ``x_final = phi x_rescaled + (1 - phi) guided``,
-  the standard deviations taken per example over all but the batch axis. guided, cond: [B, ...].
+  ``x_rescaled = guided * std(cond) / std(guided)``,
+  ``x_final = phi x_rescaled + (1 - phi) guided``, the standard deviations taken per example over
+  all but the batch axis. guided, cond: [B, ...].
   """
   axes = tuple(range(1, guided.ndim))
   std_cond = jnp.std(cond, axis=axes, keepdims=True)

@@ -7,6 +7,9 @@ noise level to ``rho_hat = rho (1 + gamma)`` by adding fresh noise, ``gamma = mi
 sqrt(2) - 1)`` for ``rho`` in ``[S_tmin, S_tmax]``.
 """
 
+# Karras et al.'s names S_churn, S_tmin, S_tmax, S_noise, as in k-diffusion.
+# pylint: disable=invalid-name
+
 from __future__ import annotations
 
 import math
@@ -65,7 +68,7 @@ def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order,
         # Deterministic: extrapolate the last two data predictions (second order); with churn
         # the last step is Euler's, as Algorithm 2.
         k = jnp.minimum(s['i'] + 1, 1 if churn else 2)
-        return core.extrapolate_to_data(m, rho_hist, k)
+        return core.extrapolate_to_data(m, rho_hist, k, y=y)
 
       y_next = jax.lax.cond(s['last'], final, correct, None)
     return (y_next, m, rho_hist), y_next * s['alpha_next']
@@ -76,9 +79,9 @@ def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order,
 
 
 def euler(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
-          key: jax.Array | None = None, prediction: str = 'eps', grid: str = 'karras',
-          spacing: str = 'trailing', S_churn: float = 0.0, S_tmin: float = 0.0,  # pylint: disable=invalid-name
-          S_tmax: float = float('inf'), S_noise: float = 1.0, clip_x0: bool = False,  # pylint: disable=invalid-name
+          key: jax.Array | None = None, prediction: str = 'eps', grid: str = 'quadratic',
+          spacing: str = 'trailing', S_churn: float = 0.0, S_tmin: float = 0.0,
+          S_tmax: float = float('inf'), S_noise: float = 1.0, clip_x0: bool = False,
           dynamic_threshold: float | None = None, return_trajectory: bool = False,
           callback=None) -> tuple[jax.Array, dict]:
   """Euler's method on the PF ODE: Algorithm 2 of Karras et al. (2022) without the Heun correction.
@@ -92,7 +95,8 @@ def euler(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
     num_steps: grid times (model evaluations).
     key: PRNG key, needed when S_churn > 0 (noise of step i from ``fold_in(key, i)``).
     prediction: the model's prediction type.
-    grid, spacing: the time grid (``grids.make_grid``); Karras' rho = 7 by default.
+    grid, spacing: the time grid (``grids.make_grid``); quadratic by default (measured better
+      than Karras' rho = 7 grid on the oracle: see ``sampling/__init__.py``).
     S_churn, S_tmin, S_tmax, S_noise: Karras et al.'s churn (S_tmin, S_tmax in sigma / alpha).
     clip_x0, dynamic_threshold: see ``core.make_denoiser``.
     return_trajectory, callback: see ``core.scan_steps``.
@@ -108,9 +112,9 @@ def euler(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
 
 
 def heun(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
-         key: jax.Array | None = None, prediction: str = 'eps', grid: str = 'karras',
-         spacing: str = 'trailing', S_churn: float = 0.0, S_tmin: float = 0.0,  # pylint: disable=invalid-name
-         S_tmax: float = float('inf'), S_noise: float = 1.0, clip_x0: bool = False,  # pylint: disable=invalid-name
+         key: jax.Array | None = None, prediction: str = 'eps', grid: str = 'quadratic',
+         spacing: str = 'trailing', S_churn: float = 0.0, S_tmin: float = 0.0,
+         S_tmax: float = float('inf'), S_noise: float = 1.0, clip_x0: bool = False,
          dynamic_threshold: float | None = None, return_trajectory: bool = False,
          callback=None) -> tuple[jax.Array, dict]:
   """Heun's second-order method: Algorithms 1-2 of Karras et al. (2022).

@@ -4,15 +4,18 @@ Diffusion Models on Manifolds" (PNDM), Sec. 3-4.
 Each step is the DDIM transfer ``phi(x_t, eps', t -> s) = alpha_s (x_t - sigma_t eps') / alpha_t +
 sigma_s eps'`` (their eq. 11) with ``eps'`` the fourth-order Adams-Bashforth combination of the last
 four noise predictions, ``(55 e_0 - 59 e_1 + 37 e_2 - 9 e_3) / 24`` (eq. 12). The AB weights assume
-equal steps, so PLMS belongs on the uniform grid; the default 'trailing' spacing makes the final
-step to the data as long as the others. The final step itself extrapolates the data predictions
-(``core.extrapolate_to_data``) rather than taking an AB step onto sigma = 0. Warm start: the lower-order start of diffusers'
-``skip_prk_steps`` (the S-PNDM start): a pseudo improved Euler (Heun) first step with two
-evaluations, then AB2 and AB3 before AB4. NFE = num_steps + 1 (num_steps for a single step).
+equal steps in t, which the uniform grid gives; yet the quadratic grid, whose steps shrink toward
+the data, is more accurate on the oracle at 10-50 NFE (see ``sampling/__init__.py``) and is the
+default. The final step extrapolates the data predictions (``core.extrapolate_to_data``) rather
+than taking an AB step onto sigma = 0, where eps is not smooth in t. Warm start: the lower-order
+start of diffusers' ``skip_prk_steps`` (the S-PNDM start): a pseudo improved Euler (Heun) first
+step with two evaluations, then AB2 and AB3 before AB4. NFE = num_steps + 1 (num_steps for a
+single step).
 
 Order: AB4 integrates ``eps`` against ``dt`` while the transfer integrates it against ``d(sigma /
 alpha)``, which is not linear in t: the local error keeps an ``eps' (d^2 rho / dt^2) dt^3 / 12``
-term, so PLMS converges with order 2 on a uniform-in-t grid (measured: tests/test_sampling.py).
+term, so PLMS converges with order 2 (measured on the oracle: slope 2.2 from 160 to 320 steps of
+the quadratic grid, tests/test_sampling.py).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ _AB[4, :4] = [55 / 24, -59 / 24, 37 / 24, -9 / 24]
 
 
 def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
-         key: jax.Array | None = None, prediction: str = 'eps', grid: str = 'uniform',
+         key: jax.Array | None = None, prediction: str = 'eps', grid: str = 'quadratic',
          spacing: str = 'trailing', clip_x0: bool = False, dynamic_threshold: float | None = None,
          return_trajectory: bool = False, callback=None) -> tuple[jax.Array, dict]:
   """PNDM's pseudo linear multistep sampler with the lower-order warm start.
@@ -47,7 +50,7 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
     num_steps: steps n; the first step takes two evaluations, so NFE = n + 1 (n = 1: DDIM).
     key: unused (deterministic).
     prediction: the model's prediction type.
-    grid, spacing: the time grid (``grids.make_grid``), uniform trailing by default.
+    grid, spacing: the time grid (``grids.make_grid``), quadratic by default.
     clip_x0, dynamic_threshold: see ``core.make_denoiser``.
     return_trajectory, callback: see ``core.scan_steps``.
 
@@ -72,7 +75,8 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   xs = {'i': jnp.asarray(j), 't': sched.t[t_eval], 'alpha': sched.alpha[start],
         'sigma': sched.sigma[start], 'alpha_next': sched.alpha[start + 1],
         'sigma_next': sched.sigma[start + 1], 'ab': jnp.asarray(_AB[order]),
-        'rho': sched.rho[t_eval], 'last': jnp.asarray(j == n)}
+        'rho': sched.rho[t_eval], 'alpha_eval': sched.alpha[t_eval],
+        'last': jnp.asarray(j == n)}
   carry = (x_T, x_T, jnp.zeros((4,) + x_T.shape, jnp.float32),
            jnp.zeros((2,) + x_T.shape, jnp.float32), jnp.ones((2,), jnp.float32))
 
@@ -90,7 +94,8 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
     # The final step to the data extrapolates the data predictions instead (core module
     # docstring): eps is not smooth in t at the data (sigma ~ sqrt(t) there), so an AB step onto
     # t = 0 would be first order.
-    x_new = jnp.where(s['last'], core.extrapolate_to_data(m, rho_hist, 2), x_new)
+    x_fin = core.extrapolate_to_data(m, rho_hist, 2, y=x_eval / s['alpha_eval'])
+    x_new = jnp.where(s['last'], x_fin, x_new)
     x_next = jnp.where(first, x, x_new)
     return (x_next, x_new, e_hist, m, rho_hist), x_next
 

@@ -87,7 +87,7 @@ def _unipc_update(x_s, m, lam_hist, lam_s, lam_t, sigma_s, alpha_t, sigma_t, ord
 
 def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
           key: jax.Array | None = None, prediction: str = 'eps', order: int = 2,
-          variant: Literal['bh1', 'bh2'] = 'bh2', corrector: bool = True, grid: str = 'logsnr',
+          variant: Literal['bh1', 'bh2'] = 'bh2', corrector: bool = True, grid: str = 'quadratic',
           spacing: str = 'trailing', lower_order_final: bool | None = None, clip_x0: bool = False,
           dynamic_threshold: float | None = None, return_trajectory: bool = False,
           callback=None) -> tuple[jax.Array, dict]:
@@ -105,7 +105,7 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
     variant: 'bh1' or 'bh2' (the paper recommends bh1 unconditionally with few steps, bh2 with
       guidance).
     corrector: apply UniC after every evaluation (no extra NFE).
-    grid, spacing: the time grid (``grids.make_grid``), uniform in log-SNR by default.
+    grid, spacing: the time grid (``grids.make_grid``), quadratic by default.
     lower_order_final: first-order final step to the data; default: only below
       ``dpm_solver.LOWER_ORDER_FINAL_BELOW`` steps.
     clip_x0, dynamic_threshold: see ``core.make_denoiser``.
@@ -138,7 +138,8 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
   xs = {'i': steps, 't': sched.t, 'lam': lam,
         'lam_next': jnp.concatenate([lam[1:], lam[-1:] + 1.0]),
         'lam_prev': jnp.concatenate([lam[:1] - 1.0, lam[:-1]]),  # i = 0: a dummy, unused
-        'sigma': sched.sigma[:-1], 'sigma_prev': jnp.concatenate([sched.sigma[:1], sched.sigma[:-2]]),
+        'sigma': sched.sigma[:-1],
+        'sigma_prev': jnp.concatenate([sched.sigma[:1], sched.sigma[:-2]]),
         'alpha': sched.alpha[:-1],
         'alpha_next': jnp.concatenate([sched.alpha[1:-1], sched.alpha[-2:-1]]),
         'sigma_next': jnp.concatenate([sched.sigma[1:-1], sched.sigma[-2:-1]]),
@@ -160,7 +161,8 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
     rho_hist = core.push(rho_hist, s['rho'])
     x_pred = _unipc_update(x, m, lam_hist, s['lam'], s['lam_next'], s['sigma'], s['alpha_next'],
                            s['sigma_next'], s['order'], variant)
-    x_next = jnp.where(s['last'], core.extrapolate_to_data(m, rho_hist, final_order), x_pred)
+    x_fin = core.extrapolate_to_data(m, rho_hist, final_order, y=x / s['alpha'])
+    x_next = jnp.where(s['last'], x_fin, x_pred)
     return (x, x_next, m, lam_hist, rho_hist), x_next
 
   (_, x, *_), info = core.scan_steps(step, carry, xs, x_T=x_T, num_steps=n,
