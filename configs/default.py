@@ -134,6 +134,7 @@ def get_config() -> ml_collections.ConfigDict:
   mesh = config.mesh = ml_collections.ConfigDict()
   mesh.data = -1  # data-parallel axis size (-1 = all devices not used by fsdp).
   mesh.fsdp = 1  # parameter-sharding axis size (1 = params replicated).
+  mesh.fsdp_min_size = 2**14  # with fsdp > 1, arrays with fewer elements stay replicated.
 
   config.lock()
   return config

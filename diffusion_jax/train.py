@@ -240,7 +240,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, element_shape: tuple[
     params = module.init({'params': key}, x, jnp.ones((1,)), y, train=False)['params']
     return train_state.TrainState.create(apply_fn=network_fn, params=params, tx=tx)
 
-  state, shardings = sharding.create_sharded_state(init_fn, mesh, jax.random.PRNGKey(config.seed))
+  state, shardings = sharding.create_sharded_state(init_fn, mesh, jax.random.PRNGKey(config.seed),
+                                                   min_size=config.mesh.fsdp_min_size)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     max_to_keep=config.training.keep_checkpoints)
   return Setup(mesh, process, module, network_fn, tx, lr_schedule, tuple(element_shape), state,
