@@ -10,7 +10,9 @@ on GPU clusters pass ``--coordinator_address=host:port --num_processes=N --proce
 """
 
 import os
+import socket
 import sys
+import time
 
 from absl import app, flags, logging
 
@@ -42,9 +44,33 @@ _INIT_TIMEOUT = flags.DEFINE_integer('initialization_timeout', 300,
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+  """Returns once ``address`` accepts TCP connections; exits with a clear message after timeout_s.
+
+  ``jax.distributed.initialize`` does not raise when the coordinator cannot be reached: the C++
+  client aborts the whole process (SIGABRT and a stack trace), so a wrong address or port is checked
+  here first, by the processes that are not the coordinator themselves.
+  """
+  host, port = address.rsplit(':', 1)
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host.strip('[]'), int(port)), timeout=5):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise SystemExit(
+            f'Could not reach the coordinator at --coordinator_address={address} (process 0) '
+            f'within --initialization_timeout={timeout_s:g}s: {e}. Check that process 0 runs with '
+            'the same address and port and that this machine can reach it.') from e
+      time.sleep(0.5)
+
+
 def _init_distributed() -> None:
   import jax  # pylint: disable=import-outside-toplevel
   if _COORDINATOR.value:
+    if _PROCESS_ID.value:  # process 0 starts the coordinator service itself
+      _wait_for_coordinator(_COORDINATOR.value, _INIT_TIMEOUT.value)
     try:
       jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                  num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
