@@ -4,8 +4,8 @@
     python experiments/bench_samplers.py --quick          # fewer grids, no timing
     python experiments/bench_samplers.py --flax-python=/tmp/dfx/bin/python   # diffusers Flax peer
 
-Every sampler starts from the same x_T under ``DiscreteVP.linear()`` with the exact eps-prediction of
-``oracles.example_mixture()``; the error is the RMS distance to the exact probability-flow map
+Every sampler starts from the same x_T under ``DiscreteVP.linear()`` with the exact eps-prediction
+of ``oracles.example_mixture()``; the error is the RMS distance to the exact probability-flow map
 ``pf_ode_map`` (SciPy, float64), so it is pure discretization error. NFE counts model evaluations
 per sample (Heun: 2 per step, less one; PLMS and PNDM: one extra for the warm start).
 
@@ -41,7 +41,7 @@ SPACINGS = ('linspace', 'leading', 'trailing')
 
 
 def mixture_eps_2d(weights, means, covs):
-  """``eps(x, alpha, sigma)``: E[eps | x_t] of a 2-D Gaussian mixture, x: [B, 2], alpha/sigma: [B]."""
+  """``eps(x, alpha, sigma)``: E[eps | x_t] of a 2-D Gaussian mixture; x: [B, 2], alpha: [B]."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   logw = jnp.log(jnp.asarray(weights, jnp.float32))
@@ -214,7 +214,8 @@ def run_torch_peers(mix, x_T_np, ref):
                      for o in (2, 3) for l in (True, False)]),
       'DEIS': (diffusers.DEISMultistepScheduler,
                [dict(solver_order=o, lower_order_final=l) for o in (2, 3) for l in (True, False)]),
-      'Euler': (diffusers.EulerDiscreteScheduler, [dict(use_karras_sigmas=k) for k in (False, True)]),
+      'Euler': (diffusers.EulerDiscreteScheduler,
+                [dict(use_karras_sigmas=k) for k in (False, True)]),
       'Heun': (diffusers.HeunDiscreteScheduler, [dict(use_karras_sigmas=k) for k in (False, True)]),
       'LMS': (diffusers.LMSDiscreteScheduler, [dict(use_karras_sigmas=k) for k in (False, True)]),
   }
@@ -328,7 +329,8 @@ def main():
     print(version)
   else:
     print(f'diffusers {version}\n')
-    print('| scheduler | ' + ' | '.join(f'NFE {n}' for n in NFES) + ' |\n|' + '---|' * (len(NFES) + 1))
+    print('| scheduler | ' + ' | '.join(f'NFE {n}' for n in NFES) + ' |\n|'
+          + '---|' * (len(NFES) + 1))
     for name, best in peers.items():
       cells = []
       for nfe in NFES:
@@ -365,16 +367,18 @@ def main():
     peer = flax.get(({'ddim': 'DDIM', 'dpmpp_2m': 'DPM++2M'}[method], nfe))
     if peer:
       err = float(np.sqrt(np.mean(np.sum((np.asarray(peer['x0']) - ref)**2, -1))))
-      print(f"| {method} | {nfe} | {compile_s:.2f} | {1e3 * wall_s:.2f} | {peer['compile_s']:.2f} | "
+      print(f"| {method} | {nfe} | {compile_s:.2f} | {1e3 * wall_s:.2f} | "
+            f"{peer['compile_s']:.2f} | "
             f"{1e3 * peer['wall_s']:.2f} | {compile_s / peer['compile_s']:.2f} | "
             f"{wall_s / peer['wall_s']:.2f} | {err:.2e} |")
     else:
-      print(f'| {method} | {nfe} | {compile_s:.2f} | {1e3 * wall_s:.2f} | — | — | — | — | — |')
+      print(f'| {method} | {nfe} | {compile_s:.2f} | {1e3 * wall_s:.2f} |' + ' — |' * 5)
 
 
 def _run_flax_peer(python, mix, x_T_np):
   if not python or not os.path.exists(python):
-    return 'not installed (python -m venv /tmp/dfx && /tmp/dfx/bin/pip install diffusers==0.39.0 jax flax)'
+    return ('not installed (python -m venv /tmp/dfx && '
+            '/tmp/dfx/bin/pip install diffusers==0.39.0 jax flax)')
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, 'peer.npz')
     np.savez(path, weights=mix.weights, means=mix.means, covs=mix.covs,

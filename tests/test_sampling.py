@@ -183,6 +183,17 @@ def test_convergence_order(method, options, process_name, steps, order):
   assert abs(slope - order) <= 0.3, (errs, nfes, slope)
 
 
+@pytest.mark.parametrize('name', ['VPSDE', 'VESDE'])
+def test_continuous_processes(name):
+  from diffusion_jax import sde  # pylint: disable=import-outside-toplevel
+  process, mix = getattr(sde, name)(), MIXTURES[1.0]
+  x_T = process.prior_sample(jax.random.PRNGKey(0), (B, 2))
+  ref = mix.pf_ode_map(np.asarray(x_T, np.float64), float(process.alpha(process.t_max)),
+                       float(process.sigma(process.t_max)))
+  x0 = run(mixture_model(mix, process), process, x_T, 'dpmpp_2m', 50)[0]
+  assert rms(x0, ref) < 0.02
+
+
 @pytest.mark.parametrize('method', ['dpmpp_2m', 'ddim'])
 @pytest.mark.parametrize('prediction', ['x0', 'v', 'score'])
 def test_prediction_types_agree(method, prediction):
@@ -270,7 +281,7 @@ def test_shape_and_key_start():
   process, _, model, _, _ = setup()
   key = jax.random.PRNGKey(5)
   got = sampling.sample(model, process, method='ddim', num_steps=6, key=key, shape=(4, 2))
-  x_T = process.prior_sample(jax.random.split(key)[1], (4, 2))
+  x_T = process.prior_sample(key, (4, 2))
   np.testing.assert_array_equal(got, sampling.sample(model, process, method='ddim', num_steps=6,
                                                      x_T=x_T))
 

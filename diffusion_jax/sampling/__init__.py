@@ -108,8 +108,8 @@ def sample(model_fn: Callable[..., jax.Array], process, *, method: str, num_step
     process: any process of the contract.
     method: a key of ``METHODS``.
     num_steps: the number of steps (>= 1); see each method for its NFE.
-    key: PRNG key: draws x_T when x_T is not given, and the noise of stochastic methods
-      (split first, so the two never share randomness).
+    key: PRNG key: draws ``x_T = process.prior_sample(key, shape)`` when x_T is not given, and
+      the noise of stochastic methods (step i from ``fold_in(key, i)``).
     x_T: [B, ...] explicit start noise at the prior's scale.
     shape: the shape of x_T to draw (with ``key``), or checked against ``x_T``.
     prediction: what ``model_fn`` predicts: 'eps', 'x0', 'v' or 'score'.
@@ -131,11 +131,9 @@ def sample(model_fn: Callable[..., jax.Array], process, *, method: str, num_step
     raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}.')
   if prediction not in processes.PREDICTIONS:
     raise ValueError(f'prediction={prediction!r} is not known; use one of {processes.PREDICTIONS}.')
-  if key is not None and x_T is None:
-    key, key_start = jax.random.split(key)
-  else:
-    key_start = None
-  x_T = _start(process, key_start, x_T, shape)
+  # x_T = prior_sample(key, shape) as the contract says; a stochastic method draws its step noise
+  # from fold_in(key, i), a different stream.
+  x_T = _start(process, key, x_T, shape)
   fn = classifier_free_guidance(model_fn, batch_size=x_T.shape[0], guidance_scale=guidance_scale,
                                 labels=labels, null_label=null_label,
                                 guidance_rescale=guidance_rescale)
