@@ -41,6 +41,10 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
 _INIT_TIMEOUT = flags.DEFINE_integer('initialization_timeout', 300,
                                      'Seconds to wait for every process to reach the coordinator.')
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    'heartbeat_timeout', 100, 'Seconds without a heartbeat after which jax.distributed declares a '
+    'process dead and stops the job (raise it on hosts so loaded that a long compile starves the '
+    'heartbeat threads).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -74,7 +78,8 @@ def _init_distributed() -> None:
     try:
       jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                  num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
-                                 initialization_timeout=_INIT_TIMEOUT.value)
+                                 initialization_timeout=_INIT_TIMEOUT.value,
+                                 heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
     except Exception as e:  # pylint: disable=broad-except
       raise SystemExit(
           f'Could not join the job at --coordinator_address={_COORDINATOR.value} as process '
