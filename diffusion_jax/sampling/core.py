@@ -20,6 +20,7 @@ predictions to ``s = 0`` by a polynomial in ``s``, which keeps order ``k``: its 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -28,7 +29,9 @@ import jax.numpy as jnp
 from diffusion_jax import processes
 from diffusion_jax.sampling import grids as grids_lib
 
-Denoiser = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# denoise(x, t, alpha=None, sigma=None) -> (x0, eps); alpha, sigma: the process's at t (scalars or
+# [B]) when the caller has them, to save recomputing them.
+Denoiser = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 class Schedule(NamedTuple):
@@ -67,10 +70,15 @@ class Schedule(NamedTuple):
 
 
 def make_schedule(process, num_steps: int, *, grid: str, spacing: str = 'trailing') -> Schedule:
-  """The schedule on the named grid (``grids.GRIDS``) plus the final step to the data."""
-  t = grids_lib.make_grid(process, num_steps, grid, spacing=spacing)
-  alpha = jnp.concatenate([process.alpha(t).astype(jnp.float32), jnp.ones((1,), jnp.float32)])
-  sigma = jnp.concatenate([process.sigma(t).astype(jnp.float32), jnp.zeros((1,), jnp.float32)])
+  """The schedule on the named grid (``grids.GRIDS``) plus the final step to the data.
+
+  With a concrete process (closed over, not a jit argument) the schedule is computed at trace time
+  and enters the program as constants: nothing of it is compiled.
+  """
+  with jax.ensure_compile_time_eval():
+    t = grids_lib.make_grid(process, num_steps, grid, spacing=spacing)
+    alpha = jnp.concatenate([process.alpha(t).astype(jnp.float32), jnp.ones((1,), jnp.float32)])
+    sigma = jnp.concatenate([process.sigma(t).astype(jnp.float32), jnp.zeros((1,), jnp.float32)])
   return Schedule(t=t, alpha=alpha, sigma=sigma)
 
 
@@ -91,7 +99,7 @@ def dynamic_threshold_x0(x0: jax.Array, percentile: float) -> jax.Array:
 
 def make_denoiser(model_fn: Callable[..., jax.Array], process, *, prediction: str,
                   clip_x0: bool = False, dynamic_threshold: float | None = None) -> Denoiser:
-  """``denoise(x, t) -> (x0, eps)``, float32, from ``model_fn(x, t) -> prediction``.
+  """``denoise(x, t, alpha=None, sigma=None) -> (x0, eps)``, float32, from ``model_fn``.
 
   Args:
     model_fn: ``model_fn(x: [B, ...], t: [B]) -> [B, ...]`` of type ``prediction``; any guidance
@@ -106,19 +114,23 @@ def make_denoiser(model_fn: Callable[..., jax.Array], process, *, prediction: st
   if dynamic_threshold is not None and not 0 < float(dynamic_threshold) <= 100:
     raise ValueError(f'dynamic_threshold is a percentile in (0, 100], got {dynamic_threshold}.')
 
-  def denoise(x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def denoise(x: jax.Array, t: jax.Array, alpha: jax.Array | None = None,
+              sigma: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     t_b = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
-    alpha, sigma = process.alpha(t_b), process.sigma(t_b)
+    if alpha is None or sigma is None:
+      alpha, sigma = process.alpha(t), process.sigma(t)
     out = jnp.asarray(model_fn(x, t_b)).astype(jnp.float32)  # integrate in float32 always
-    x0, eps = processes.to_x0_eps(process, out, x, t_b, prediction=prediction)
+    convert = functools.partial(processes.convert_prediction, out, x, alpha, sigma,
+                                source=prediction)
+    x0 = convert(target='x0')
     if clip_x0 or dynamic_threshold is not None:
       if dynamic_threshold is not None:
         x0 = dynamic_threshold_x0(x0, float(dynamic_threshold))
       else:
         x0 = jnp.clip(x0, -1.0, 1.0)
-      a = processes._bcast(alpha, x)  # pylint: disable=protected-access
-      s = processes._bcast(sigma, x)  # pylint: disable=protected-access
-      eps = (x - a * x0) / s
+      eps = (x - bcast(alpha, x) * x0) / bcast(sigma, x)
+    else:
+      eps = convert(target='eps')
     return x0, eps
 
   return denoise

@@ -57,7 +57,7 @@ def ddpm(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
                                dynamic_threshold=dynamic_threshold)
 
   def step(x, xs):
-    x0, _ = denoise(x, xs['t'])
+    x0, _ = denoise(x, xs['t'], xs['alpha'], xs['sigma'])
     mean, var = processes.posterior(process, x, x0, xs['t'], xs['t_next'])
     if variance == 'large':
       _, var = processes.transition(process, xs['t'], xs['t_next'])
@@ -66,7 +66,8 @@ def ddpm(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
     x_next = jnp.where(xs['last'], x0, x_next)
     return x_next, x_next
 
-  xs = {'i': jnp.arange(num_steps), 't': sched.t, 't_next': sched.next_t(), 'last': sched.is_last()}
+  xs = {'i': jnp.arange(num_steps), 't': sched.t, 't_next': sched.next_t(), 'last': sched.is_last(),
+        'alpha': sched.alpha[:-1], 'sigma': sched.sigma[:-1]}
   x, info = core.scan_steps(step, x_T, xs, x_T=x_T, num_steps=num_steps,
                             return_trajectory=return_trajectory, callback=callback)
   return x, {'nfe': num_steps, **info}
@@ -101,7 +102,7 @@ def ddim(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
                                dynamic_threshold=dynamic_threshold)
 
   def step(x, xs):
-    x0, eps = denoise(x, xs['t'])
+    x0, eps = denoise(x, xs['t'], xs['alpha'], xs['sigma'])
     a_t, s_t, a_s, s_s = xs['alpha'], xs['sigma'], xs['alpha_next'], xs['sigma_next']
     x_next = a_s * x0
     if stochastic:

@@ -38,7 +38,8 @@ def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order,
   gamma = jnp.where((rho[:-1] >= S_tmin) & (rho[:-1] <= S_tmax),
                     min(S_churn / n, math.sqrt(2.0) - 1.0), 0.0)
   xs = {'i': jnp.arange(n), 't': sched.t, 't_next': sched.next_t(), 'rho': rho[:-1],
-        'rho_next': rho[1:], 'alpha_next': sched.alpha[1:], 'gamma': gamma,
+        'rho_next': rho[1:], 'alpha': sched.alpha[:-1], 'sigma': sched.sigma[:-1],
+        'alpha_next': sched.alpha[1:], 'sigma_next': sched.sigma[1:], 'gamma': gamma,
         'last': sched.is_last()}
   # Data predictions at the trajectory's grid points, for the final step (core module docstring).
   carry = (x_T / sched.alpha[0], jnp.zeros((2,) + x_T.shape, jnp.float32),
@@ -52,7 +53,11 @@ def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order,
       y = y + (jnp.sqrt(jnp.maximum(rho_hat**2 - s['rho']**2, 0.0)) * S_noise
                * core.noise(key, s['i'], y))
       t_hat = jnp.where(s['gamma'] > 0, process.t_from_log_snr(-2.0 * jnp.log(rho_hat)), s['t'])
-    x0, _ = denoise(process.alpha(t_hat) * y, t_hat)
+    if churn:
+      a_hat = process.alpha(t_hat)
+      x0, _ = denoise(a_hat * y, t_hat, a_hat, process.sigma(t_hat))
+    else:
+      x0, _ = denoise(s['alpha'] * y, t_hat, s['alpha'], s['sigma'])
     m = core.push(m, x0)
     rho_hist = core.push(rho_hist, rho_hat)
     d = (y - x0) / rho_hat
@@ -60,7 +65,8 @@ def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order,
     y_next = y + dt * d  # Euler; at the last step (rho_next = 0) this is x0_hat
     if second_order:
       def correct(_):
-        x0_2, _ = denoise(s['alpha_next'] * y_next, s['t_next'])
+        x0_2, _ = denoise(s['alpha_next'] * y_next, s['t_next'], s['alpha_next'],
+                          s['sigma_next'])
         d2 = (y_next - x0_2) / s['rho_next']
         return y + dt * 0.5 * (d + d2)
 

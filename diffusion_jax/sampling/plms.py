@@ -76,13 +76,14 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
         'sigma': sched.sigma[start], 'alpha_next': sched.alpha[start + 1],
         'sigma_next': sched.sigma[start + 1], 'ab': jnp.asarray(_AB[order]),
         'rho': sched.rho[t_eval], 'alpha_eval': sched.alpha[t_eval],
+        'sigma_eval': sched.sigma[t_eval],
         'last': jnp.asarray(j == n)}
   carry = (x_T, x_T, jnp.zeros((4,) + x_T.shape, jnp.float32),
            jnp.zeros((2,) + x_T.shape, jnp.float32), jnp.ones((2,), jnp.float32))
 
   def step(c, s):
     x, x_eval, e_hist, m, rho_hist = c
-    x0_hat, e = denoise(x_eval, s['t'])
+    x0_hat, e = denoise(x_eval, s['t'], s['alpha_eval'], s['sigma_eval'])
     first, heun = s['i'] == 0, s['i'] == 1
     e_hist = jnp.where(heun, e_hist, core.push(e_hist, e))
     m = jnp.where(heun, m, core.push(m, x0_hat))

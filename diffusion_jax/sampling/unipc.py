@@ -151,7 +151,7 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
 
   def step(c, s):
     x_prev, x, m, lam_hist, rho_hist = c
-    m_t, _ = denoise(x, s['t'])
+    m_t, _ = denoise(x, s['t'], s['alpha'], s['sigma'])
     if corrector:
       x_corr = _unipc_update(x_prev, m, lam_hist, s['lam_prev'], s['lam'], s['sigma_prev'],
                              s['alpha'], s['sigma'], s['prev_order'], variant, model_t=m_t)
