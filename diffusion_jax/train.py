@@ -290,6 +290,13 @@ def make_sampler(config: ml_collections.ConfigDict, s: Setup, batch_size: int):
   return jax.jit(sample_fn, out_shardings=out_sharding)
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The whole global array as NumPy on every process (a multi-process array is gathered)."""
+  if not x.is_fully_addressable:  # device_get cannot fetch shards held by other processes
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def _devices_multiple(n: int, mesh) -> int:
   d = mesh.devices.size
   return max(d, (n + d - 1) // d * d)
@@ -407,7 +414,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       return
     n = _devices_multiple(num_grid, s.mesh)
     sampler = sampler or make_sampler(config, s, n)
-    images = np.asarray(jax.device_get(sampler(st.ema_params, jax.random.PRNGKey(step))))
+    images = _to_host(sampler(st.ema_params, jax.random.PRNGKey(step)))
     _write_samples_png(workdir, f'step_{step:07d}.png', images[:num_grid])
 
   def save(st, step):
@@ -508,7 +515,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   key = jax.random.PRNGKey(config.seed + 2)
   num_batches = -(-smp.num_samples // batch)
   for i in tqdm.trange(num_batches, desc='sampling', disable=jax.process_index() != 0):
-    outs.append(np.asarray(jax.device_get(sampler(state.ema_params, jax.random.fold_in(key, i)))))
+    outs.append(_to_host(sampler(state.ema_params, jax.random.fold_in(key, i))))
   x = np.concatenate(outs)[:smp.num_samples]
   name = f'{smp.method}_{smp.num_steps}_step{step}'
   path = os.path.join(workdir, 'samples', name + '.npz')
