@@ -86,9 +86,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, p
                config: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on one global batch.
 
-  A non-finite loss, gradient or updated state skips the update: params, EMA and optimizer state
-  stay as they were and ``metrics['skipped']`` is 1, so a single bad batch cannot poison the run;
-  the trainer stops after several in a row.
+  A non-finite loss or gradient skips the update: params, EMA and optimizer state stay as they
+  were and ``metrics['skipped']`` is 1, so a single bad batch cannot poison the run; the trainer
+  stops after several in a row.
 
   Args:
     state: the TrainState (donated by the caller).
@@ -126,9 +126,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, p
   new_params = optax.apply_updates(state.params, updates)
   decay = config.ema_decay
   new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params)
-  # Finite gradients can still overflow the update (a huge learning rate, Adam's second moment):
-  # such a step is skipped too, so the state never holds Inf or NaN.
-  ok = ok & _all_finite((new_params, new_ema, new_opt_state))
 
   def keep_if_ok(new, old):
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
