@@ -1,0 +1,233 @@
+"""Two local processes train through `jax.distributed`, like the hosts of a pod.
+
+`python -m diffusion_jax.main --coordinator_address=127.0.0.1:PORT --num_processes=2
+--process_id=i` trains 3 steps of configs/tiny.py (its MLP on 256 vectors: the U-Net's train step
+alone takes ~40 s of CPU to compile in each process), one CPU device per process, global batch 8,
+4 examples loaded by each process; CPU collectives go through gloo, jax's default. Then both
+processes sample (`--mode=sample`).
+
+How the result is checked honestly. Each process reads only its shard of the data
+(`[process_index::process_count]`) and shuffles it with a seed of its own, so a plain one-process
+run sees different batches and cannot be compared. The reference here (in the pytest process, one
+device) is fed, at every step, the concatenation of process 0's batch and process 1's batch, built
+by the real input pipeline for `process_index=0` and `1` of 2: that is exactly the global batch
+the two-process run assembles with `jax.make_array_from_process_local_data` (process 0's device
+holds rows 0-3, process 1's rows 4-7). Keys depend on the step alone, so both runs draw the same
+noise; they differ only in float32 reduction order (the all-reduce of two partial sums), hence the
+tolerance (measured: 2.3e-7; the bound leaves ~10x margin). If the rows were assembled in another
+order (process 1 first), the noise would meet other examples: the params then differ by 1e-2.
+
+The two-process checkpoint then restores in one process (other mesh, other process count) and
+trains on; only process 0 writes metrics, TensorBoard events and samples; and a process that
+cannot reach the coordinator exits with a message instead of hanging or aborting.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import portpicker
+import pytest
+
+from configs import tiny
+from diffusion_jax import input_pipeline, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 3
+OVERRIDES = {'training.num_train_steps': STEPS, 'training.log_every': 1,
+             'training.checkpoint_every': STEPS, 'model.name': 'mlp', 'data.source': 'array'}
+PARAM_ATOL = 2e-6  # max |param difference| after 3 steps (measured 2.3e-7): reduction order only
+LOSS_RTOL = 1e-5
+TIMEOUT_S = 900  # the whole two-process run, compiles included, on a loaded 2-core machine
+
+
+def _config(data_path, **extra):
+  config = tiny.get_config()
+  for dotted, value in {**OVERRIDES, 'data.path': data_path, **extra}.items():
+    group, field = dotted.split('.')
+    config[group][field] = value
+  return config
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _flat(tree):
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def _max_abs_diff(a, b):
+  a, b = _flat(a), _flat(b)
+  assert sorted(a) == sorted(b)
+  return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)  # one CPU device per process
+  return env
+
+
+def _cli(workdir, cache, data_path):
+  flags = [f'--config.{k}={v}' for k, v in {**OVERRIDES, 'data.path': data_path}.items()]
+  return [sys.executable, '-m', 'diffusion_jax.main', '--config=configs/tiny.py',
+          f'--workdir={workdir}', f'--config.training.compilation_cache_dir={cache}', *flags]
+
+
+@pytest.fixture(scope='module')
+def data_path(tmp_path_factory):
+  path = tmp_path_factory.mktemp('data') / 'vectors.npz'
+  np.savez(path, x=np.random.default_rng(0).normal(size=(256, 4)).astype(np.float32))
+  return str(path)
+
+
+@pytest.fixture(scope='module')
+def two_processes(tmp_path_factory, data_path):
+  """Trains, then samples, with two processes; returns the workdir and each process's output."""
+  root = tmp_path_factory.mktemp('two_processes')
+  workdir = str(root / 'run')
+  cache = jax.config.jax_compilation_cache_dir or str(root / 'cache')
+  outputs = ['', '']
+  for mode in ('train', 'sample'):
+    cmd = _cli(workdir, cache, data_path) + [f'--mode={mode}']
+    for i, out in enumerate(_run_two(root, mode, cmd)):
+      outputs[i] += out
+  return workdir, outputs
+
+
+def _run_two(root, mode, cmd):
+  """Runs `cmd` as processes 0 and 1 of a job; returns their outputs."""
+  address = f'127.0.0.1:{portpicker.pick_unused_port()}'
+  logs = [root / f'{mode}_process_{i}.log' for i in range(2)]
+  procs = []
+  try:
+    for i, log in enumerate(logs):
+      with open(log, 'w') as f:  # the child keeps its own copy of the descriptor
+        procs.append(subprocess.Popen(
+            cmd + [f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}',
+                   '--initialization_timeout=300', '--heartbeat_timeout=900'],
+            cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + TIMEOUT_S
+    for p in procs:
+      p.wait(timeout=max(1.0, deadline - time.monotonic()))
+  finally:
+    for p in procs:  # a failed or timed-out peer must not leave the other one waiting forever
+      if p.poll() is None:
+        p.kill()
+        p.wait(timeout=60)
+  outputs = [log.read_text() for log in logs]
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f'{mode}: process {i} exited with {p.returncode}:\n{out[-5000:]}'
+  return outputs
+
+
+class _UnionOfShards:
+  """Yields process 0's batch followed by process 1's: the two-process run's global batch."""
+
+  def __init__(self, pipelines):
+    self._iterators = [p.iterator for p in pipelines]
+    self.num_skipped = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batches = [next(it) for it in self._iterators]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def get_state(self):
+    return {f'process_{i}': it.get_state() for i, it in enumerate(self._iterators)}
+
+  def set_state(self, state):
+    for i, it in enumerate(self._iterators):
+      it.set_state(state[f'process_{i}'])
+
+
+def _union_create_data(config, **unused):
+  del unused
+  d = config.data
+  pipelines = [input_pipeline.create_dataset(
+      source=d.source, path=d.path, image_size=None, num_channels=d.num_channels,
+      batch_size=config.training.batch_size // 2, seed=config.seed, random_flip=d.random_flip,
+      use_labels=d.use_labels, process_index=i, process_count=2) for i in range(2)]
+  return input_pipeline.DataPipeline(
+      iterator=_UnionOfShards(pipelines), element_shape=pipelines[0].element_shape,
+      num_examples=pipelines[0].num_examples, num_classes=pipelines[0].num_classes)
+
+
+@pytest.fixture(scope='module')
+def one_process(tmp_path_factory, data_path):
+  """One process, one device, fed the two-process run's global batches."""
+  workdir = str(tmp_path_factory.mktemp('one_process'))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train, 'create_data', _union_create_data)
+    state = train.train_and_evaluate(_config(data_path), workdir)
+  return workdir, state
+
+
+def test_two_processes_end_with_the_params_of_one_process(two_processes, one_process, data_path):
+  workdir, _ = two_processes
+  ref_dir, ref = one_process
+  config = _config(data_path)
+  s = train.setup(config, workdir, (4,))
+  restored = s.checkpointer.restore(train.abstract_state(s))
+  s.checkpointer.close()
+  assert restored is not None
+  state, _, step = restored  # written by two processes, restored by one: other mesh, same values
+  assert step == STEPS and int(state.step) == STEPS
+  diff = max(_max_abs_diff(state.params, ref.params),
+             _max_abs_diff(state.ema_params, ref.ema_params))
+  assert diff <= PARAM_ATOL, f'max |params (2 processes) - params (1 process)| = {diff:.3g}'
+  print(f'two processes vs one: max |params difference| = {diff:.3g}')
+  losses = [r['loss'] for r in _metrics(workdir) if 'loss' in r]
+  ref_losses = [r['loss'] for r in _metrics(ref_dir) if 'loss' in r]
+  assert len(losses) == STEPS
+  np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
+
+
+def test_two_process_checkpoint_resumes_in_one_process(two_processes, data_path, tmp_path):
+  workdir = str(tmp_path / 'resumed')
+  shutil.copytree(two_processes[0], workdir)
+  config = _config(data_path, **{'training.num_train_steps': STEPS + 1})
+  state = train.train_and_evaluate(config, workdir)
+  assert int(state.step) == STEPS + 1
+  assert [r['step'] for r in _metrics(workdir) if 'loss' in r] == [1, 2, 3, 4]
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+def test_only_process_0_writes(two_processes):
+  workdir, (out0, out1) = two_processes
+  rows = _metrics(workdir)  # appended to by every writer: two writers would repeat each step
+  assert [r['step'] for r in rows] == list(range(STEPS + 1)), rows
+  events = os.listdir(os.path.join(workdir, 'tensorboard'))
+  assert len([f for f in events if f.startswith('events')]) == 1, events
+  assert os.listdir(os.path.join(workdir, 'samples')) == [f'ddim_3_step{STEPS}.npz']
+  assert np.load(os.path.join(workdir, 'samples', f'ddim_3_step{STEPS}.npz'))['x'].shape == (6, 4)
+  banner = re.compile(r'diffusion_jax: [\d,]+ parameters, 2 device\(s\)')
+  assert banner.search(out0) and not banner.search(out1)
+  assert 'Wrote 6 samples' in out0 and 'Wrote' not in out1
+
+
+def test_unreachable_coordinator_exits_with_a_message(tmp_path):
+  address = f'127.0.0.1:{portpicker.pick_unused_port()}'  # nothing listens there
+  start = time.monotonic()
+  out = subprocess.run(
+      _cli(str(tmp_path / 'run'), str(tmp_path / 'cache'), str(tmp_path / 'none.npz'))
+      + [f'--coordinator_address={address}', '--num_processes=2', '--process_id=1',
+         '--initialization_timeout=2'],
+      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  elapsed = time.monotonic() - start
+  assert out.returncode == 1, (out.returncode, out.stderr[-3000:])  # not SIGABRT (-6)
+  assert f'Could not reach the coordinator at --coordinator_address={address}' in out.stderr
+  assert '--initialization_timeout=2s' in out.stderr
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
+  print(f'unreachable coordinator: exited after {elapsed:.1f}s')
