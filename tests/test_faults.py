@@ -41,7 +41,9 @@ Figure, counted from what the tests below check: 22 faults injected, 22 survived
   Training steps lost: 0 beyond the last checkpoint interval. SIGKILL loses the steps since the
   last checkpoint (at most ``training.checkpoint_every``); SIGTERM loses 0; a damaged newest
   checkpoint or a crash while writing it loses that one interval, retrained on resume; the NaN
-  stop loses 0 good steps (its last checkpoint holds the last good state).
+  stop loses 0 good steps (its last checkpoint holds the last good state). Measured on one run:
+  SIGKILL after step 6 resumed from checkpoint 4 (2 steps redone, identically); SIGTERM at step 6
+  saved step 7 and the restart began at 7.
 """
 
 import dataclasses
