@@ -42,8 +42,8 @@ Figure, counted from what the tests below check: 22 faults injected, 22 survived
   last checkpoint (at most ``training.checkpoint_every``); SIGTERM loses 0; a damaged newest
   checkpoint or a crash while writing it loses that one interval, retrained on resume; the NaN
   stop loses 0 good steps (its last checkpoint holds the last good state). Measured on one run:
-  SIGKILL after step 6 resumed from checkpoint 4 (2 steps redone, identically); SIGTERM at step 6
-  saved step 7 and the restart began at 7.
+  SIGKILL after step 6 resumed from checkpoint 4 (2 steps redone, identically); SIGTERM, sent
+  once step 6 was logged, saved step 7 and the restart began at 7.
 """
 
 import dataclasses
