@@ -119,22 +119,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, p
         time_sampling=config.time_sampling, y=y)
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  ok = jnp.isfinite(metrics['loss']) & _all_finite(grads)
-  # Zeroed gradients keep NaN out of the optimizer's arithmetic; the result is discarded anyway.
-  grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
   updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   decay = config.ema_decay
   new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params)
-
-  def keep_if_ok(new, old):
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-  new_state = state.replace(
-      step=state.step + 1,
-      params=keep_if_ok(new_params, state.params),
-      ema_params=keep_if_ok(new_ema, state.ema_params),
-      opt_state=keep_if_ok(new_opt_state, state.opt_state))
+  new = (new_params, new_ema, new_opt_state)
+  old = (state.params, state.ema_params, state.opt_state)
+  # Finite gradients can still overflow the update (a huge learning rate, Adam's second moment):
+  # such a step is skipped too, so the state never holds Inf or NaN.
+  ok = jnp.isfinite(metrics['loss']) & _all_finite(grads) & _all_finite(new)
+  # One lax.cond picks the whole new or old state. A jnp.where per leaf (and zeroing the gradients
+  # with it) made XLA's CPU compile of the step 14x slower (259 s vs 13.5 s for a tiny U-Net,
+  # 456 s for the CIFAR-10 one), the per-leaf selects tying every fusion to the global flag.
+  new_params, new_ema, new_opt_state = jax.lax.cond(ok, lambda n, o: n, lambda n, o: o, new, old)
+  new_state = state.replace(step=state.step + 1, params=new_params, ema_params=new_ema,
+                            opt_state=new_opt_state)
   metrics['grad_norm'] = optax.tree.norm(grads)
   metrics['skipped'] = 1 - ok.astype(jnp.int32)
   if config.lr_schedule is not None:
