@@ -313,16 +313,27 @@ def _write_samples_png(workdir: str, name: str, images: np.ndarray) -> str:
 
 
 class _Preemption:
-  """SIGTERM -> save at the next step boundary and exit cleanly (all processes agree on the step)."""
+  """SIGTERM -> save at the next step boundary and exit cleanly (all processes agree on the step).
+
+  One process: a Python SIGTERM handler sets a flag that the loop reads after each step. Several
+  processes: JAX's preemption sync manager (started by ``jax.distributed.initialize``) catches
+  SIGTERM itself, spreads the notice to every process and names one common step;
+  ``multihost_utils.reached_preemption_sync_point`` is True on every process at that step. It
+  costs no communication until a notice arrives, so it is called every step.
+  """
 
   def __init__(self):
     self.requested = False
     self._old = None
+    self._multi = jax.process_count() > 1
+    self._warned = False
 
   def __enter__(self):
     def handler(signum, frame):
       del signum, frame
       self.requested = True
+    if self._multi:
+      return self  # leave SIGTERM to JAX's preemption notifier
     try:
       self._old = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread (e.g. a notebook worker): no handler
@@ -334,16 +345,15 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
   def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      try:
-        if multihost_utils.reached_preemption_sync_point(step):
-          return True
-      except RuntimeError:  # preemption service not enabled in jax.distributed
-        pass
-      # Agree on a local SIGTERM: any process asking means every process saves at this step.
-      flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
-      return bool(np.any(flags))
-    return self.requested
+    if not self._multi:
+      return self.requested
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError as e:  # no preemption service: SIGTERM then ends the job unsaved
+      if not self._warned:
+        logging.warning('No preemption sync manager (%s); SIGTERM will not save a checkpoint.', e)
+        self._warned = True
+      return False
 
 
 def _global_batches(batches: list[dict[str, np.ndarray]], mesh, stacked: bool):

@@ -231,3 +231,68 @@ def test_unreachable_coordinator_exits_with_a_message(tmp_path):
   assert '--initialization_timeout=2s' in out.stderr
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
   print(f'unreachable coordinator: exited after {elapsed:.1f}s')
+
+
+def test_sigterm_to_one_process_saves_on_both_at_one_step_and_resumes(data_path, tmp_path):
+  """Preemption of a pod: SIGTERM reaches one host only. JAX's preemption sync manager spreads the
+  notice; both processes save the same step together, exit 0, and the same command resumes there."""
+  cache = jax.config.jax_compilation_cache_dir or str(tmp_path / 'cache')
+  workdir = tmp_path / 'run'
+
+  def cmd(steps):
+    settings = {**OVERRIDES, 'data.path': data_path, 'training.num_train_steps': steps,
+                'training.checkpoint_every': steps, 'training.log_every': 1}
+    return [sys.executable, '-m', 'diffusion_jax.main', '--config=configs/tiny.py',
+            f'--workdir={workdir}', f'--config.training.compilation_cache_dir={cache}',
+            *[f'--config.{k}={v}' for k, v in settings.items()]]
+
+  def start(command, tag):
+    address = f'127.0.0.1:{portpicker.pick_unused_port()}'
+    procs = []
+    for i in range(2):
+      with open(tmp_path / f'{tag}_{i}.log', 'w') as f:
+        procs.append(subprocess.Popen(
+            command + [f'--coordinator_address={address}', '--num_processes=2',
+                       f'--process_id={i}', '--initialization_timeout=300',
+                       '--heartbeat_timeout=900'],
+            cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+  def logged_steps():
+    if not (workdir / 'metrics.jsonl').exists():
+      return []
+    return [r['step'] for r in _metrics(str(workdir)) if 'loss' in r]
+
+  procs = start(cmd(1_000_000), 'first')
+  try:
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(logged_steps()) < 20:
+      assert time.monotonic() < deadline, 'the two-process run did not reach step 20'
+      assert all(p.poll() is None for p in procs), 'a process ended early'
+      time.sleep(0.5)
+    procs[1].send_signal(15)  # SIGTERM to process 1 alone
+    for p in procs:
+      p.wait(timeout=300)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait(timeout=60)
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, (i, (tmp_path / f'first_{i}.log').read_text()[-3000:])
+  saved = sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
+  assert len(saved) == 1, saved
+  stop = saved[0]
+  assert logged_steps()[-1] == stop  # no process ran past the step both saved
+
+  procs = start(cmd(stop + 2), 'resumed')
+  try:
+    for p in procs:
+      p.wait(timeout=TIMEOUT_S)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait(timeout=60)
+  assert all(p.returncode == 0 for p in procs)
+  assert logged_steps()[-3:] == [stop, stop + 1, stop + 2]  # resumed at the saved step
