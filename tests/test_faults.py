@@ -83,12 +83,7 @@ pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptio
 
 def _tiny(**overrides):
   config = tiny.get_config()
-  for dotted, value in overrides.items():
-    node = config
-    *path, leaf = dotted.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

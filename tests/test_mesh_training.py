@@ -52,12 +52,7 @@ SAMPLE_ATOL = 1e-5  # 3 DDIM steps from identical params and noise
 
 def _config(overrides):
   config = tiny.get_config()
-  for dotted, value in overrides.items():
-    node = config
-    *path, leaf = dotted.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

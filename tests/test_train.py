@@ -19,12 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _tiny(**overrides):
   config = tiny.get_config()
-  for dotted, value in overrides.items():
-    node = config
-    *path, leaf = dotted.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
