@@ -179,14 +179,13 @@ def build_network(model_cfg: ml_collections.ConfigDict):
 
 
 def build_optimizer(config: ml_collections.ConfigDict):
+  """The optax transformation and its learning-rate schedule (the latter only for logging)."""
   o = config.optim
-  kwargs = dict(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, decay=o.schedule,
-                total_steps=config.training.num_train_steps)
-  tx = optim.make_optimizer(name=o.optimizer, learning_rate=o.learning_rate,
-                            warmup_steps=o.warmup_steps, schedule=o.schedule,
-                            total_steps=config.training.num_train_steps, b1=o.b1, b2=o.b2,
-                            eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
-  return tx, optim.learning_rate_schedule(**kwargs)
+  lr = dict(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
+            total_steps=config.training.num_train_steps)
+  tx = optim.make_optimizer(name=o.optimizer, schedule=o.schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+                            weight_decay=o.weight_decay, grad_clip=o.grad_clip, **lr)
+  return tx, optim.learning_rate_schedule(decay=o.schedule, **lr)
 
 
 def _element_shape(config) -> tuple[int, ...] | None:
