@@ -469,3 +469,57 @@ def test_mlp_conditioning_and_bfloat16():
   assert not np.allclose(null[0], null[1])  # c_noise matters.
   assert count_params(net, (3, 2), num_classes=2) == sum(
       p.size for p in jax.tree.leaves(params))
+
+
+def test_group_norm_matches_numpy_and_flax_values_and_gradients():
+  """Our GroupNorm reorders Flax's reductions; function, parameters and gradients are the same."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  c, groups = 64, 32
+  # A mean well away from zero (as activations have) and unequal group scales.
+  x = (rng.standard_normal((3, 5, 6, c)) * rng.uniform(0.5, 4, c) + 2.0).astype(np.float32)
+  ours = layers.GroupNorm(num_groups=groups)
+  flax_gn = nn.GroupNorm(num_groups=groups, epsilon=1e-6)
+  params = ours.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, flax_gn.init(
+      jax.random.key(0), x))
+  params = jax.tree.map(lambda p: p + jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
+                        params)
+  p = params['params']
+  want = _group_norm_ref(x.astype(np.float64), np.asarray(p['scale']), np.asarray(p['bias']),
+                         groups)
+  np.testing.assert_allclose(ours.apply(params, x), want, rtol=1e-4, atol=1e-4)
+  cot = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  g_ours = jax.grad(lambda p, x: jnp.vdot(ours.apply(p, x), cot), argnums=(0, 1))(params, x)
+  g_flax = jax.grad(lambda p, x: jnp.vdot(flax_gn.apply(p, x), cot), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_flax)):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
+  half = layers.GroupNorm(num_groups=groups, dtype=jnp.bfloat16).apply(params, x)
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(half, np.float32), want, rtol=2e-2, atol=5e-2)
+
+
+def test_dropout_keeps_the_stated_fraction_and_is_unbiased():
+  """16-bit draws: kept fraction 1 - round(rate*2^16)/2^16 within sampling error, kept values
+  scaled by exactly its inverse, every element independent (halves of one word included)."""
+  rate = 0.1
+  x = jnp.ones((64, 32, 32, 16), jnp.float32)  # 1,048,576 elements, an even count
+  drop = layers.Dropout(rate)
+  y = np.asarray(drop.apply({}, x, deterministic=False, rngs={'dropout': jax.random.key(3)}))
+  keep = 1 - round(rate * 65536) / 65536
+  kept = y != 0
+  n = kept.size
+  assert abs(kept.mean() - keep) < 4 * np.sqrt(keep * (1 - keep) / n)
+  np.testing.assert_allclose(y[kept], 1 / keep, rtol=1e-6)
+  assert abs(y.mean() - 1.0) < 4 * np.sqrt((1 - keep) / keep / n)
+  # The two 16-bit halves of a word land in the first and second half of the flat array: their
+  # keep decisions must be uncorrelated.
+  flat = kept.reshape(-1)
+  a, b = flat[: n // 2].astype(float), flat[n // 2:].astype(float)
+  assert abs(np.corrcoef(a, b)[0, 1]) < 4 / np.sqrt(n // 2)
+  np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
+  odd = jnp.ones((3, 5, 7), jnp.float32)  # an odd element count
+  assert drop.apply({}, odd, deterministic=False, rngs={'dropout': jax.random.key(0)}).shape == (
+      3, 5, 7)
+  with pytest.raises(ValueError, match='dropout rate'):
+    layers.Dropout(1.0).apply({}, x, deterministic=False, rngs={'dropout': jax.random.key(0)})

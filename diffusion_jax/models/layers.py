@@ -50,10 +50,82 @@ def num_groups(channels: int) -> int:
   return g
 
 
-def group_norm(channels: int, dtype: Dtype, name: str | None = None) -> nn.GroupNorm:
-  """GroupNorm with eps 1e-6 (DDPM, score_sde); statistics are reduced in float32 by Flax."""
-  return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype,
-                      param_dtype=jnp.float32, name=name)
+class GroupNorm(nn.Module):
+  """Group normalization (Wu & He 2018) over the channels of an NHWC array, eps 1e-6 as DDPM.
+
+  Same function and parameters (``scale``, ``bias``, shape [C]) as ``flax.linen.GroupNorm`` with
+  its default fast variance ``E[x^2] - E[x]^2``, reduced in float32; only the order of the
+  reductions differs. Flax reshapes to ``[B, HW, G, C/G]`` and reduces axes (1, 3), whose minor
+  axis of 4 channels vectorizes badly on CPU; here each channel is first summed over the spatial
+  axes (a reduction over a major axis, vectorized across channels) and the [B, C] sums are then
+  added up per group. On this repository's 2-core CPU that made GroupNorm+swish 2.7x faster
+  forward and 2.2x forward+backward at [16, 32, 32, 128] (``experiments/bench_train.py``).
+
+  Attributes:
+    num_groups: number of channel groups; must divide the channels.
+    epsilon: added to the variance.
+    dtype: output dtype (statistics are always float32).
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``x: [B, ..., C]`` -> same shape, normalized per (example, group)."""
+    c = x.shape[-1]
+    g = self.num_groups
+    if c % g:
+      raise ValueError(f'GroupNorm: {c} channels cannot be split into {g} groups.')
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    b = x.shape[0]
+    xf = x.reshape(b, -1, c).astype(jnp.float32)
+    count = xf.shape[1] * (c // g)
+    mean = xf.sum(axis=1).reshape(b, g, c // g).sum(axis=-1) / count
+    mean_sq = jnp.square(xf).sum(axis=1).reshape(b, g, c // g).sum(axis=-1) / count
+    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+    inv = jax.lax.rsqrt(var + self.epsilon)
+    # Per-channel affine map y = x * a + b, with the group statistics folded into a and b.
+    a = jnp.repeat(inv, c // g, axis=1) * scale
+    shift = bias - jnp.repeat(mean, c // g, axis=1) * a
+    expand = (b,) + (1,) * (x.ndim - 2) + (c,)
+    y = xf.reshape(x.shape) * a.reshape(expand) + shift.reshape(expand)
+    return y.astype(self.dtype)
+
+
+class Dropout(nn.Module):
+  """Inverted dropout (Srivastava et al. 2014) drawing 16 random bits per element, not 32.
+
+  ``flax.linen.Dropout`` draws a 32-bit uniform per element; generating the random bits was the
+  costliest elementwise work of the CPU training step. Here each 32-bit threefry word gives two
+  independent 16-bit uniforms, and an element is kept when its draw is ``>= round(rate * 2^16)``.
+  The kept fraction is thus ``1 - round(rate * 2^16) / 2^16`` (0.899994 for rate 0.1) and kept
+  values are divided by exactly that, so ``E[output] = input`` holds exactly. 2.5x faster than
+  Flax's at [16, 32, 32, 128] on this repository's CPU. Uses the ``'dropout'`` RNG stream.
+
+  Attributes:
+    rate: probability of dropping an element, in [0, 1).
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    if not 0.0 <= self.rate < 1.0:
+      raise ValueError(f'dropout rate must be in [0, 1), got {self.rate}.')
+    threshold = round(self.rate * 65536)
+    if deterministic or threshold == 0:
+      return x
+    n = x.size
+    words = jax.random.bits(self.make_rng('dropout'), ((n + 1) // 2,), jnp.uint32)
+    draws = jnp.concatenate([words & 0xFFFF, words >> 16])[:n].reshape(x.shape)
+    keep_prob = 1.0 - threshold / 65536
+    return jnp.where(draws >= threshold, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
+
+
+def group_norm(channels: int, dtype: Dtype, name: str | None = None) -> GroupNorm:
+  """GroupNorm with eps 1e-6 (DDPM, score_sde), ``num_groups(channels)`` groups."""
+  return GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype, name=name)
 
 
 def conv3x3(features: int, dtype: Dtype, *, init_scale: float = 1.0,
@@ -306,7 +378,7 @@ class ResnetBlockDDPM(nn.Module):
       h = h + nn.Dense(out_ch, kernel_init=default_init(), dtype=self.dtype,
                        param_dtype=jnp.float32)(nn.swish(temb))[:, None, None, :]
     h = nn.swish(group_norm(out_ch, self.dtype)(h))
-    h = nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
+    h = Dropout(self.dropout)(h, deterministic=self.deterministic)
     h = conv3x3(out_ch, self.dtype, init_scale=self.init_scale)(h)
     if x.shape[-1] != out_ch:
       x = nin(out_ch, self.dtype)(x)
@@ -364,7 +436,7 @@ class ResnetBlockBigGAN(nn.Module):
       h = h + nn.Dense(out_ch, kernel_init=default_init(), dtype=self.dtype,
                        param_dtype=jnp.float32)(nn.swish(temb))[:, None, None, :]
     h = nn.swish(group_norm(out_ch, self.dtype)(h))
-    h = nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
+    h = Dropout(self.dropout)(h, deterministic=self.deterministic)
     h = conv3x3(out_ch, self.dtype, init_scale=self.init_scale)(h)
     if in_ch != out_ch or self.up or self.down:
       x = nin(out_ch, self.dtype)(x)
