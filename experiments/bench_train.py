@@ -229,7 +229,8 @@ def _worker_jax(batch: int) -> None:
         compile_s=t2 - t1, first_run_s=t3 - t2, first_step_s=t3 - t0,
         loss=float(metrics['loss']), step_flops=cost.get('flops'),
         step_bytes=cost.get('bytes accessed'), memory_mib=mem, fwd_macs=fwd_macs, fwd_flops_xla=fwd_flops_xla,
-        devices=str(jax.devices()), jax_version=jax.__version__)
+        devices=str(jax.devices()), jax_version=jax.__version__,
+        xla_flags=os.environ.get('XLA_FLAGS', ''))
   _serve(step, jax.block_until_ready)
 
 
@@ -456,6 +457,7 @@ def main(argv) -> None:
     j = first['jax']
     print(f'jax {j["jax_version"]} on {j["devices"]}: {j["num_params"]:,} parameters'
           + (' (= DDPM CIFAR-10)' if j['num_params'] == DDPM_PARAMS else ''))
+    print(f'XLA_FLAGS of the JAX worker: {j.get("xla_flags") or "(none)"}')
   if 'torch' in first:
     t = first['torch']
     print(f'torch {t["torch_version"]} + diffusers {t["diffusers_version"]} UNet2DModel: '
