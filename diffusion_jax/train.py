@@ -426,7 +426,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     images = _to_host(sampler(st.ema_params, jax.random.PRNGKey(step)))
     _write_samples_png(workdir, f'step_{step:07d}.png', images[:num_grid])
 
+  def check_state(flags, step):
+    """Stops before the state is saved or sampled if an update overflowed it (see train_step)."""
+    if np.any(np.concatenate([np.reshape(f, (-1,)) for f in flags])):
+      bar.close()
+      s.checkpointer.wait_until_finished()
+      raise FloatingPointError(
+          f'An update before step {step} made the parameters, EMA or optimizer state Inf/NaN '
+          'although its loss and gradients were finite: the learning rate is far too high '
+          f'(optim.learning_rate={config.optim.learning_rate}). Training stopped without saving; '
+          f'the last good checkpoint is step {s.checkpointer.latest_step()} in '
+          f'{s.checkpointer.directory}. Lower optim.learning_rate and rerun.')
+
   def save(st, step):
+    check_state(jax.device_get([m['nonfinite_state'] for m in pending]) or [np.zeros(1)], step)
     s.checkpointer.save(step, st, data_state=data.iterator.get_state())
 
   pending: list[dict[str, jax.Array]] = []
@@ -448,6 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         fetched = jax.device_get(pending)
         pending = []
         rows = [{m: np.reshape(v, (-1,)) for m, v in f.items()} for f in fetched]
+        check_state([r['nonfinite_state'] for r in rows], step)
         skipped = np.concatenate([r['skipped'] for r in rows])
         for flag in skipped:
           nonfinite_run = nonfinite_run + 1 if flag else 0
@@ -455,7 +469,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         steps_per_s = (step - step_last) / max(now - t_last, 1e-9)
         t_last, step_last = now, step
         summary = {m: float(np.mean(np.concatenate([r[m] for r in rows])))
-                   for m in rows[0] if m != 'skipped'}
+                   for m in rows[0] if m not in ('skipped', 'nonfinite_state')}
         summary.update(skipped_steps=int(skipped.sum()), steps_per_sec=steps_per_s,
                        images_per_sec=steps_per_s * config.training.batch_size,
                        data_skipped_files=data.num_skipped())
@@ -474,6 +488,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       if step % config.training.checkpoint_every == 0 or step == total:
         save(state, step)
       if config.training.sample_every and step % config.training.sample_every == 0:
+        check_state(jax.device_get([m['nonfinite_state'] for m in pending]) or [np.zeros(1)], step)
         write_grid(state, step)
       if preemption.reached(step):
         if step % config.training.checkpoint_every and step != total:

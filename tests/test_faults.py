@@ -515,18 +515,24 @@ def test_consecutive_nonfinite_steps_stop_training_with_the_last_good_checkpoint
 
 
 @pytest.mark.filterwarnings('ignore:overflow encountered in cast:RuntimeWarning')  # lr=1e39
-def test_overflowing_update_is_skipped_and_never_checkpointed(tmp_path):
-  """A learning rate that overflows float32: step 1's loss and gradients are finite, its update
-  would make the params Inf/NaN; it is skipped like a NaN gradient."""
+def test_overflowing_update_stops_before_saving(tmp_path):
+  """A learning rate that overflows float32: step 3's loss and gradients are finite, its update
+  makes the params Inf/NaN. Training stops with a message at the next save, which is not written:
+  the checkpoints on disk are exactly the good ones (steps 1 and 2) and hold finite states."""
   x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
   config = _mlp(_vectors(tmp_path, x), **{
-      'optim.learning_rate': 1e39, 'training.num_train_steps': 20,
-      'training.checkpoint_every': 2, 'training.max_nonfinite_steps': 3})
+      'optim.learning_rate': 1e39, 'optim.warmup_steps': 0, 'training.num_train_steps': 20,
+      'training.checkpoint_every': 1, 'training.log_every': 5})
+  # Train 2 good steps with a sane learning rate, then rerun the same workdir with lr=1e39.
+  sane = _mlp(_vectors(tmp_path, x), **{
+      'optim.learning_rate': 1e-3, 'optim.warmup_steps': 0, 'training.num_train_steps': 2,
+      'training.checkpoint_every': 1, 'training.log_every': 1})
   workdir = tmp_path / 'run'
-  with pytest.raises(FloatingPointError, match='3 consecutive'):
+  train.train_and_evaluate(sane, str(workdir))
+  with pytest.raises(FloatingPointError, match='learning rate is far too high'):
     train.train_and_evaluate(config, str(workdir))
-  assert [r['skipped_steps'] for r in _logged(workdir)] == [1, 1, 1]
-  for step in _steps_on_disk(workdir):  # none with non-finite params or EMA
+  assert _steps_on_disk(workdir) == [1, 2]
+  for step in _steps_on_disk(workdir):
     saved, _ = _read_checkpoint(workdir, step)
     assert _all_finite((saved['params'], saved['ema_params'], saved['opt_state'])), step
 
