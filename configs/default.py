@@ -112,6 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.batch_size = 500  # samples per sampler call.
   sampling.guidance_scale = 1.0  # classifier-free guidance scale (1 = plain conditional).
   sampling.grid = ''  # time grid: '' (the method's default) | 'uniform' | 'logsnr' | 'karras' | 'quadratic'.
+  sampling.spacing = ''  # grid ends: '' (the grid's default) | 'trailing' (last step to data as long as the others; best at <= 10 steps) | 'linspace' | 'leading' (uniform only).
   sampling.eta = 0.0  # ddim: stochasticity (0 = deterministic DDIM, 1 = DDPM-like).
   sampling.clip_x0 = False  # clip predicted x0 to [-1, 1] (images only).
   sampling.predictor = 'reverse_diffusion'  # pc: 'reverse_diffusion' | 'euler_maruyama' | 'ancestral' | 'none'.

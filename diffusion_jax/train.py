@@ -102,6 +102,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice('optim.optimizer', config.optim.optimizer, optim.OPTIMIZERS)
   _choice('optim.schedule', config.optim.schedule, optim.SCHEDULES)
   _choice('sampling.method', config.sampling.method, tuple(sampling.METHODS))
+  _choice('sampling.grid', config.sampling.grid, ('',) + tuple(sampling.grids.GRIDS))
+  _choice('sampling.spacing', config.sampling.spacing, ('',) + sampling.grids.SPACINGS)
   _choice('eval.dequantize', config.eval.dequantize, ('uniform', 'none'))
   for name in ('training.batch_size', 'training.num_train_steps', 'training.log_every',
                'training.checkpoint_every', 'training.keep_checkpoints', 'training.steps_per_call',
@@ -259,6 +261,8 @@ def make_sampler(config: ml_collections.ConfigDict, s: Setup, batch_size: int):
   options: dict[str, Any] = {}
   if smp.grid:
     options['grid'] = smp.grid
+  if smp.spacing:
+    options['spacing'] = smp.spacing
   if smp.method == 'ddim':
     options['eta'] = smp.eta
   elif smp.method == 'pc':

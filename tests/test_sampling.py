@@ -107,6 +107,25 @@ def test_grid_shapes():
                                   np.arange(1000, 0, -1))
 
 
+def test_trailing_spacing_of_the_nonuniform_grids():
+  """'trailing' lays out n + 1 times as 'linspace' would and keeps the first n: the last
+  evaluation is no longer at t_min, and at 5 NFE the oracle error drops (measured 0.275 -> 0.155
+  for DPM-Solver++(2M) on the quadratic grid)."""
+  process, _, model, x_T, ref = setup()
+  for name in ('logsnr', 'karras', 'quadratic'):
+    trailing = np.asarray(grids.make_grid(process, 5, name, spacing='trailing'))
+    closed6 = np.asarray(grids.make_grid(process, 6, name, spacing='linspace'))
+    np.testing.assert_allclose(trailing, closed6[:5], rtol=1e-6)
+    assert trailing[-1] > process.t_min
+    np.testing.assert_array_equal(grids.make_grid(process, 5, name),
+                                  grids.make_grid(process, 5, name, spacing='linspace'))
+    with pytest.raises(ValueError, match="'uniform' grid only"):
+      grids.make_grid(process, 5, name, spacing='leading')
+  errors = {sp: rms(run(model, process, x_T, 'dpmpp_2m', 5, grid='quadratic', spacing=sp)[0], ref)
+            for sp in ('linspace', 'trailing')}
+  assert errors['trailing'] < 0.7 * errors['linspace'], errors
+
+
 # --- DDPM is Algorithm 2 of Ho et al. ------------------------------------------------------------
 
 

@@ -69,7 +69,8 @@ class Schedule(NamedTuple):
     return jnp.arange(self.num_steps) == self.num_steps - 1
 
 
-def make_schedule(process, num_steps: int, *, grid: str, spacing: str = 'trailing') -> Schedule:
+def make_schedule(process, num_steps: int, *, grid: str,
+                  spacing: str | None = None) -> Schedule:
   """The schedule on the named grid (``grids.GRIDS``) plus the final step to the data.
 
   With a concrete process (closed over, not a jit argument) the schedule is computed at trace time

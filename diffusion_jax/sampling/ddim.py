@@ -24,7 +24,7 @@ def _require_key(key, method: str):
 def ddpm(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
          key: jax.Array | None, prediction: str = 'eps',
          variance: Literal['small', 'large'] = 'small', grid: str = 'uniform',
-         spacing: str = 'trailing', clip_x0: bool = False, dynamic_threshold: float | None = None,
+         spacing: str | None = None, clip_x0: bool = False, dynamic_threshold: float | None = None,
          return_trajectory: bool = False, callback=None) -> tuple[jax.Array, dict]:
   """Ancestral sampling: Algorithm 2 of Ho et al. (2020), on any grid of any process.
 
@@ -75,7 +75,7 @@ def ddpm(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
 
 def ddim(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
          key: jax.Array | None = None, prediction: str = 'eps', eta: float = 0.0,
-         grid: str = 'quadratic', spacing: str = 'trailing', clip_x0: bool = False,
+         grid: str = 'quadratic', spacing: str | None = None, clip_x0: bool = False,
          dynamic_threshold: float | None = None, return_trajectory: bool = False,
          callback=None) -> tuple[jax.Array, dict]:
   """DDIM: Song et al. (2021a), eq. 12, written for any alpha, sigma.

@@ -148,7 +148,7 @@ def _check_order(order: int, allowed: tuple[int, ...], num_steps: int, method: s
 
 def dpmpp_2m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
              key: jax.Array | None = None, prediction: str = 'eps', order: int = 2,
-             grid: str = 'quadratic', spacing: str = 'trailing',
+             grid: str = 'quadratic', spacing: str | None = None,
              lower_order_final: bool | None = None, clip_x0: bool = False,
              dynamic_threshold: float | None = None, return_trajectory: bool = False,
              callback=None) -> tuple[jax.Array, dict]:
@@ -182,7 +182,7 @@ def dpmpp_2m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num
 
 def dpmpp_3m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
              key: jax.Array | None = None, prediction: str = 'eps', order: int = 3,
-             grid: str = 'quadratic', spacing: str = 'trailing',
+             grid: str = 'quadratic', spacing: str | None = None,
              lower_order_final: bool | None = None, clip_x0: bool = False,
              dynamic_threshold: float | None = None, return_trajectory: bool = False,
              callback=None) -> tuple[jax.Array, dict]:
@@ -200,7 +200,7 @@ def dpmpp_3m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num
 
 def dpmpp_2m_sde(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
                  key: jax.Array | None, prediction: str = 'eps', order: int = 2,
-                 grid: str = 'quadratic', spacing: str = 'trailing', clip_x0: bool = False,
+                 grid: str = 'quadratic', spacing: str | None = None, clip_x0: bool = False,
                  dynamic_threshold: float | None = None, return_trajectory: bool = False,
                  callback=None) -> tuple[jax.Array, dict]:
   """DPM-Solver++(2M) SDE (Lu et al. 2022b, Sec. 5; midpoint variant), stochastic.

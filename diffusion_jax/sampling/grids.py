@@ -20,6 +20,15 @@ Grids (``GRIDS`` maps the names to the functions):
   sigma / alpha of the scaled ODE.
 - ``'quadratic'``: quadratic in t, dense near the data (Song et al. 2021a, DDIM, Appendix D.2);
   not rounded to integer steps.
+
+``spacing`` for the last three: ``'linspace'`` (their default) runs the n times from ``t_max`` to
+``t_min`` inclusive, so the last model evaluation is at ``t_min``, where the final step to the data
+is tiny; ``'trailing'`` lays out n + 1 times the same way and evaluates the first n, so the final
+step to the data is as long as its neighbours, as uniform 'trailing' does. With few steps that
+evaluation is worth having: on the mixture oracle at 5 NFE, DPM-Solver++(2M) on the quadratic grid
+has RMS error 0.275 with 'linspace' and 0.155 with 'trailing' (``experiments/bench_samplers.py``).
+As n grows 'linspace' converges with the solver's full order; 'trailing' ends its last step at a
+noise level that shrinks with n, so it is for few steps. 'leading' is for 'uniform' only.
 """
 
 from __future__ import annotations
@@ -44,7 +53,19 @@ def _check_num_steps(num_steps: int) -> int:
   return int(num_steps)
 
 
-def uniform(process, num_steps: int, *, spacing: Spacing = 'trailing') -> jnp.ndarray:
+def _open_or_closed(num_steps: int, spacing: Spacing | None) -> tuple[int, int]:
+  """(points to lay out, points to keep) for a non-uniform grid's ``spacing``."""
+  n = _check_num_steps(num_steps)
+  spacing = spacing or 'linspace'
+  if spacing == 'linspace':
+    return n, n
+  if spacing == 'trailing':
+    return n + 1, n
+  raise ValueError(f"spacing={spacing!r} is for the 'uniform' grid only; the log-SNR, Karras "
+                   "and quadratic grids take 'linspace' or 'trailing'.")
+
+
+def uniform(process, num_steps: int, *, spacing: Spacing | None = 'trailing') -> jnp.ndarray:
   """Times uniform in t (Ho et al. 2020; Song et al. 2021a), with a ``timestep_spacing`` convention.
 
   Args:
@@ -56,6 +77,7 @@ def uniform(process, num_steps: int, *, spacing: Spacing = 'trailing') -> jnp.nd
     float32 ``[n]``, decreasing.
   """
   n = _check_num_steps(num_steps)
+  spacing = spacing or 'trailing'
   if spacing not in SPACINGS:
     raise ValueError(f'spacing={spacing!r} is not known; use one of {SPACINGS}.')
   t_min, t_max = float(process.t_min), float(process.t_max)
@@ -75,43 +97,53 @@ def uniform(process, num_steps: int, *, spacing: Spacing = 'trailing') -> jnp.nd
   return jnp.asarray(np.clip(t, t_min, t_max), jnp.float32)
 
 
-def logsnr(process, num_steps: int) -> jnp.ndarray:
-  """Times uniform in log-SNR between ``t_max`` and ``t_min`` (Lu et al. 2022, Sec. 3.4)."""
-  n = _check_num_steps(num_steps)
+def logsnr(process, num_steps: int, *, spacing: Spacing | None = None) -> jnp.ndarray:
+  """Times uniform in log-SNR between ``t_max`` and ``t_min`` (Lu et al. 2022, Sec. 3.4).
+
+  ``spacing``: 'linspace' (default) or 'trailing' (see the module docstring).
+  """
+  m, n = _open_or_closed(num_steps, spacing)
   lam_hi = process.log_snr(jnp.float32(process.t_min))
   lam_lo = process.log_snr(jnp.float32(process.t_max))
-  lam = jnp.linspace(lam_lo, lam_hi, n) if n > 1 else lam_lo[None]
+  lam = jnp.linspace(lam_lo, lam_hi, m) if m > 1 else lam_lo[None]
   t = process.t_from_log_snr(lam)
   # Pin the ends: the inverse's interpolation error must not leave the domain.
   t = t.at[0].set(process.t_max)
-  if n > 1:
+  if m > 1:
     t = t.at[-1].set(process.t_min)
+  t = t[:n]
   return jnp.clip(t, process.t_min, process.t_max).astype(jnp.float32)
 
 
-def karras(process, num_steps: int, *, rho: float = 7.0) -> jnp.ndarray:
+def karras(process, num_steps: int, *, rho: float = 7.0,
+           spacing: Spacing | None = None) -> jnp.ndarray:
   """The schedule of Karras et al. (2022), eq. 5, in the scaled noise level sigma / alpha.
 
   ``s_i = (s_max^(1/rho) + i / (n - 1) (s_min^(1/rho) - s_max^(1/rho)))^rho`` with
   ``s = sigma / alpha`` at ``t_max`` and ``t_min``, mapped back to times through log-SNR = -2 log s.
+  ``spacing``: 'linspace' (default) or 'trailing' (see the module docstring).
   """
-  n = _check_num_steps(num_steps)
+  m, n = _open_or_closed(num_steps, spacing)
   s_min = jnp.exp(-0.5 * process.log_snr(jnp.float32(process.t_min)))
   s_max = jnp.exp(-0.5 * process.log_snr(jnp.float32(process.t_max)))
-  u = jnp.linspace(0.0, 1.0, n) if n > 1 else jnp.zeros((1,))
+  u = jnp.linspace(0.0, 1.0, m) if m > 1 else jnp.zeros((1,))
   s = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
   t = process.t_from_log_snr(-2.0 * jnp.log(s))
   t = t.at[0].set(process.t_max)
-  if n > 1:
+  if m > 1:
     t = t.at[-1].set(process.t_min)
+  t = t[:n]
   return jnp.clip(t, process.t_min, process.t_max).astype(jnp.float32)
 
 
-def quadratic(process, num_steps: int) -> jnp.ndarray:
-  """Times quadratic in the step index, dense near the data (Song et al. 2021a, App. D.2)."""
-  n = _check_num_steps(num_steps)
+def quadratic(process, num_steps: int, *, spacing: Spacing | None = None) -> jnp.ndarray:
+  """Times quadratic in the step index, dense near the data (Song et al. 2021a, App. D.2).
+
+  ``spacing``: 'linspace' (default) or 'trailing' (see the module docstring).
+  """
+  m, n = _open_or_closed(num_steps, spacing)
   t_min, t_max = float(process.t_min), float(process.t_max)
-  u = np.linspace(1.0, 0.0, n) if n > 1 else np.ones((1,))
+  u = (np.linspace(1.0, 0.0, m) if m > 1 else np.ones((1,)))[:n]
   # Not rounded for DiscreteVP: rounding would repeat times near t_min once n is large.
   t = t_min + (t_max - t_min) * u**2
   return jnp.asarray(np.clip(t, t_min, t_max), jnp.float32)
@@ -125,12 +157,12 @@ GRIDS: dict[str, Callable[..., jnp.ndarray]] = {
 }
 
 
-def make_grid(process, num_steps: int, grid: str, *, spacing: Spacing = 'trailing') -> jnp.ndarray:
-  """The grid named ``grid`` (a key of ``GRIDS``); ``spacing`` applies to 'uniform' only."""
+def make_grid(process, num_steps: int, grid: str, *,
+              spacing: Spacing | None = None) -> jnp.ndarray:
+  """The grid named ``grid`` (a key of ``GRIDS``) with ``spacing`` (None: the grid's default,
+  'trailing' for 'uniform' and 'linspace' for the others)."""
   if grid not in GRIDS:
     raise ValueError(f'grid={grid!r} is not known; use one of {sorted(GRIDS)}.')
-  if spacing not in SPACINGS:
+  if spacing is not None and spacing not in SPACINGS:
     raise ValueError(f'spacing={spacing!r} is not known; use one of {SPACINGS}.')
-  if grid == 'uniform':
-    return uniform(process, num_steps, spacing=spacing)
-  return GRIDS[grid](process, num_steps)
+  return GRIDS[grid](process, num_steps, spacing=spacing)

@@ -86,7 +86,7 @@ def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order,
 
 def euler(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
           key: jax.Array | None = None, prediction: str = 'eps', grid: str = 'quadratic',
-          spacing: str = 'trailing', S_churn: float = 0.0, S_tmin: float = 0.0,
+          spacing: str | None = None, S_churn: float = 0.0, S_tmin: float = 0.0,
           S_tmax: float = float('inf'), S_noise: float = 1.0, clip_x0: bool = False,
           dynamic_threshold: float | None = None, return_trajectory: bool = False,
           callback=None) -> tuple[jax.Array, dict]:
@@ -119,7 +119,7 @@ def euler(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
 
 def heun(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
          key: jax.Array | None = None, prediction: str = 'eps', grid: str = 'quadratic',
-         spacing: str = 'trailing', S_churn: float = 0.0, S_tmin: float = 0.0,
+         spacing: str | None = None, S_churn: float = 0.0, S_tmin: float = 0.0,
          S_tmax: float = float('inf'), S_noise: float = 1.0, clip_x0: bool = False,
          dynamic_threshold: float | None = None, return_trajectory: bool = False,
          callback=None) -> tuple[jax.Array, dict]:

@@ -39,7 +39,7 @@ _AB[4, :4] = [55 / 24, -59 / 24, 37 / 24, -9 / 24]
 
 def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
          key: jax.Array | None = None, prediction: str = 'eps', grid: str = 'quadratic',
-         spacing: str = 'trailing', clip_x0: bool = False, dynamic_threshold: float | None = None,
+         spacing: str | None = None, clip_x0: bool = False, dynamic_threshold: float | None = None,
          return_trajectory: bool = False, callback=None) -> tuple[jax.Array, dict]:
   """PNDM's pseudo linear multistep sampler with the lower-order warm start.
 

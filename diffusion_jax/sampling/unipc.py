@@ -88,7 +88,7 @@ def _unipc_update(x_s, m, lam_hist, lam_s, lam_t, sigma_s, alpha_t, sigma_t, ord
 def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
           key: jax.Array | None = None, prediction: str = 'eps', order: int = 2,
           variant: Literal['bh1', 'bh2'] = 'bh2', corrector: bool = True, grid: str = 'quadratic',
-          spacing: str = 'trailing', lower_order_final: bool | None = None, clip_x0: bool = False,
+          spacing: str | None = None, lower_order_final: bool | None = None, clip_x0: bool = False,
           dynamic_threshold: float | None = None, return_trajectory: bool = False,
           callback=None) -> tuple[jax.Array, dict]:
   """UniPC (Zhao et al. 2023): multistep UniP-p predictor with the UniC corrector.
