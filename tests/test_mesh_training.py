@@ -17,10 +17,10 @@ relative size in the updates. Measured (MLP, 4 steps of lr 2e-3): max |param dif
 both meshes; steps_per_call=2 bitwise equal to 1; samples bitwise equal. The bounds leave margin
 for other CPUs and XLA versions.
 
-Why the MLP and not tiny.py's U-Net: the U-Net's train step takes ~40 s of CPU to compile (minutes
-on a loaded machine), once per mesh and once more for the scan; the sharding code is the same
-for every model (`sharding.param_sharding` looks at shapes only), and the MLP's Dense kernels are
-split by FSDP just as conv kernels are.
+The MLP runs every variant (its step compiles in a second or two); tiny.py's U-Net runs once more
+on the FSDP mesh (4, 2) against one device (UNET, `test_unet_on_an_fsdp_mesh_trains_like_one_device`:
+conv kernels split, GroupNorm, attention and dropout on data shards), which became affordable once
+the U-Net step compiled in ~10 s.
 """
 
 import json
@@ -44,6 +44,13 @@ NUM_DEVICES = 8
 # drawn per batch, so only equal batches give comparable samples).
 BASE = {'training.checkpoint_every': 4, 'sampling.num_samples': 8, 'sampling.batch_size': 8}
 MODEL = {'model.name': 'mlp', 'data.source': 'array'}  # data.path: the `base` fixture
+# tiny.py's own U-Net on its 8x8 digits: convolutions, GroupNorm, attention and dropout sharded.
+# Adam's eps = 1 makes the update linear in the gradient, so the comparison sees the sharded
+# gradients themselves: with eps = 1e-8 a gradient element of ~1e-10 (the zero-initialized output
+# convs have many) becomes a +-lr update whose sign rounding decides; measured max |difference|
+# 1.8e-5 with eps = 1e-8 (a sizable part of the 1e-4 the warm-up lets a parameter move in 4 steps)
+# against 1.75e-10 with eps = 1.
+UNET = {'model.name': 'unet', 'data.source': 'digits', 'optim.eps': 1.0}
 DIM = 4
 PARAM_ATOL = 1e-6  # max |param difference| after 4 steps; see the module docstring
 LOSS_RTOL = 1e-5  # logged loss (mean of 2 steps)
@@ -96,6 +103,19 @@ def reference(base, tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
+def unet_reference(base, tmp_path_factory):
+  """tiny.py's U-Net trained 4 steps on one device, in this process."""
+  workdir = str(tmp_path_factory.mktemp('unet_one_device'))
+  state = train.train_and_evaluate(_config({**base, **UNET}), workdir)
+  params = {}
+  for group, tree in (('params', state.params), ('ema_params', state.ema_params)):
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    for path, leaf in leaves:
+      params['/'.join([group] + [str(k.key) for k in path])] = np.asarray(leaf)
+  return {'workdir': workdir, 'params': params, 'losses': _losses(workdir)}
+
+
+@pytest.fixture(scope='module')
 def worker(base, reference, tmp_path_factory):
   """Every 8-device job in one subprocess; returns {name: (result, workdir)}."""
   root = tmp_path_factory.mktemp('eight_devices')
@@ -107,6 +127,8 @@ def worker(base, reference, tmp_path_factory):
       'mesh_8x1': ('train', {'mesh.data': 8, 'mesh.fsdp': 1}),
       'mesh_4x2': ('train', {'mesh.data': 4, 'mesh.fsdp': 2, 'mesh.fsdp_min_size': 256}),
       'steps_per_call_2': ('train', {'mesh.data': 8, 'training.steps_per_call': 2}),
+      'unet_mesh_4x2': ('train', {**UNET, 'mesh.data': 4, 'mesh.fsdp': 2,
+                                  'mesh.fsdp_min_size': 256}),
       'sample': ('sample', {}),
   }
   spec = {}
@@ -150,6 +172,21 @@ def test_mesh_trains_like_one_device(reference, worker, name, mesh):
   diff = _max_abs_diff(_params(workdir), reference['params'])
   assert diff <= PARAM_ATOL, f'{name}: max |params - one device| = {diff:.3g}'
   print(f'{name}: max |params - one device| = {diff:.3g}')
+
+
+def test_unet_on_an_fsdp_mesh_trains_like_one_device(unet_reference, worker):
+  """The same comparison with tiny.py's U-Net: conv kernels FSDP-split, GroupNorm statistics and
+  attention computed on data shards, dropout drawn per shard."""
+  result, workdir = _ok(worker, 'unet_mesh_4x2')
+  assert result['num_devices'] == NUM_DEVICES and result['step'] == 4
+  assert any('Conv' in k and k.endswith('kernel') for k in result['fsdp_sharded'])
+  losses = _losses(workdir)
+  assert sorted(losses) == sorted(unet_reference['losses']) == [2, 4]
+  for step, loss in losses.items():
+    np.testing.assert_allclose(loss, unet_reference['losses'][step], rtol=LOSS_RTOL)
+  diff = _max_abs_diff(_params(workdir), unet_reference['params'])
+  assert diff <= PARAM_ATOL, f'U-Net (4, 2): max |params - one device| = {diff:.3g}'
+  print(f'U-Net (4, 2): max |params - one device| = {diff:.3g}')
 
 
 def test_steps_per_call_2_matches_one_step_per_call(worker):
