@@ -1,8 +1,9 @@
 """Two local processes train through `jax.distributed`, like the hosts of a pod.
 
 `python -m diffusion_jax.main --coordinator_address=127.0.0.1:PORT --num_processes=2
---process_id=i` trains 3 steps of configs/tiny.py (its MLP on 256 vectors: the U-Net's train step
-alone takes ~40 s of CPU to compile in each process), one CPU device per process, global batch 8,
+--process_id=i` trains 3 steps of configs/tiny.py (its MLP on 256 vectors, which compiles in a
+second or two per process; tiny.py's U-Net is compared across devices in test_mesh_training.py),
+one CPU device per process, global batch 8,
 4 examples loaded by each process; CPU collectives go through gloo, jax's default. Then both
 processes sample (`--mode=sample`).
 
