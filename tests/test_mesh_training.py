@@ -86,33 +86,32 @@ def base(tmp_path_factory):
   return {**BASE, **MODEL, 'data.path': str(path)}
 
 
-@pytest.fixture(scope='module')
-def reference(base, tmp_path_factory):
-  """Train 4 steps and sample on one device, in this process."""
-  workdir = str(tmp_path_factory.mktemp('one_device'))
-  config = _config(base)
+def _train_on_one_device(config, workdir):
+  """Trains in this process; returns the reference dict (final params and EMA, logged losses)."""
   state = train.train_and_evaluate(config, workdir)
   params = {}
   for group, tree in (('params', state.params), ('ema_params', state.ema_params)):
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     for path, leaf in leaves:
       params['/'.join([group] + [str(k.key) for k in path])] = np.asarray(leaf)
-  samples = np.load(train.sample(config, workdir))['x']
   return {'workdir': workdir, 'num_devices': jax.device_count(), 'params': params,
-          'losses': _losses(workdir), 'samples': samples}
+          'losses': _losses(workdir)}
+
+
+@pytest.fixture(scope='module')
+def reference(base, tmp_path_factory):
+  """Train 4 steps and sample on one device, in this process."""
+  config = _config(base)
+  ref = _train_on_one_device(config, str(tmp_path_factory.mktemp('one_device')))
+  ref['samples'] = np.load(train.sample(config, ref['workdir']))['x']
+  return ref
 
 
 @pytest.fixture(scope='module')
 def unet_reference(base, tmp_path_factory):
   """tiny.py's U-Net trained 4 steps on one device, in this process."""
-  workdir = str(tmp_path_factory.mktemp('unet_one_device'))
-  state = train.train_and_evaluate(_config({**base, **UNET}), workdir)
-  params = {}
-  for group, tree in (('params', state.params), ('ema_params', state.ema_params)):
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    for path, leaf in leaves:
-      params['/'.join([group] + [str(k.key) for k in path])] = np.asarray(leaf)
-  return {'workdir': workdir, 'params': params, 'losses': _losses(workdir)}
+  return _train_on_one_device(_config({**base, **UNET}),
+                              str(tmp_path_factory.mktemp('unet_one_device')))
 
 
 @pytest.fixture(scope='module')
@@ -157,13 +156,12 @@ def _ok(worker, name):
   return result, workdir
 
 
-@pytest.mark.parametrize('name, mesh', [('mesh_8x1', {'data': 8, 'fsdp': 1}),
-                                        ('mesh_4x2', {'data': 4, 'fsdp': 2})])
-def test_mesh_trains_like_one_device(reference, worker, name, mesh):
+def _check_like_one_device(reference, worker, name, mesh):
+  """The 8-device run `name` on `mesh` logged the reference's losses and ended with its params."""
   assert reference['num_devices'] == 1
   result, workdir = _ok(worker, name)
   assert result['num_devices'] == NUM_DEVICES and result['mesh'] == mesh and result['step'] == 4
-  if mesh['fsdp'] > 1:  # FSDP really splits the conv kernels, not just replicates everything
+  if mesh['fsdp'] > 1:  # FSDP really splits the kernels, not just replicates everything
     assert any(k.startswith('params/') and k.endswith('kernel') for k in result['fsdp_sharded'])
   losses = _losses(workdir)
   assert sorted(losses) == sorted(reference['losses']) == [2, 4]
@@ -172,21 +170,20 @@ def test_mesh_trains_like_one_device(reference, worker, name, mesh):
   diff = _max_abs_diff(_params(workdir), reference['params'])
   assert diff <= PARAM_ATOL, f'{name}: max |params - one device| = {diff:.3g}'
   print(f'{name}: max |params - one device| = {diff:.3g}')
+  return result
+
+
+@pytest.mark.parametrize('name, mesh', [('mesh_8x1', {'data': 8, 'fsdp': 1}),
+                                        ('mesh_4x2', {'data': 4, 'fsdp': 2})])
+def test_mesh_trains_like_one_device(reference, worker, name, mesh):
+  _check_like_one_device(reference, worker, name, mesh)
 
 
 def test_unet_on_an_fsdp_mesh_trains_like_one_device(unet_reference, worker):
   """The same comparison with tiny.py's U-Net: conv kernels FSDP-split, GroupNorm statistics and
   attention computed on data shards, dropout drawn per shard."""
-  result, workdir = _ok(worker, 'unet_mesh_4x2')
-  assert result['num_devices'] == NUM_DEVICES and result['step'] == 4
-  assert any('Conv' in k and k.endswith('kernel') for k in result['fsdp_sharded'])
-  losses = _losses(workdir)
-  assert sorted(losses) == sorted(unet_reference['losses']) == [2, 4]
-  for step, loss in losses.items():
-    np.testing.assert_allclose(loss, unet_reference['losses'][step], rtol=LOSS_RTOL)
-  diff = _max_abs_diff(_params(workdir), unet_reference['params'])
-  assert diff <= PARAM_ATOL, f'U-Net (4, 2): max |params - one device| = {diff:.3g}'
-  print(f'U-Net (4, 2): max |params - one device| = {diff:.3g}')
+  result = _check_like_one_device(unet_reference, worker, 'unet_mesh_4x2', {'data': 4, 'fsdp': 2})
+  assert any('Conv' in k for k in result['fsdp_sharded'])
 
 
 def test_steps_per_call_2_matches_one_step_per_call(worker):
