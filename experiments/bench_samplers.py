@@ -93,8 +93,8 @@ def flax_peer_main(path: str) -> None:
   eps_fn = mixture_eps_2d(data['weights'], data['means'], data['covs'])
   x_T = jnp.asarray(data['x_T'])
   out = {'version': diffusers.__version__, 'results': []}
-  # The model computes alpha(t) as ours does (log-alpha interpolated over the 1001 grid points),
-  # so both sides pay the same model cost.
+  # The model computes alpha(t) and sigma(t) as ours does (log-alpha interpolated over the 1001
+  # grid points, the same sigma formula), so both sides pay the same model cost.
   log_alphas = jnp.asarray(np.concatenate([[0.0], 0.5 * np.cumsum(np.log1p(
       -np.linspace(1e-4, 0.02, 1000)))]), jnp.float32)
   grid = jnp.arange(1001, dtype=jnp.float32)
@@ -114,7 +114,8 @@ def flax_peer_main(path: str) -> None:
           x, st = carry
           t = st.timesteps[i]
           log_a = jnp.interp(jnp.full(x.shape[:1], t + 1.0), grid, log_alphas)  # our t = t + 1
-          a, s = jnp.exp(log_a), jnp.sqrt(-jnp.expm1(2 * log_a))
+          # process.alpha / process.sigma, formula for formula (the clamp included).
+          a, s = jnp.exp(log_a), jnp.sqrt(jnp.maximum(-jnp.expm1(2 * log_a), 0.0))
           e = eps_fn(x, a, s)
           x, st = sched.step(st, e, t, x, return_dict=False)
           return x, st
