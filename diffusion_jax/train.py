@@ -432,18 +432,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
   def check_state(flags, step):
     """Stops before the state is saved or sampled if an update overflowed it (see train_step)."""
-    if np.any(np.concatenate([np.reshape(f, (-1,)) for f in flags])):
+    if any(np.any(f) for f in flags):
       bar.close()
       s.checkpointer.wait_until_finished()
       raise FloatingPointError(
-          f'An update before step {step} made the parameters, EMA or optimizer state Inf/NaN '
+          f'An update before step {step} made the parameters Inf/NaN '
           'although its loss and gradients were finite: the learning rate is far too high '
           f'(optim.learning_rate={config.optim.learning_rate}). Training stopped without saving; '
           f'the last good checkpoint is step {s.checkpointer.latest_step()} in '
           f'{s.checkpointer.directory}. Lower optim.learning_rate and rerun.')
 
+  def check_pending(step):
+    check_state(jax.device_get([m['nonfinite_state'] for m in pending]), step)
+
   def save(st, step):
-    check_state(jax.device_get([m['nonfinite_state'] for m in pending]) or [np.zeros(1)], step)
+    check_pending(step)
     s.checkpointer.save(step, st, data_state=data.iterator.get_state())
 
   pending: list[dict[str, jax.Array]] = []
@@ -492,7 +495,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       if step % config.training.checkpoint_every == 0 or step == total:
         save(state, step)
       if config.training.sample_every and step % config.training.sample_every == 0:
-        check_state(jax.device_get([m['nonfinite_state'] for m in pending]) or [np.zeros(1)], step)
+        check_pending(step)
         write_grid(state, step)
       if preemption.reached(step):
         if step % config.training.checkpoint_every and step != total:
