@@ -120,7 +120,9 @@ class Dropout(nn.Module):
     words = jax.random.bits(self.make_rng('dropout'), ((n + 1) // 2,), jnp.uint32)
     draws = jnp.concatenate([words & 0xFFFF, words >> 16])[:n].reshape(x.shape)
     keep_prob = 1.0 - threshold / 65536
-    return jnp.where(draws >= threshold, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
+    # Scaled in float32: 0.899994 rounds to 0.898 in bfloat16, which would bias the output.
+    kept = (x.astype(jnp.float32) / keep_prob).astype(x.dtype)
+    return jnp.where(draws >= threshold, kept, jnp.zeros_like(x))
 
 
 def group_norm(channels: int, dtype: Dtype, name: str | None = None) -> GroupNorm:
