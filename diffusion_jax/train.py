@@ -575,9 +575,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   means, stderrs, sizes = [], [], []
   key = jax.random.PRNGKey(config.seed + 3)
   dequantize = None if ev.dequantize == 'none' else ev.dequantize
+  # Each process evaluates its own shard of the split: its share of eval.num_examples.
+  share = -(-ev.num_examples // jax.process_count())
   for i, batch in enumerate(tqdm.tqdm(data.iterator, desc='bits/dim',
                                       disable=jax.process_index() != 0)):
-    x = batch['x'][:ev.num_examples - sum(sizes)]
+    x = batch['x'][:share - sum(sizes)]
     mean, stderr = likelihood.bits_per_dim(
         model_fn, s.process, x, key=jax.random.fold_in(key, i), prediction=prediction,
         num_draws=ev.num_draws, dequantize=dequantize, rtol=ev.rtol, atol=ev.atol,
@@ -585,14 +587,21 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     means.append(mean)
     stderrs.append(stderr)
     sizes.append(len(x))
-    if sum(sizes) >= ev.num_examples:
+    if sum(sizes) >= share:
       break
   n = np.asarray(sizes, np.float64)
   # Batches are independent: the overall mean weights each batch by its size, and so does its
-  # standard error (sqrt of the summed variances of the batch sums, over N).
-  metrics = {'eval_bpd': float(np.sum(n * np.asarray(means)) / n.sum()),
-             'eval_bpd_stderr': float(np.sqrt(np.sum((n * np.asarray(stderrs))**2)) / n.sum()),
-             'eval_num_examples': int(n.sum())}
+  # standard error (sqrt of the summed variances of the batch sums, over N). On several processes
+  # the sums of every process's batches are added up.
+  sums = np.array([np.sum(n * np.asarray(means)), np.sum((n * np.asarray(stderrs))**2), n.sum()])
+  logging.info('eval on process %d: %d examples, %.6f bits/dim', jax.process_index(), sums[2],
+               sums[0] / max(sums[2], 1))
+  if jax.process_count() > 1:
+    sums = np.asarray(multihost_utils.process_allgather(sums.astype(np.float32)),
+                      np.float64).reshape(-1, 3).sum(axis=0)
+  metrics = {'eval_bpd': float(sums[0] / sums[2]),
+             'eval_bpd_stderr': float(np.sqrt(sums[1]) / sums[2]),
+             'eval_num_examples': int(sums[2])}
   writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
   writer.write(step, metrics)
   writer.close()

@@ -5,7 +5,7 @@
 second or two per process; tiny.py's U-Net is compared across devices in test_mesh_training.py),
 one CPU device per process, global batch 8,
 4 examples loaded by each process; CPU collectives go through gloo, jax's default. Then both
-processes sample (`--mode=sample`).
+processes sample (`--mode=sample`) and evaluate bits/dim (`--mode=eval`, each on its own shard).
 
 How the result is checked honestly. Each process reads only its shard of the data
 (`[process_index::process_count]`) and shuffles it with a seed of its own, so a plain one-process
@@ -45,6 +45,8 @@ OVERRIDES = {'training.num_train_steps': STEPS, 'training.log_every': 1,
              'training.checkpoint_every': STEPS, 'model.name': 'mlp', 'data.source': 'array'}
 PARAM_ATOL = 2e-6  # max |param difference| after 3 steps (measured 2.3e-7): reduction order only
 LOSS_RTOL = 1e-5
+# --mode=eval on the continuous vectors: a density, so no 8-bit dequantization.
+EVAL_FLAGS = ['--config.eval.dequantize=none', '--config.eval.num_examples=16']
 TIMEOUT_S = 900  # the whole two-process run, compiles included, on a loaded 2-core machine
 
 
@@ -93,13 +95,13 @@ def data_path(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def two_processes(tmp_path_factory, data_path):
-  """Trains, then samples, with two processes; returns the workdir and each process's output."""
+  """Trains, samples and evaluates with two processes; returns the workdir and the outputs."""
   root = tmp_path_factory.mktemp('two_processes')
   workdir = str(root / 'run')
   cache = jax.config.jax_compilation_cache_dir or str(root / 'cache')
   outputs = ['', '']
-  for mode in ('train', 'sample'):
-    cmd = _cli(workdir, cache, data_path) + [f'--mode={mode}']
+  for mode in ('train', 'sample', 'eval'):
+    cmd = _cli(workdir, cache, data_path) + [f'--mode={mode}'] + EVAL_FLAGS * (mode == 'eval')
     for i, out in enumerate(_run_two(root, mode, cmd)):
       outputs[i] += out
   return workdir, outputs
@@ -208,14 +210,34 @@ def test_two_process_checkpoint_resumes_in_one_process(two_processes, data_path,
 def test_only_process_0_writes(two_processes):
   workdir, (out0, out1) = two_processes
   rows = _metrics(workdir)  # appended to by every writer: two writers would repeat each step
-  assert [r['step'] for r in rows] == list(range(STEPS + 1)), rows
+  # Training rows 0..STEPS, then the one --mode=eval row at the last step.
+  assert [r['step'] for r in rows] == list(range(STEPS + 1)) + [STEPS], rows
+  assert 'eval_bpd' in rows[-1] and 'bits/dim at step' in out0 and 'bits/dim at step' not in out1
   events = os.listdir(os.path.join(workdir, 'tensorboard'))
-  assert len([f for f in events if f.startswith('events')]) == 1, events
+  # One events file per run that logs (train, eval), from process 0 only: two writers would make 4.
+  assert len([f for f in events if f.startswith('events')]) == 2, events
   assert os.listdir(os.path.join(workdir, 'samples')) == [f'ddim_3_step{STEPS}.npz']
   assert np.load(os.path.join(workdir, 'samples', f'ddim_3_step{STEPS}.npz'))['x'].shape == (6, 4)
   banner = re.compile(r'diffusion_jax: [\d,]+ parameters, 2 device\(s\)')
   assert banner.search(out0) and not banner.search(out1)
   assert 'Wrote 6 samples' in out0 and 'Wrote' not in out1
+
+
+def test_eval_on_two_processes_combines_both_shards(two_processes):
+  """--mode=eval: each process evaluates half of eval.num_examples from its own shard; the
+  written bits/dim is the example-weighted mean of both halves, not process 0's alone."""
+  workdir, outputs = two_processes
+  local = []
+  for i, out in enumerate(outputs):
+    m = re.search(rf'eval on process {i}: (\d+) examples, ([-\d.]+) bits/dim', out)
+    assert m, out[-3000:]
+    local.append((int(m.group(1)), float(m.group(2))))
+  (n0, b0), (n1, b1) = local
+  assert n0 == n1 == 8
+  row = _metrics(workdir)[-1]
+  assert row['eval_num_examples'] == 16
+  np.testing.assert_allclose(row['eval_bpd'], (n0 * b0 + n1 * b1) / (n0 + n1), rtol=1e-5)
+  assert abs(b0 - b1) > 1e-4  # two different halves: a combination of one of them would show
 
 
 def test_unreachable_coordinator_exits_with_a_message(tmp_path):
