@@ -97,6 +97,19 @@ def uniform(process, num_steps: int, *, spacing: Spacing | None = 'trailing') ->
   return jnp.asarray(np.clip(t, t_min, t_max), jnp.float32)
 
 
+def _times_from_log_snr(process, lam: jnp.ndarray, n: int) -> jnp.ndarray:
+  """The first ``n`` of the times at log-SNRs ``lam`` (laid out from t_max to t_min), float32.
+
+  The ends are pinned to t_max and t_min: the inverse's interpolation error must not leave the
+  domain.
+  """
+  t = process.t_from_log_snr(lam)
+  t = t.at[0].set(process.t_max)
+  if lam.shape[0] > 1:
+    t = t.at[-1].set(process.t_min)
+  return jnp.clip(t[:n], process.t_min, process.t_max).astype(jnp.float32)
+
+
 def logsnr(process, num_steps: int, *, spacing: Spacing | None = None) -> jnp.ndarray:
   """Times uniform in log-SNR between ``t_max`` and ``t_min`` (Lu et al. 2022, Sec. 3.4).
 
@@ -106,13 +119,7 @@ def logsnr(process, num_steps: int, *, spacing: Spacing | None = None) -> jnp.nd
   lam_hi = process.log_snr(jnp.float32(process.t_min))
   lam_lo = process.log_snr(jnp.float32(process.t_max))
   lam = jnp.linspace(lam_lo, lam_hi, m) if m > 1 else lam_lo[None]
-  t = process.t_from_log_snr(lam)
-  # Pin the ends: the inverse's interpolation error must not leave the domain.
-  t = t.at[0].set(process.t_max)
-  if m > 1:
-    t = t.at[-1].set(process.t_min)
-  t = t[:n]
-  return jnp.clip(t, process.t_min, process.t_max).astype(jnp.float32)
+  return _times_from_log_snr(process, lam, n)
 
 
 def karras(process, num_steps: int, *, rho: float = 7.0,
@@ -128,12 +135,7 @@ def karras(process, num_steps: int, *, rho: float = 7.0,
   s_max = jnp.exp(-0.5 * process.log_snr(jnp.float32(process.t_max)))
   u = jnp.linspace(0.0, 1.0, m) if m > 1 else jnp.zeros((1,))
   s = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-  t = process.t_from_log_snr(-2.0 * jnp.log(s))
-  t = t.at[0].set(process.t_max)
-  if m > 1:
-    t = t.at[-1].set(process.t_min)
-  t = t[:n]
-  return jnp.clip(t, process.t_min, process.t_max).astype(jnp.float32)
+  return _times_from_log_snr(process, -2.0 * jnp.log(s), n)
 
 
 def quadratic(process, num_steps: int, *, spacing: Spacing | None = None) -> jnp.ndarray:
