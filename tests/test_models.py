@@ -523,3 +523,37 @@ def test_dropout_keeps_the_stated_fraction_and_is_unbiased():
       3, 5, 7)
   with pytest.raises(ValueError, match='dropout rate'):
     layers.Dropout(1.0).apply({}, x, deterministic=False, rngs={'dropout': jax.random.key(0)})
+
+
+def test_nin_is_a_dense_over_channels_with_the_same_parameter_names():
+  """``nin`` flattens to [N, C] around its Dense: names, values and gradients stay a 1x1 conv's."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  class TwoNin(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = layers.nin(7, jnp.float32)(x)
+      return layers.nin(5, jnp.float32)(h)
+
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, 3, 4, 6)).astype(np.float32)
+  model = TwoNin()
+  params = model.init(jax.random.key(0), x)['params']
+  assert jax.tree.map(jnp.shape, params) == {
+      'Dense_0': {'kernel': (6, 7), 'bias': (7,)}, 'Dense_1': {'kernel': (7, 5), 'bias': (5,)}}
+  params = jax.tree.map(lambda p: p + jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
+                        params)
+  np_p = jax.tree.map(lambda p: np.asarray(p, np.float64), params)
+  h = np.einsum('bhwi,io->bhwo', x, np_p['Dense_0']['kernel']) + np_p['Dense_0']['bias']
+  want = np.einsum('bhwi,io->bhwo', h, np_p['Dense_1']['kernel']) + np_p['Dense_1']['bias']
+  out = model.apply({'params': params}, x)
+  assert out.shape == (2, 3, 4, 5)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  # Weight gradient of the first layer against the closed form sum_bhw x^T (g W1^T).
+  cot = rng.standard_normal(out.shape).astype(np.float32)
+  grads = jax.grad(lambda p: jnp.vdot(model.apply({'params': p}, x), cot))(params)
+  g_h = np.einsum('bhwo,io->bhwi', cot, np_p['Dense_1']['kernel'])
+  np.testing.assert_allclose(grads['Dense_0']['kernel'], np.einsum('bhwi,bhwo->io', x, g_h),
+                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(grads['Dense_1']['kernel'], np.einsum('bhwi,bhwo->io', h, cot),
+                             rtol=1e-4, atol=1e-4)
