@@ -557,3 +557,25 @@ def test_nin_is_a_dense_over_channels_with_the_same_parameter_names():
                              rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(grads['Dense_1']['kernel'], np.einsum('bhwi,bhwo->io', h, cot),
                              rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_cpu_einsum_attention_matches_dot_product_attention(dtype):
+  """The CPU path of AttnBlock and jax.nn.dot_product_attention (used elsewhere) agree."""
+  rng = np.random.default_rng(2)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 10, 3, 4)), dtype) for _ in range(3))
+  ours = layers._einsum_attention(q, k, v)  # pylint: disable=protected-access
+  ref = jax.nn.dot_product_attention(q, k, v, implementation='xla')
+  assert ours.dtype == ref.dtype == dtype
+  # Same arithmetic (bitwise equal with jax 0.10); the tolerance allows a reordered reduction.
+  tol = 1e-6 if dtype == jnp.float32 else 8e-3
+  np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32),
+                             rtol=tol, atol=tol)
+  cot = jnp.asarray(rng.standard_normal(q.shape), dtype)
+  g_ours = jax.grad(lambda *a: jnp.vdot(layers._einsum_attention(*a), cot).astype(jnp.float32),  # pylint: disable=protected-access
+                    argnums=(0, 1, 2))(q, k, v)
+  g_ref = jax.grad(lambda *a: jnp.vdot(jax.nn.dot_product_attention(*a, implementation='xla'),
+                                       cot).astype(jnp.float32), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g_ours, g_ref):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=tol, atol=tol)

@@ -211,8 +211,11 @@ class GaussianFourierProjection(nn.Module):
 class AttnBlock(nn.Module):
   """Spatial self-attention with a residual connection (DDPM ``attn_block``, ``AttnBlockpp``).
 
-  Runs through ``jax.nn.dot_product_attention`` so XLA or cuDNN flash attention is chosen per
-  backend. With one head the parameters and function are exactly DDPM's.
+  On GPU and TPU it runs through ``jax.nn.dot_product_attention`` (cuDNN flash attention where it
+  applies, XLA otherwise). On CPU, where that function would take its XLA path anyway, the same
+  softmax attention is written as two einsums (``_einsum_attention``): XLA:CPU compiles their
+  backward pass without the layout copies of the library's (a [16, 16, 16, 256] block forward +
+  backward: 28 ms vs 41 ms). With one head the parameters and function are exactly DDPM's.
 
   Attributes:
     num_heads: attention heads (ignored when ``num_head_channels`` is set).
@@ -240,9 +243,22 @@ class AttnBlock(nn.Module):
     k = nin(c, self.dtype)(h)
     v = nin(c, self.dtype)(h)
     split = lambda t: t.reshape(b, height * width, heads, c // heads)  # noqa: E731
-    h = jax.nn.dot_product_attention(split(q), split(k), split(v), implementation=None)
+    if jax.default_backend() == 'cpu':
+      h = _einsum_attention(split(q), split(k), split(v))
+    else:
+      h = jax.nn.dot_product_attention(split(q), split(k), split(v), implementation=None)
     h = nin(c, self.dtype, init_scale=self.init_scale)(h.reshape(b, height, width, c))
     return (x + h) / _SQRT2 if self.skip_rescale else x + h
+
+
+def _einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """``softmax(q k^T / sqrt(d)) v`` over ``[B, T, N, d]`` inputs, as ``dot_product_attention``.
+
+  Logits and softmax in float32 (as the library's XLA path), probabilities cast to ``v.dtype``.
+  """
+  logits = jnp.einsum('btnd,bsnd->bnts', q, k, preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(logits * (q.shape[-1] ** -0.5), axis=-1).astype(v.dtype)
+  return jnp.einsum('bnts,bsnd->btnd', probs, v)
 
 
 def _naive_upsample(x: jax.Array) -> jax.Array:
