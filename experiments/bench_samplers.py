@@ -35,7 +35,10 @@ import numpy as np
 
 NFES = (5, 10, 20, 50)
 # Timed runs per configuration (median): one run is 0.05-0.5 ms here, so few runs are noise.
-_WALL_REPEATS = 51
+# They are split into blocks alternating with the peer's, as are the compilations.
+_WALL_REPEATS = 60
+_WALL_BLOCKS = 6
+_COMPILE_ROUNDS = 3
 SPACINGS = ('linspace', 'leading', 'trailing')
 
 
@@ -85,7 +88,13 @@ def _compile_min(fn, x, repeats=2):
 
 
 def flax_peer_main(path: str) -> None:
-  """Times diffusers' Flax DDIM and DPM-Solver++ under jit + fori_loop; prints JSON."""
+  """Serves timings of diffusers' Flax DDIM and DPM-Solver++ under jit + fori_loop.
+
+  A line protocol on stdin/stdout, so that the parent alternates its own timings with the
+  peer's (load on this machine drifts within a run): first one JSON line with the version and
+  the samples of every configuration; then, per request line ``compile NAME NFE`` or
+  ``wall NAME NFE K``, one JSON line: a fresh trace + compile time, or K wall times (s).
+  """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import diffusers  # pylint: disable=import-outside-toplevel
@@ -98,6 +107,7 @@ def flax_peer_main(path: str) -> None:
   log_alphas = jnp.asarray(np.concatenate([[0.0], 0.5 * np.cumsum(np.log1p(
       -np.linspace(1e-4, 0.02, 1000)))]), jnp.float32)
   grid = jnp.arange(1001, dtype=jnp.float32)
+  runs, compiled = {}, {}
   for name, cls, kw in (('DDIM', diffusers.FlaxDDIMScheduler,
                          {'set_alpha_to_one': True, 'clip_sample': False}),
                         ('DPM++2M', diffusers.FlaxDPMSolverMultistepScheduler,
@@ -108,7 +118,7 @@ def flax_peer_main(path: str) -> None:
       state = sched.create_state()
       state = sched.set_timesteps(state, nfe, x_T.shape)
 
-      def run(x, state=state, sched=sched):
+      def run(x, state=state, sched=sched, nfe=nfe):
 
         def body(i, carry):
           x, st = carry
@@ -122,16 +132,30 @@ def flax_peer_main(path: str) -> None:
 
         return jax.lax.fori_loop(0, nfe, body, (x, state))[0]
 
-      compiled, compile_s = _compile_min(run, x_T)
-      x0 = compiled(x_T).block_until_ready()
-      walls = []
-      for _ in range(_WALL_REPEATS):
-        t0 = time.perf_counter()
-        compiled(x_T).block_until_ready()
-        walls.append(time.perf_counter() - t0)
-      out['results'].append({'name': name, 'nfe': nfe, 'x0': np.asarray(x0).tolist(),
-                             'compile_s': compile_s, 'wall_s': float(np.median(walls))})
-  print(json.dumps(out))
+      runs[name, nfe] = run
+      compiled[name, nfe], _ = _compile_min(run, x_T, repeats=1)
+      x0 = compiled[name, nfe](x_T).block_until_ready()
+      out['results'].append({'name': name, 'nfe': nfe, 'x0': np.asarray(x0).tolist()})
+  print(json.dumps(out), flush=True)
+  for line in sys.stdin:
+    cmd, name, nfe, *rest = line.split()
+    key = (name, int(nfe))
+    if cmd == 'compile':
+      compiled[key], reply = _compile_min(runs[key], x_T, repeats=1)
+    else:
+      reply = _walls(compiled[key], x_T, int(rest[0]))
+    print(json.dumps(reply), flush=True)
+
+
+def _walls(compiled, x, repeats):
+  """``repeats`` wall times (s) of a compiled function, after one untimed call."""
+  compiled(x).block_until_ready()
+  walls = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    compiled(x).block_until_ready()
+    walls.append(time.perf_counter() - t0)
+  return walls
 
 
 # --- ours ---------------------------------------------------------------------------------------
@@ -186,23 +210,41 @@ def run_ours(process, model, x_T, ref, quick):
   return rows
 
 
-def time_ours(process, model, x_T, methods):
-  import jax  # pylint: disable=import-outside-toplevel
+def time_ours(process, model, x_T, methods, peer=None):
+  """Compile and wall times of ours, alternating with the Flax peer's on the same configuration.
+
+  Per configuration: ``_COMPILE_ROUNDS`` fresh compilations on each side, alternating (the
+  minimum is kept: the first compilation in a process pays one-time costs), then
+  ``_WALL_BLOCKS`` alternating blocks of ``_WALL_REPEATS // _WALL_BLOCKS`` runs (the median
+  is kept). Returns {(method, nfe): (compile_s, wall_s, peer_compile_s, peer_wall_s)}; the
+  peer's are None without a peer.
+  """
   from diffusion_jax import sampling  # pylint: disable=import-outside-toplevel
+  names = {'ddim': 'DDIM', 'dpmpp_2m': 'DPM++2M'}
+  per_block = max(_WALL_REPEATS // _WALL_BLOCKS, 1)
   out = {}
   for method in methods:
     for nfe in NFES:
       n = steps_for_nfe(method, nfe)
-      compiled, compile_s = _compile_min(
-          lambda x, n=n, method=method: sampling.sample(model, process, method=method,
-                                                        num_steps=n, x_T=x), x_T)
-      compiled(x_T).block_until_ready()
-      walls = []
-      for _ in range(_WALL_REPEATS):
-        t0 = time.perf_counter()
-        compiled(x_T).block_until_ready()
-        walls.append(time.perf_counter() - t0)
-      out[(method, nfe)] = (compile_s, float(np.median(walls)))
+
+      def fn(x, n=n, method=method):
+        return sampling.sample(model, process, method=method, num_steps=n, x_T=x)
+
+      def ask(request, method=method, nfe=nfe):
+        return peer.ask(f'{request.split()[0]} {names[method]} {nfe} '
+                        + ' '.join(request.split()[1:])) if peer else None
+
+      compiles, peer_compiles, walls, peer_walls = [], [], [], []
+      for _ in range(_COMPILE_ROUNDS):
+        compiled, secs = _compile_min(fn, x_T, repeats=1)
+        compiles.append(secs)
+        peer_compiles.append(ask('compile'))
+      for _ in range(_WALL_BLOCKS):
+        walls += _walls(compiled, x_T, per_block)
+        peer_walls += ask(f'wall {per_block}') or []
+      out[(method, nfe)] = (min(compiles), float(np.median(walls)),
+                            min(peer_compiles) if peer else None,
+                            float(np.median(peer_walls)) if peer else None)
   return out
 
 
@@ -381,44 +423,75 @@ def _accuracy(args, process, mix, model, x_T, x_T_np, ref):
 
 
 def _speed(args, process, mix, model, x_T, x_T_np, ref):
-  print(f'\n## speed, B={args.batch}, CPU (jit; median of 5 runs)\n')
-  timing = time_ours(process, model, x_T, ('ddim', 'dpmpp_2m'))
-  flax = _run_flax_peer(args.flax_python, mix, x_T_np)
-  if isinstance(flax, str):
-    print(f'diffusers Flax: {flax}\n')
-    flax = {}
+  print(f'\n## speed, B={args.batch}, CPU (jit; our runs alternate with the peer\'s: '
+        f'{_COMPILE_ROUNDS} compilations each, min; {_WALL_REPEATS} runs each in '
+        f'{_WALL_BLOCKS} blocks, median)\n')
+  peer = _FlaxPeer.start(args.flax_python, mix, x_T_np)
+  if isinstance(peer, str):
+    print(f'diffusers Flax: {peer}\n')
+    peer = None
   else:
-    print(f"diffusers Flax {flax['version']} (lax.fori_loop over scheduler.step)\n")
-    flax = {(r['name'], r['nfe']): r for r in flax['results']}
+    print(f"diffusers Flax {peer.info['version']} (lax.fori_loop over scheduler.step)\n")
+  try:
+    timing = time_ours(process, model, x_T, ('ddim', 'dpmpp_2m'), peer)
+  finally:
+    if peer:
+      peer.close()
+  samples = {(r['name'], r['nfe']): r['x0'] for r in peer.info['results']} if peer else {}
   print('| method | NFE | compile s | wall ms | Flax compile s | Flax wall ms | compile ratio | '
         'wall ratio | Flax RMS err |\n|' + '---|' * 9)
-  for (method, nfe), (compile_s, wall_s) in timing.items():
-    peer = flax.get(({'ddim': 'DDIM', 'dpmpp_2m': 'DPM++2M'}[method], nfe))
-    if peer:
-      err = float(np.sqrt(np.mean(np.sum((np.asarray(peer['x0']) - ref)**2, -1))))
-      print(f"| {method} | {nfe} | {compile_s:.2f} | {1e3 * wall_s:.2f} | "
-            f"{peer['compile_s']:.2f} | "
-            f"{1e3 * peer['wall_s']:.2f} | {compile_s / peer['compile_s']:.2f} | "
-            f"{wall_s / peer['wall_s']:.2f} | {err:.2e} |")
+  for (method, nfe), (compile_s, wall_s, peer_compile, peer_wall) in timing.items():
+    x0 = samples.get(({'ddim': 'DDIM', 'dpmpp_2m': 'DPM++2M'}[method], nfe))
+    if peer_wall is not None and x0 is not None:
+      err = float(np.sqrt(np.mean(np.sum((np.asarray(x0) - ref)**2, -1))))
+      print(f'| {method} | {nfe} | {compile_s:.2f} | {1e3 * wall_s:.3f} | {peer_compile:.2f} | '
+            f'{1e3 * peer_wall:.3f} | {compile_s / peer_compile:.2f} | '
+            f'{wall_s / peer_wall:.2f} | {err:.2e} |')
     else:
-      print(f'| {method} | {nfe} | {compile_s:.2f} | {1e3 * wall_s:.2f} |' + ' — |' * 5)
+      print(f'| {method} | {nfe} | {compile_s:.2f} | {1e3 * wall_s:.3f} |' + ' — |' * 5)
 
 
-def _run_flax_peer(python, mix, x_T_np):
-  if not python or not os.path.exists(python):
-    return ('not installed (python -m venv /tmp/dfx && '
-            '/tmp/dfx/bin/pip install diffusers==0.39.0 jax flax)')
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, 'peer.npz')
+class _FlaxPeer:
+  """The diffusers-0.39 Flax peer in its own interpreter, answering timing requests."""
+
+  def __init__(self, proc, tmp, info):
+    self.proc, self.tmp, self.info = proc, tmp, info
+
+  @classmethod
+  def start(cls, python, mix, x_T_np):
+    """A running peer, or a string saying why there is none."""
+    if not python or not os.path.exists(python):
+      return ('not installed (python -m venv /tmp/dfx && '
+              '/tmp/dfx/bin/pip install diffusers==0.39.0 jax flax)')
+    tmp = tempfile.TemporaryDirectory()  # pylint: disable=consider-using-with
+    path = os.path.join(tmp.name, 'peer.npz')
     np.savez(path, weights=mix.weights, means=mix.means, covs=mix.covs,
              x_T=x_T_np.astype(np.float32))
-    proc = subprocess.run([python, os.path.abspath(__file__), '--flax-peer', path],
-                          capture_output=True, text=True, check=False,
-                          env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
-  if proc.returncode != 0:
-    tail = proc.stderr.strip().splitlines()[-1:] or ['?']
-    return f'not installed or failed ({tail[0]})'
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen(  # pylint: disable=consider-using-with
+        [python, os.path.abspath(__file__), '--flax-peer', path], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
+    line = proc.stdout.readline()
+    if not line:
+      tail = proc.stderr.read().strip().splitlines()[-1:] or ['?']
+      proc.wait()
+      tmp.cleanup()
+      return f'not installed or failed ({tail[0]})'
+    return cls(proc, tmp, json.loads(line))
+
+  def ask(self, request):
+    self.proc.stdin.write(request + '\n')
+    self.proc.stdin.flush()
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f'the Flax peer exited on {request!r}: '
+                         f'{self.proc.stderr.read().strip()[-500:]}')
+    return json.loads(line)
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait(timeout=60)
+    self.tmp.cleanup()
 
 
 if __name__ == '__main__':
