@@ -230,9 +230,8 @@ def time_ours(process, model, x_T, methods, peer=None):
       def fn(x, n=n, method=method):
         return sampling.sample(model, process, method=method, num_steps=n, x_T=x)
 
-      def ask(request, method=method, nfe=nfe):
-        return peer.ask(f'{request.split()[0]} {names[method]} {nfe} '
-                        + ' '.join(request.split()[1:])) if peer else None
+      def ask(command, *args, method=method, nfe=nfe):
+        return peer.ask(' '.join(map(str, (command, names[method], nfe) + args))) if peer else None
 
       compiles, peer_compiles, walls, peer_walls = [], [], [], []
       for _ in range(_COMPILE_ROUNDS):
@@ -241,7 +240,7 @@ def time_ours(process, model, x_T, methods, peer=None):
         peer_compiles.append(ask('compile'))
       for _ in range(_WALL_BLOCKS):
         walls += _walls(compiled, x_T, per_block)
-        peer_walls += ask(f'wall {per_block}') or []
+        peer_walls += ask('wall', per_block) or []
       out[(method, nfe)] = (min(compiles), float(np.median(walls)),
                             min(peer_compiles) if peer else None,
                             float(np.median(peer_walls)) if peer else None)
