@@ -564,7 +564,8 @@ def test_cpu_einsum_attention_matches_dot_product_attention(dtype):
   """The CPU path of AttnBlock and jax.nn.dot_product_attention (used elsewhere) agree."""
   rng = np.random.default_rng(2)
   q, k, v = (jnp.asarray(rng.standard_normal((2, 10, 3, 4)), dtype) for _ in range(3))
-  ours = layers._einsum_attention(q, k, v)  # pylint: disable=protected-access
+  einsum_attention = layers._einsum_attention  # pylint: disable=protected-access
+  ours = einsum_attention(q, k, v)
   ref = jax.nn.dot_product_attention(q, k, v, implementation='xla')
   assert ours.dtype == ref.dtype == dtype
   # Same arithmetic (bitwise equal with jax 0.10); the tolerance allows a reordered reduction.
@@ -572,7 +573,7 @@ def test_cpu_einsum_attention_matches_dot_product_attention(dtype):
   np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32),
                              rtol=tol, atol=tol)
   cot = jnp.asarray(rng.standard_normal(q.shape), dtype)
-  g_ours = jax.grad(lambda *a: jnp.vdot(layers._einsum_attention(*a), cot).astype(jnp.float32),  # pylint: disable=protected-access
+  g_ours = jax.grad(lambda *a: jnp.vdot(einsum_attention(*a), cot).astype(jnp.float32),
                     argnums=(0, 1, 2))(q, k, v)
   g_ref = jax.grad(lambda *a: jnp.vdot(jax.nn.dot_product_attention(*a, implementation='xla'),
                                        cot).astype(jnp.float32), argnums=(0, 1, 2))(q, k, v)
