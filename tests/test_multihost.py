@@ -178,11 +178,12 @@ def one_process(tmp_path_factory, data_path):
   return workdir, state
 
 
-def test_two_processes_end_with_the_params_of_one_process(two_processes, one_process, data_path):
-  workdir, _ = two_processes
-  ref_dir, ref = one_process
-  config = _config(data_path)
-  s = train.setup(config, workdir, (4,))
+def _compare_with_one_process(config, workdir, element_shape, ref_dir, ref, atol):
+  """Restores the two-process checkpoint in this process and compares it with ``ref``.
+
+  Returns (max |params difference|, how far training moved the params from their init).
+  """
+  s = train.setup(config, workdir, element_shape)
   restored = s.checkpointer.restore(train.abstract_state(s))
   s.checkpointer.close()
   assert restored is not None
@@ -190,12 +191,19 @@ def test_two_processes_end_with_the_params_of_one_process(two_processes, one_pro
   assert step == STEPS and int(state.step) == STEPS
   diff = max(_max_abs_diff(state.params, ref.params),
              _max_abs_diff(state.ema_params, ref.ema_params))
-  assert diff <= PARAM_ATOL, f'max |params (2 processes) - params (1 process)| = {diff:.3g}'
-  print(f'two processes vs one: max |params difference| = {diff:.3g}')
+  assert diff <= atol, f'max |params (2 processes) - params (1 process)| = {diff:.3g}'
   losses = [r['loss'] for r in _metrics(workdir) if 'loss' in r]
   ref_losses = [r['loss'] for r in _metrics(ref_dir) if 'loss' in r]
   assert len(losses) == STEPS
   np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
+  return diff, _max_abs_diff(state.params, s.state.params)
+
+
+def test_two_processes_end_with_the_params_of_one_process(two_processes, one_process, data_path):
+  ref_dir, ref = one_process
+  diff, _ = _compare_with_one_process(_config(data_path), two_processes[0], (4,), ref_dir, ref,
+                                      PARAM_ATOL)
+  print(f'two processes vs one: max |params difference| = {diff:.3g}')
 
 
 # tiny.py as it is (its U-Net on the digits), 3 steps. Adam's eps = 1 makes the update linear in
@@ -216,25 +224,15 @@ def test_two_processes_train_tiny_unet_like_one_process(tmp_path):
   _run_two(tmp_path, 'train_unet', cmd)
   config = tiny.get_config()
   config.update_from_flattened_dict(UNET_OVERRIDES)
+  ref_dir = str(tmp_path / 'one')
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(train, 'create_data', _union_create_data)
-    ref = train.train_and_evaluate(config, str(tmp_path / 'one'))
-  s = train.setup(config, workdir, (8, 8, 1))
-  restored = s.checkpointer.restore(train.abstract_state(s))
-  s.checkpointer.close()
-  assert restored is not None and int(restored[0].step) == STEPS
-  state = restored[0]
-  diff = max(_max_abs_diff(state.params, ref.params),
-             _max_abs_diff(state.ema_params, ref.ema_params))
-  moved = _max_abs_diff(state.params, s.state.params)  # how far training took the params
+    ref = train.train_and_evaluate(config, ref_dir)
+  diff, moved = _compare_with_one_process(config, workdir, (8, 8, 1), ref_dir, ref,
+                                          UNET_PARAM_ATOL)
   print(f'tiny U-Net, two processes vs one: max |params difference| = {diff:.3g} '
         f'(params moved up to {moved:.3g} from their init)')
-  assert diff <= UNET_PARAM_ATOL, f'max |params (2 processes) - params (1 process)| = {diff:.3g}'
   assert moved > 1e4 * UNET_PARAM_ATOL  # the comparison is not between two untrained states
-  losses = [r['loss'] for r in _metrics(workdir) if 'loss' in r]
-  ref_losses = [r['loss'] for r in _metrics(str(tmp_path / 'one')) if 'loss' in r]
-  assert len(losses) == STEPS
-  np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
 
 
 def test_two_process_checkpoint_resumes_in_one_process(two_processes, data_path, tmp_path):
