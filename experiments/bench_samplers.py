@@ -71,17 +71,17 @@ def mixture_eps_2d(weights, means, covs):
   return eps
 
 
-def _compile_min(fn, x, repeats=2):
-  """Trace + lower + compile time of ``jax.jit(fn)``: the best of fresh compilations (the first
-  one of a process also pays one-time costs)."""
+def _compile(fn, x):
+  """``(compiled, seconds)``: a fresh trace + lower + compile of ``jax.jit(fn)`` (no cache hit).
+
+  Callers keep the minimum over several calls: the first compilation of a process also pays
+  one-time costs.
+  """
   import jax  # pylint: disable=import-outside-toplevel
-  best = float('inf')
-  for _ in range(repeats):
-    wrapped = lambda x: fn(x)  # pylint: disable=unnecessary-lambda  # a new function: no cache hit
-    t0 = time.perf_counter()
-    compiled = jax.jit(wrapped).lower(x).compile()
-    best = min(best, time.perf_counter() - t0)
-  return compiled, best
+  wrapped = lambda x: fn(x)  # pylint: disable=unnecessary-lambda  # a new function: no cache hit
+  t0 = time.perf_counter()
+  compiled = jax.jit(wrapped).lower(x).compile()
+  return compiled, time.perf_counter() - t0
 
 
 # --- the diffusers Flax peer (runs in the interpreter given by --flax-python) -------------------
@@ -133,7 +133,7 @@ def flax_peer_main(path: str) -> None:
         return jax.lax.fori_loop(0, nfe, body, (x, state))[0]
 
       runs[name, nfe] = run
-      compiled[name, nfe], _ = _compile_min(run, x_T, repeats=1)
+      compiled[name, nfe], _ = _compile(run, x_T)
       x0 = compiled[name, nfe](x_T).block_until_ready()
       out['results'].append({'name': name, 'nfe': nfe, 'x0': np.asarray(x0).tolist()})
   print(json.dumps(out), flush=True)
@@ -141,7 +141,7 @@ def flax_peer_main(path: str) -> None:
     cmd, name, nfe, *rest = line.split()
     key = (name, int(nfe))
     if cmd == 'compile':
-      compiled[key], reply = _compile_min(runs[key], x_T, repeats=1)
+      compiled[key], reply = _compile(runs[key], x_T)
     else:
       reply = _walls(compiled[key], x_T, int(rest[0]))
     print(json.dumps(reply), flush=True)
@@ -235,7 +235,7 @@ def time_ours(process, model, x_T, methods, peer=None):
 
       compiles, peer_compiles, walls, peer_walls = [], [], [], []
       for _ in range(_COMPILE_ROUNDS):
-        compiled, secs = _compile_min(fn, x_T, repeats=1)
+        compiled, secs = _compile(fn, x_T)
         compiles.append(secs)
         peer_compiles.append(ask('compile'))
       for _ in range(_WALL_BLOCKS):
