@@ -104,6 +104,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice('sampling.method', config.sampling.method, tuple(sampling.METHODS))
   _choice('sampling.grid', config.sampling.grid, ('',) + tuple(sampling.grids.GRIDS))
   _choice('sampling.spacing', config.sampling.spacing, ('',) + sampling.grids.SPACINGS)
+  _choice('sampling.warm_start', config.sampling.warm_start, ('heun', 'ab'))
+  _positive('sampling.order', config.sampling.order, allow_zero=True)
+  if config.sampling.order and 'order' not in sampling.method_options(config.sampling.method):
+    raise ValueError(f"Config field 'sampling.order' = {config.sampling.order} is set but "
+                     f'sampling.method={config.sampling.method!r} takes no order; leave it 0.')
   _choice('eval.dequantize', config.eval.dequantize, ('uniform', 'none'))
   for name in ('training.batch_size', 'training.num_train_steps', 'training.log_every',
                'training.checkpoint_every', 'training.keep_checkpoints', 'training.steps_per_call',
@@ -143,6 +148,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check = getattr(preconditioning, 'check_model_process', None)
   if check is not None:
     check(config.model.noise_input, config.model.parameterization, build_process(config.process))
+  _check_sampler_options(config)
 
 
 # --- builders ----------------------------------------------------------------------------------------
@@ -254,23 +260,51 @@ def abstract_state(s: Setup):
                       s.state_shardings)
 
 
-def make_sampler(config: ml_collections.ConfigDict, s: Setup, batch_size: int):
-  """A jitted ``(params, key) -> samples [batch_size, *element_shape]`` sharded over devices."""
+def sampler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The keyword options of ``sampling.sample`` that ``config.sampling`` sets (no guidance)."""
   smp = config.sampling
-  num_classes = config.model.num_classes
   options: dict[str, Any] = {}
   if smp.grid:
     options['grid'] = smp.grid
   if smp.spacing:
     options['spacing'] = smp.spacing
+  if smp.order:
+    options['order'] = smp.order
   if smp.method == 'ddim':
     options['eta'] = smp.eta
+  elif smp.method == 'plms':
+    options['warm_start'] = smp.warm_start
   elif smp.method == 'pc':
     options.update(predictor=smp.predictor, corrector=smp.corrector, snr=smp.snr)
   elif smp.method == 'ode':
     options.update(rtol=smp.rtol, atol=smp.atol)
   if smp.clip_x0:
     options['clip_x0'] = True
+  return options
+
+
+def _check_sampler_options(config: ml_collections.ConfigDict) -> None:
+  """Traces (does not compile) the configured sampler on a stand-in model, so that an option the
+  method rejects (an order above what it or num_steps allows, a grid it cannot use) stops the job
+  before training, with the method's message and the config fields to change."""
+  smp = config.sampling
+  process = build_process(config.process)
+  try:
+    jax.eval_shape(lambda x: sampling.sample(
+        lambda x, t: jnp.zeros_like(x), process, method=smp.method, num_steps=smp.num_steps,
+        key=jax.random.PRNGKey(0), x_T=x, **sampler_options(config)),
+                   jax.ShapeDtypeStruct((1, 2), jnp.float32))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f'The sampling config (sampling.method={smp.method!r}, '
+                     f'sampling.num_steps={smp.num_steps}, options '
+                     f'{sampler_options(config)}) is not valid: {e}') from e
+
+
+def make_sampler(config: ml_collections.ConfigDict, s: Setup, batch_size: int):
+  """A jitted ``(params, key) -> samples [batch_size, *element_shape]`` sharded over devices."""
+  smp = config.sampling
+  num_classes = config.model.num_classes
+  options = sampler_options(config)
   if num_classes:
     options.update(guidance_scale=smp.guidance_scale, null_label=num_classes)
   out_sharding = NamedSharding(s.mesh, PartitionSpec(sharding.BATCH_AXES))

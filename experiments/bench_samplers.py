@@ -7,7 +7,8 @@
 Every sampler starts from the same x_T under ``DiscreteVP.linear()`` with the exact eps-prediction
 of ``oracles.example_mixture()``; the error is the RMS distance to the exact probability-flow map
 ``pf_ode_map`` (SciPy, float64), so it is pure discretization error. NFE counts model evaluations
-per sample (Heun: 2 per step, less one; PLMS and PNDM: one extra for the warm start).
+per sample (Heun: 2 per step, less one; PLMS and PNDM: one extra for the Heun warm start, none
+ for iPNDM).
 
 Peers, each at its best setting (every ``timestep_spacing``, Karras sigmas where offered,
 ``clip_sample``/thresholding off, ``lower_order_final`` on and off): the PyTorch schedulers of
@@ -161,10 +162,10 @@ def _walls(compiled, x, repeats):
 # --- ours ---------------------------------------------------------------------------------------
 
 
-def steps_for_nfe(method: str, nfe: int) -> int:
+def steps_for_nfe(method: str, nfe: int, opts=None) -> int:
   if method == 'heun':
     return (nfe + 1) // 2
-  if method == 'plms':
+  if method == 'plms' and (opts or {}).get('warm_start', 'heun') == 'heun':
     return max(nfe - 1, 1)
   return nfe
 
@@ -178,7 +179,9 @@ def our_candidates(quick: bool):
            ('logsnr', 'trailing'), ('karras', 'trailing'), ('quadratic', 'trailing')]
   if quick:
     grids = [('uniform', 'trailing'), ('quadratic', None), ('quadratic', 'trailing')]
-  methods = [('ddim', {}), ('plms', {}), ('heun', {}), ('dpmpp_2m', {}), ('dpmpp_3m', {}),
+  methods = [('ddim', {}), ('plms', {}), ('plms', {'warm_start': 'ab', 'order': 3}),
+             ('plms', {'warm_start': 'ab', 'order': 4}), ('heun', {}), ('dpmpp_2m', {}),
+             ('dpmpp_3m', {}),
              ('unipc', {'order': 2, 'variant': 'bh2'}),
              ('unipc', {'order': 3, 'variant': 'bh1'})]
   for (method, opts), (grid, spacing) in itertools.product(methods, grids):
@@ -196,7 +199,7 @@ def run_ours(process, model, x_T, ref, quick):
   for label, method, opts, grid in our_candidates(quick):
     errs = {}
     for nfe in NFES:
-      n = steps_for_nfe(method, nfe)
+      n = steps_for_nfe(method, nfe, opts)
       try:
         fn = jax.jit(lambda x, n=n, method=method, opts=opts: sampling.sample(
             model, process, method=method, num_steps=n, x_T=x, return_info=True, **opts))

@@ -185,6 +185,9 @@ ORDER_CASES = [
     # PLMS: AB4 in t inside the DDIM transfer, whose weight d(sigma/alpha)/dt is not constant,
     # leaves an O(dt^3) local error: second order (plms.py).
     ('plms', {}, 'linear', (160, 320), 2),
+    # iPNDM: the same equal-step AB weights on a non-uniform grid, order 2 whatever AB order.
+    ('plms', {'warm_start': 'ab'}, 'linear', (160, 320), 2),
+    ('plms', {'warm_start': 'ab', 'order': 2}, 'linear', (160, 320), 2),
 ]
 
 
@@ -333,8 +336,48 @@ def test_clipping_and_dynamic_thresholding():
   np.testing.assert_allclose(x0, [[0.5 / 3, 1.0, -0.2 / 3, 0.1 / 3]], rtol=1e-6)
 
 
-@pytest.mark.parametrize('method', ['ddim', 'heun', 'dpmpp_3m', 'unipc', 'plms'])
-def test_one_compilation_whatever_num_steps(method):
+def _ipndm_numpy(model, process, x_T, t, order):
+  """iPNDM written out in NumPy float64 (Zhang & Chen 2023): in y = x / alpha, s = sigma / alpha,
+  ``y += (s_next - s) * AB(eps history)`` with AB's equal-step weights, Euler first; the last step
+  onto s = 0 uses eps / 2 when the previous s is within sqrt(2) of the last one."""
+  ab = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12],
+        4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+  alpha = np.asarray(process.alpha(jnp.asarray(t)), np.float64)
+  s = np.append(np.asarray(process.sigma(jnp.asarray(t)), np.float64) / alpha, 0.0)
+  y, hist = np.asarray(x_T, np.float64) / alpha[0], []
+  for i, t_i in enumerate(t):
+    e = np.asarray(model(jnp.asarray(y * alpha[i], jnp.float32),
+                         jnp.full((x_T.shape[0],), t_i, jnp.float32)), np.float64)
+    hist.insert(0, e)
+    e_ab = sum(w * h for w, h in zip(ab[min(i + 1, order)], hist))
+    if i == len(t) - 1 and i > 0 and s[i - 1]**2 < 2 * s[i]**2:
+      e_ab = e / 2
+    y = y + (s[i + 1] - s[i]) * e_ab
+  return y
+
+
+@pytest.mark.parametrize('spacing,order', [('trailing', 3), ('linspace', 4), ('linspace', 2)])
+def test_ipndm_is_the_written_out_method(spacing, order):
+  process, _, model, x_T, ref = setup()
+  n = 6
+  t = np.asarray(sampling.grids.make_grid(process, n, 'quadratic', spacing=spacing), np.float64)
+  want = _ipndm_numpy(model, process, x_T, t, order)
+  got, info = sampling.sample(model, process, method='plms', num_steps=n, x_T=x_T,
+                              spacing=spacing, order=order, warm_start='ab', return_info=True)
+  assert info['nfe'] == n
+  np.testing.assert_allclose(got, want, atol=2e-4)
+  assert rms(got, ref) < 0.2
+  # Order 1 is DDIM on the same grid.
+  ddim = sampling.sample(model, process, method='ddim', num_steps=n, x_T=x_T, spacing=spacing)
+  np.testing.assert_allclose(sampling.sample(model, process, method='plms', num_steps=n, x_T=x_T,
+                                             spacing=spacing, order=1, warm_start='ab'),
+                             ddim, atol=1e-5)
+
+
+@pytest.mark.parametrize('method,options', [('ddim', {}), ('heun', {}), ('dpmpp_3m', {}),
+                                            ('unipc', {}), ('plms', {}),
+                                            ('plms', {'warm_start': 'ab'})])
+def test_one_compilation_whatever_num_steps(method, options):
   process, _, model, x_T, _ = setup()
   traces = []
 
@@ -346,7 +389,7 @@ def test_one_compilation_whatever_num_steps(method):
   for n in (20, 40):  # both above dpm_solver.LOWER_ORDER_FINAL_BELOW: the same program
     traces.clear()
     jaxpr = jax.make_jaxpr(lambda x, n=n: sampling.sample(counting_model, process, method=method,
-                                                          num_steps=n, x_T=x))(x_T)
+                                                          num_steps=n, x_T=x, **options))(x_T)
     sizes.append(len(jaxpr.jaxpr.eqns))
     counts.append(len(traces))
   # The model is traced a fixed number of times (inside the scan body: Heun's second evaluation
@@ -359,7 +402,7 @@ def test_one_compilation_whatever_num_steps(method):
   @jax.jit
   @chex.assert_max_traces(n=1)
   def sampler(x):
-    return sampling.sample(model, process, method=method, num_steps=10, x_T=x)
+    return sampling.sample(model, process, method=method, num_steps=10, x_T=x, **options)
 
   for i in range(3):
     sampler(x_T + i)
@@ -407,6 +450,10 @@ def test_errors():
       null_label=3)
   with pytest.raises(TypeError):
     s(method='ddim', num_steps=5, x_T=x_T, order=2)
+  with pytest.raises(ValueError, match="plms: order=5 .* use 1, 2, 3 or 4"):
+    s(method='plms', num_steps=5, x_T=x_T, order=5)
+  with pytest.raises(ValueError, match="warm_start='rk'.*'heun'.*'ab'"):
+    s(method='plms', num_steps=5, x_T=x_T, warm_start='rk')
 
 
 # --- classifier-free guidance ---------------------------------------------------------------------

@@ -175,6 +175,10 @@ def test_cli_rejects_unknown_field_before_compiling(tmp_path):
     ({'model.unet.attn_resolutions': (3,)}, r'attn_resolutions'),
     ({'sampling.method': 'dpm_fast'}, r'sampling\.method'),
     ({'model.num_classes': 10}, r'data\.use_labels'),
+    ({'sampling.method': 'ddim', 'sampling.order': 2}, r"'sampling\.order' = 2.*takes no order"),
+    ({'sampling.method': 'unipc', 'sampling.order': 4}, r"unipc: order=4 is not supported"),
+    ({'sampling.method': 'dpmpp_3m', 'sampling.num_steps': 2}, r'num_steps=2.*at least 3 steps'),
+    ({'sampling.method': 'plms', 'sampling.warm_start': 'rk4'}, r"'sampling\.warm_start' = 'rk4'"),
 ])
 def test_bad_config_values(tmp_path, overrides, pattern):
   config = _tiny()
@@ -188,6 +192,14 @@ def test_bad_config_values(tmp_path, overrides, pattern):
       node[rest[-1]] = value
   with pytest.raises(ValueError, match=pattern):
     train.validate_config(config)
+
+
+def test_sampler_options_from_the_config():
+  config = _tiny()
+  config.sampling.method, config.sampling.order, config.sampling.warm_start = 'plms', 3, 'ab'
+  config.sampling.grid = 'quadratic'
+  train.validate_config(config)
+  assert train.sampler_options(config) == {'grid': 'quadratic', 'order': 3, 'warm_start': 'ab'}
 
 
 def test_unknown_field_in_a_notebook_config():
