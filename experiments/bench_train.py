@@ -109,12 +109,37 @@ def _send(**msg) -> None:
   sys.stdout.flush()
 
 
-def _serve(step, sync) -> None:
-  """Answers 'run N' (times N steps) and 'stop' (reports memory) commands from the parent."""
+# The machine's ceiling: the network's most frequent convolution (3x3, 128 -> 128 channels at
+# 32 x 32), forward alone and forward + both gradients, timed in each framework. A training step
+# is mostly such convolutions, so its GFLOP/s cannot exceed these by much.
+CEILING_CONV = (IMAGE_SIZE, 128, 128, 3)  # (H = W, C_in, C_out, kernel)
+CEILING_REPEATS = 10
+
+
+def _conv_flops(batch: int) -> float:
+  hw, cin, cout, k = CEILING_CONV
+  return 2.0 * batch * hw * hw * cin * cout * k * k
+
+
+def _best_seconds(fn, sync, repeats: int = CEILING_REPEATS) -> float:
+  sync(fn())
+  best = float('inf')
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    sync(fn())
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def _serve(step, sync, ceiling=None) -> None:
+  """Answers 'run N' (times N steps), 'ceiling' (the convolution GFLOP/s, see CEILING_CONV) and
+  'stop' (reports memory) commands from the parent."""
   reset_ok = _reset_hwm()
   for line in sys.stdin:
     cmd = line.split()
-    if cmd[0] == 'run':
+    if cmd[0] == 'ceiling':
+      _send(**(ceiling() if ceiling else {}))
+    elif cmd[0] == 'run':
       times, cpu = [], []
       for _ in range(int(cmd[1])):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -231,7 +256,27 @@ def _worker_jax(batch: int) -> None:
         step_bytes=cost.get('bytes accessed'), memory_mib=mem, fwd_macs=fwd_macs, fwd_flops_xla=fwd_flops_xla,
         devices=str(jax.devices()), jax_version=jax.__version__,
         xla_flags=os.environ.get('XLA_FLAGS', ''))
-  _serve(step, jax.block_until_ready)
+  def ceiling():
+    hw, cin, cout, k = CEILING_CONV
+    x = jax.random.normal(jax.random.PRNGKey(3), (batch, hw, hw, cin))
+    w = jax.random.normal(jax.random.PRNGKey(4), (k, k, cin, cout)) * 0.03
+
+    def conv(x, w):
+      return jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+    fwd = jax.jit(conv)
+    def fwd_and_grads(x, w):  # the cotangent is the output itself: nothing else is computed
+      y, vjp = jax.vjp(conv, x, w)
+      return vjp(y)
+
+    fwd_bwd = jax.jit(fwd_and_grads)
+    flops = _conv_flops(batch)
+    return {'conv_fwd_gflops': flops / _best_seconds(lambda: fwd(x, w), jax.block_until_ready) / 1e9,
+            'conv_fwd_bwd_gflops': 3 * flops / _best_seconds(lambda: fwd_bwd(x, w),
+                                                             jax.block_until_ready) / 1e9}
+
+  _serve(step, jax.block_until_ready, ceiling)
 
 
 def _worker_sampler(steps: list[int]) -> None:
@@ -323,7 +368,24 @@ def _worker_torch(batch: int) -> None:
         interop_threads=torch.get_num_interop_threads(), torch_version=torch.__version__,
         diffusers_version=diffusers.__version__,
         mkldnn=bool(torch.backends.mkldnn.is_available()))
-  _serve(step, lambda loss: loss.item())
+  def ceiling():
+    hw, cin, cout, k = CEILING_CONV
+    x = torch.randn(batch, cin, hw, hw, requires_grad=True)
+    w = (torch.randn(cout, cin, k, k) * 0.03).requires_grad_()
+
+    def fwd():
+      with torch.no_grad():
+        return torch.nn.functional.conv2d(x, w, padding=k // 2)
+
+    def fwd_bwd():
+      y = torch.nn.functional.conv2d(x, w, padding=k // 2)
+      return torch.autograd.grad(y, (x, w), y.detach())
+
+    flops = _conv_flops(batch)
+    return {'conv_fwd_gflops': flops / _best_seconds(fwd, lambda _: None) / 1e9,
+            'conv_fwd_bwd_gflops': 3 * flops / _best_seconds(fwd_bwd, lambda _: None) / 1e9}
+
+  _serve(step, lambda loss: loss.item(), ceiling)
 
 
 # --- parent ---------------------------------------------------------------------------------------
@@ -404,6 +466,8 @@ def _bench_batch(batch: int, steps: int, frameworks: list[str], log_dir: str) ->
     print(f'   block {i + 1}/{blocks}: ' + ', '.join(
         f'{k} {", ".join(f"{t:.2f}" for t in times[k][-n:])} s' for k in frameworks)
         + f' (load {loads[-1]:.2f})', flush=True)
+  for kind in frameworks:
+    info[kind].update(workers[kind].ask('ceiling'))
   for kind in frameworks:
     info[kind].update(workers[kind].close(), times=times[kind], cpu=cpu[kind])
   info['loads'] = loads
@@ -512,6 +576,13 @@ def main(argv) -> None:
           line += f', torch {flops / statistics.median(r["torch"]["times"]) / 1e9:.1f} GFLOP/s'
           line += ' (same FLOP count)'
       print(line)
+      hw, cin, cout, k = CEILING_CONV
+      print(f'batch {b}: ceiling, the {k}x{k} convolution [{b}, {hw}, {hw}, {cin}] -> {cout} alone '
+            '(best of 10), forward / forward + both gradients: ' + '; '.join(
+                f'{kind} {r[kind]["conv_fwd_gflops"]:.0f} / {r[kind]["conv_fwd_bwd_gflops"]:.0f} '
+                'GFLOP/s' for kind in frameworks if 'conv_fwd_gflops' in r[kind])
+            + f'; the JAX step reaches {flops / med_j / 1e9 / r["jax"]["conv_fwd_bwd_gflops"]:.0%}'
+            ' of the JAX forward + gradients rate')
       if j.get('memory_mib'):
         print(f'batch {b}: XLA buffers MiB: ' + ', '.join(
             f'{k} {v:.0f}' for k, v in j['memory_mib'].items()))
