@@ -212,8 +212,9 @@ def test_continuous_processes(name):
   x_T = process.prior_sample(jax.random.PRNGKey(0), (B, 2))
   ref = mix.pf_ode_map(np.asarray(x_T, np.float64), float(process.alpha(process.t_max)),
                        float(process.sigma(process.t_max)))
-  x0 = run(mixture_model(mix, process), process, x_T, 'dpmpp_2m', 50)[0]
-  assert rms(x0, ref) < 0.02
+  for method, options in (('dpmpp_2m', {}), ('plms', {'warm_start': 'ab'})):
+    x0 = run(mixture_model(mix, process), process, x_T, method, 50, **options)[0]
+    assert rms(x0, ref) < 0.02, method
 
 
 @pytest.mark.parametrize('method', ['dpmpp_2m', 'ddim'])
