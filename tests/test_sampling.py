@@ -368,6 +368,15 @@ def test_ipndm_is_the_written_out_method(spacing, order):
   assert info['nfe'] == n
   np.testing.assert_allclose(got, want, atol=2e-4)
   assert rms(got, ref) < 0.2
+  calls = []
+  x0, info = jax.jit(lambda x: sampling.sample(
+      model, process, method='plms', num_steps=n, x_T=x, spacing=spacing, order=order,
+      warm_start='ab', return_info=True, return_trajectory=True,
+      callback=lambda i, total: calls.append((i, total))))(x_T)
+  jax.effects_barrier()
+  assert calls == [(i, n) for i in range(1, n + 1)]
+  assert info['trajectory'].shape == (n + 1,) + x_T.shape
+  np.testing.assert_array_equal(info['trajectory'][-1], x0)
   # Order 1 is DDIM on the same grid.
   ddim = sampling.sample(model, process, method='ddim', num_steps=n, x_T=x_T, spacing=spacing)
   np.testing.assert_allclose(sampling.sample(model, process, method='plms', num_steps=n, x_T=x_T,
