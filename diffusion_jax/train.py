@@ -213,7 +213,8 @@ def create_data(config, *, split: str | None = None, num_epochs: int | None = No
       source=d.source, path=d.path or None, name=d.name or None, split=split or d.split,
       data_dir=d.data_dir or None, image_size=d.image_size if d.source != 'array' else None,
       num_channels=d.num_channels, batch_size=batch_size // jax.process_count(),
-      seed=config.seed, shuffle=shuffle, num_epochs=num_epochs, random_flip=d.random_flip if random_flip is None else random_flip,
+      seed=config.seed, shuffle=shuffle, num_epochs=num_epochs,
+      random_flip=d.random_flip if random_flip is None else random_flip,
       use_labels=d.use_labels, process_index=jax.process_index(),
       process_count=jax.process_count(), worker_count=d.worker_count)
 

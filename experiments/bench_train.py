@@ -253,7 +253,8 @@ def _worker_jax(batch: int) -> None:
   _send(ready=True, num_params=int(num_params), setup_s=setup_s, trace_lower_s=t1 - t0,
         compile_s=t2 - t1, first_run_s=t3 - t2, first_step_s=t3 - t0,
         loss=float(metrics['loss']), step_flops=cost.get('flops'),
-        step_bytes=cost.get('bytes accessed'), memory_mib=mem, fwd_macs=fwd_macs, fwd_flops_xla=fwd_flops_xla,
+        step_bytes=cost.get('bytes accessed'), memory_mib=mem, fwd_macs=fwd_macs,
+        fwd_flops_xla=fwd_flops_xla,
         devices=str(jax.devices()), jax_version=jax.__version__,
         xla_flags=os.environ.get('XLA_FLAGS', ''))
   def ceiling():
@@ -271,10 +272,9 @@ def _worker_jax(batch: int) -> None:
       return vjp(y)
 
     fwd_bwd = jax.jit(fwd_and_grads)
-    flops = _conv_flops(batch)
-    return {'conv_fwd_gflops': flops / _best_seconds(lambda: fwd(x, w), jax.block_until_ready) / 1e9,
-            'conv_fwd_bwd_gflops': 3 * flops / _best_seconds(lambda: fwd_bwd(x, w),
-                                                             jax.block_until_ready) / 1e9}
+    flops, sync = _conv_flops(batch), jax.block_until_ready
+    return {'conv_fwd_gflops': flops / _best_seconds(lambda: fwd(x, w), sync) / 1e9,
+            'conv_fwd_bwd_gflops': 3 * flops / _best_seconds(lambda: fwd_bwd(x, w), sync) / 1e9}
 
   _serve(step, jax.block_until_ready, ceiling)
 
