@@ -402,6 +402,16 @@ def _global_batches(batches: list[dict[str, np.ndarray]], mesh, stacked: bool):
           for k in batches[0]}
 
 
+def step_config(config: ml_collections.ConfigDict, lr_schedule=None) -> train_state.StepConfig:
+  """The static settings of ``train_state.train_step`` that the config sets."""
+  return train_state.StepConfig(
+      parameterization=config.model.parameterization, noise_input=config.model.noise_input,
+      weighting=config.training.weighting, min_snr_gamma=config.training.min_snr_gamma,
+      time_sampling=config.training.time_sampling, ema_decay=config.training.ema_decay,
+      num_classes=config.model.num_classes, label_dropout=config.training.label_dropout,
+      lr_schedule=lr_schedule)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
   """Trains (resuming from ``workdir/checkpoints`` if there is one) and writes samples.
 
@@ -441,12 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     print(f'diffusion_jax: {num_params:,} parameters, {jax.device_count()} device(s), '
           f'start at step {start_step} of {config.training.num_train_steps}.', flush=True)
 
-  step_cfg = train_state.StepConfig(
-      parameterization=config.model.parameterization, noise_input=config.model.noise_input,
-      weighting=config.training.weighting, min_snr_gamma=config.training.min_snr_gamma,
-      time_sampling=config.training.time_sampling, ema_decay=config.training.ema_decay,
-      num_classes=config.model.num_classes, label_dropout=config.training.label_dropout,
-      lr_schedule=s.lr_schedule)
+  step_cfg = step_config(config, s.lr_schedule)
   k = config.training.steps_per_call
   fn = train_state.train_steps if k > 1 else train_state.train_step
   rep = sharding.replicated(s.mesh)
