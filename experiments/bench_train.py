@@ -45,6 +45,9 @@ _STEPS = flags.DEFINE_list('steps', ['6', '3'],
 _BLOCKS = flags.DEFINE_integer('blocks', 0, 'Alternating JAX/torch blocks the timed steps are '
                                'split into (0: one step per block).')
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed steps after the first step.')
+_SETTLE = flags.DEFINE_float('settle_s', 1.0, 'Pause before each block, so that the previous '
+                             "framework's idle worker threads have stopped spinning (without it "
+                             "the convolution ceiling of whichever side runs second drops 10-15%).")
 _MODEL = flags.DEFINE_enum('model', 'ddpm', ['ddpm', 'tiny'],
                            "'ddpm': the CIFAR-10 DDPM U-Net; 'tiny': a small one (script check).")
 _TORCH_THREADS = flags.DEFINE_integer('torch_threads', 0,
@@ -459,6 +462,7 @@ def _bench_batch(batch: int, steps: int, frameworks: list[str], log_dir: str) ->
   for i, n in enumerate(per_block):
     order = frameworks if i % 2 == 0 else frameworks[::-1]  # ABBA: neither always goes first
     for kind in order:
+      time.sleep(_SETTLE.value)
       answer = workers[kind].ask(f'run {n}')
       times[kind] += answer['times']
       cpu[kind] += answer['cpu']
@@ -467,6 +471,7 @@ def _bench_batch(batch: int, steps: int, frameworks: list[str], log_dir: str) ->
         f'{k} {", ".join(f"{t:.2f}" for t in times[k][-n:])} s' for k in frameworks)
         + f' (load {loads[-1]:.2f})', flush=True)
   for kind in frameworks:
+    time.sleep(_SETTLE.value)
     info[kind].update(workers[kind].ask('ceiling'))
   for kind in frameworks:
     info[kind].update(workers[kind].close(), times=times[kind], cpu=cpu[kind])
