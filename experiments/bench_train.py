@@ -13,13 +13,15 @@ backward with dropout 0.1 active, global-norm gradient clipping at 1.0, Adam (lr
 
 Each framework runs in its own worker subprocess (so that peak RSS is its own); the parent starts a
 JAX and a torch worker per batch size, lets each warm up, then alternates blocks of timed steps
-between them so that load from other processes hits both alike. Reported per framework and batch:
+between them so that load from other processes hits both alike, pausing ``--settle_s`` before
+each block. Reported per framework and batch:
 median seconds per step, images/s, the ratio to torch, peak RSS during the timed steps (VmHWM reset
 after warm-up) and over the whole process (including compilation), and the time to the first
 step (JAX: trace + compile + first step; torch: first step). Also: the forward MACs per image
 (counted from the jaxpr's convolutions and matmuls, and XLA's estimate), XLA's FLOPs per training
 step and the achieved GFLOP/s, and the compile time of ``sampling.sample(method='ddim')`` at
-10 vs 1000 steps (one ``lax.scan``, so the two should match).
+10 vs 1000 steps (one ``lax.scan``, so the two should match), and a ceiling: the network's 3x3
+convolution [B, 32, 32, 128] -> 128 alone, forward and forward + both gradients, in each worker.
 
 ``--model=tiny`` runs the same pipeline on a small U-Net, for a quick check of the script itself.
 Without torch or diffusers installed the peer is reported as 'not installed'.
@@ -45,9 +47,9 @@ _STEPS = flags.DEFINE_list('steps', ['6', '3'],
 _BLOCKS = flags.DEFINE_integer('blocks', 0, 'Alternating JAX/torch blocks the timed steps are '
                                'split into (0: one step per block).')
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed steps after the first step.')
-_SETTLE = flags.DEFINE_float('settle_s', 1.0, 'Pause before each block, so that the previous '
-                             "framework's idle worker threads have stopped spinning (without it "
-                             "the convolution ceiling of whichever side runs second drops 10-15%).")
+_SETTLE = flags.DEFINE_float('settle_s', 1.0, 'Pause before each block (and each ceiling '
+                             "measurement), so that the previous framework's worker threads have "
+                             'stopped spinning.')
 _MODEL = flags.DEFINE_enum('model', 'ddpm', ['ddpm', 'tiny'],
                            "'ddpm': the CIFAR-10 DDPM U-Net; 'tiny': a small one (script check).")
 _TORCH_THREADS = flags.DEFINE_integer('torch_threads', 0,
