@@ -219,8 +219,24 @@ def scan_steps(body: Callable[[Any, Any], tuple[Any, jax.Array]], carry: Any, xs
     The final carry and the info dict (with 'trajectory' when asked).
   """
 
-  def wrapped(c, x_i):
+  # The per-step float scalars (the schedule's coefficients) reach the step as one row of a
+  # [L, K] table that the previous iteration fetched into the carry, not as slices of xs:
+  # XLA:CPU fuses a dynamic slice of a constant into every elementwise consumer and recomputes
+  # its index per element. DDIM on the oracle's [256, 2] batch: 5.4 -> 4.7 us per step (diffusers'
+  # Flax loop: 4.7-4.8), DPM-Solver++(2M) 5.1 -> 5.0, UniPC 8.0 -> 7.3; results bitwise equal.
+  length = jax.tree.leaves(xs)[0].shape[0]
+  names = sorted(k for k, v in xs.items()
+                 if v.ndim == 1 and jnp.issubdtype(v.dtype, jnp.floating))
+  table = jnp.stack([xs[k] for k in names], axis=1) if names else None  # one dtype: promoted
+  rest = {k: v for k, v in xs.items() if k not in names}
+
+  def wrapped(c_and_row, x_rest):
+    c, row = c_and_row
+    x_i = dict(x_rest, **{k: row[j].astype(xs[k].dtype) for j, k in enumerate(names)})
     c, x_new = body(c, x_i)
+    if table is not None:
+      row = table[jnp.minimum(x_i['i'] + 1, length - 1)]
+    c = (c, row)
     if callback is not None:
       step = x_i['i'] + 1 - trajectory_from
 
@@ -232,7 +248,8 @@ def scan_steps(body: Callable[[Any, Any], tuple[Any, jax.Array]], carry: Any, xs
       jax.debug.callback(report, step, ordered=True)
     return c, (x_new if return_trajectory else None)
 
-  carry, states = jax.lax.scan(wrapped, carry, xs)
+  row0 = table[0] if table is not None else jnp.zeros((0,))
+  (carry, _), states = jax.lax.scan(wrapped, (carry, row0), rest)
   info = {}
   if return_trajectory:
     info['trajectory'] = jnp.concatenate([x_T[None].astype(jnp.float32),
