@@ -37,9 +37,9 @@ import numpy as np
 NFES = (5, 10, 20, 50)
 # Timed runs per configuration (median): one run is 0.05-0.5 ms here, so few runs are noise.
 # They are split into blocks alternating with the peer's, as are the compilations.
-_WALL_REPEATS = 60
-_WALL_BLOCKS = 6
-_COMPILE_ROUNDS = 3
+_WALL_REPEATS = 600
+_WALL_BLOCKS = 10
+_COMPILE_ROUNDS = 5
 SPACINGS = ('linspace', 'leading', 'trailing')
 
 
