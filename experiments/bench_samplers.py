@@ -7,8 +7,8 @@
 Every sampler starts from the same x_T under ``DiscreteVP.linear()`` with the exact eps-prediction
 of ``oracles.example_mixture()``; the error is the RMS distance to the exact probability-flow map
 ``pf_ode_map`` (SciPy, float64), so it is pure discretization error. NFE counts model evaluations
-per sample (Heun: 2 per step, less one; PLMS and PNDM: one extra for the Heun warm start, none
- for iPNDM).
+per sample (Heun: 2 per step, less one; PLMS and PNDM: one extra for the Heun warm start; none
+for iPNDM).
 
 Peers, each at its best setting (every ``timestep_spacing``, Karras sigmas where offered,
 ``clip_sample``/thresholding off, ``lower_order_final`` on and off): the PyTorch schedulers of
