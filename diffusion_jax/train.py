@@ -290,15 +290,15 @@ def _check_sampler_options(config: ml_collections.ConfigDict) -> None:
   before training, with the method's message and the config fields to change."""
   smp = config.sampling
   process = build_process(config.process)
+  options = sampler_options(config)
   try:
     jax.eval_shape(lambda x: sampling.sample(
         lambda x, t: jnp.zeros_like(x), process, method=smp.method, num_steps=smp.num_steps,
-        key=jax.random.PRNGKey(0), x_T=x, **sampler_options(config)),
-                   jax.ShapeDtypeStruct((1, 2), jnp.float32))
+        key=jax.random.PRNGKey(0), x_T=x, **options), jax.ShapeDtypeStruct((1, 2), jnp.float32))
   except (ValueError, TypeError) as e:
     raise ValueError(f'The sampling config (sampling.method={smp.method!r}, '
-                     f'sampling.num_steps={smp.num_steps}, options '
-                     f'{sampler_options(config)}) is not valid: {e}') from e
+                     f'sampling.num_steps={smp.num_steps}, options {options}) is not valid: '
+                     f'{e}') from e
 
 
 def make_sampler(config: ml_collections.ConfigDict, s: Setup, batch_size: int):

@@ -26,12 +26,16 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
 
 from absl import app, flags
+
+# The configs package lives at the repository root, next to this script's folder.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _BATCH = flags.DEFINE_integer('batch', 128, 'Global batch size.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per variant.')
@@ -88,11 +92,9 @@ def _patch_attention(impl: str):
 
 
 def _config(dtype: str, remat: str):
-  sys.path.insert(0, '.')
   from configs import cifar, tiny  # pylint: disable=import-outside-toplevel
   config = tiny.get_config() if _SMOKE.value else cifar.get_config()
   config.data.source = 'digits'  # never read: the step gets synthetic images of the same shape
-  config.data.image_size = 32 if not _SMOKE.value else config.data.image_size
   config.data.num_channels = 3
   config.model.dtype = dtype
   config.model.unet.remat_policy = remat
