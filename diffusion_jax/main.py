@@ -102,13 +102,16 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=import-outside-toplevel
-  from diffusion_jax import train  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import cpu_runtime, train  # pylint: disable=import-outside-toplevel
   _init_distributed()
+  applied = cpu_runtime.configure()  # before JAX starts its backends, after jax.distributed
   config = _CONFIG.value
   cache = config.training.compilation_cache_dir or os.path.join(_WORKDIR.value, '.jax_cache')
   jax.config.update('jax_compilation_cache_dir', cache)
   logging.info('JAX %s, process %d/%d, devices: %s', jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
+  if applied:
+    logging.info('CPU runtime settings (diffusion_jax.cpu_runtime): %s', ', '.join(applied))
   if _MODE.value == 'train':
     train.train_and_evaluate(config, _WORKDIR.value)
   elif _MODE.value == 'sample':

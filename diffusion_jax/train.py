@@ -415,6 +415,10 @@ def step_config(config: ml_collections.ConfigDict, lr_schedule=None) -> train_st
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
   """Trains (resuming from ``workdir/checkpoints`` if there is one) and writes samples.
 
+  On a CPU, call ``cpu_runtime.configure()`` before the first JAX computation of the process, as
+  ``main`` does: without it each step of a large model maps its temporary buffer anew (about 15%
+  slower for the CIFAR-10 U-Net, see that module).
+
   Returns the final TrainState.
   """
   validate_config(config)

@@ -9,7 +9,9 @@ google/ddpm-cifar10-32 (the same architecture and parameter count), on this mach
 Both sides run the same step: DDPM eps-loss (uniform t, Gaussian noise, q_sample), forward and
 backward with dropout 0.1 active, global-norm gradient clipping at 1.0, Adam (lr 2e-4) and an EMA
 (0.9999) of the parameters. Ours is ``train_state.train_step`` jitted exactly as ``train.py`` does
-(state donated); the torch step uses foreach Adam and foreach EMA updates, its fastest plain form.
+(state donated), in a process set up by ``cpu_runtime.configure()`` as ``main`` sets up its own;
+the torch step uses foreach Adam and foreach EMA updates, its fastest plain form (glibc's mallopt
+settings of ``cpu_runtime`` did not change its step time: 1.81-1.84 s with, 1.84-1.85 s without).
 
 Each framework runs in its own worker subprocess (so that peak RSS is its own); the parent starts a
 JAX and a torch worker per batch size, lets each warm up, then alternates blocks of timed steps
@@ -205,7 +207,10 @@ def _worker_jax(batch: int) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
-  from diffusion_jax import optim, processes, train_state  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from diffusion_jax import cpu_runtime, optim, processes, train_state
+
+  runtime = cpu_runtime.configure()  # as diffusion_jax.main does, before JAX's backends start
 
   module = _jax_unet()
   x1 = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
@@ -261,7 +266,7 @@ def _worker_jax(batch: int) -> None:
         step_bytes=cost.get('bytes accessed'), memory_mib=mem, fwd_macs=fwd_macs,
         fwd_flops_xla=fwd_flops_xla,
         devices=str(jax.devices()), jax_version=jax.__version__,
-        xla_flags=os.environ.get('XLA_FLAGS', ''))
+        xla_flags=os.environ.get('XLA_FLAGS', ''), cpu_runtime=runtime)
   def ceiling():
     hw, cin, cout, k = CEILING_CONV
     x = jax.random.normal(jax.random.PRNGKey(3), (batch, hw, hw, cin))
@@ -288,7 +293,10 @@ def _worker_sampler(steps: list[int]) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
-  from diffusion_jax import preconditioning, processes, sampling  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from diffusion_jax import cpu_runtime, preconditioning, processes, sampling
+
+  cpu_runtime.configure()
 
   module = _jax_unet()
   x1 = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
@@ -528,7 +536,8 @@ def main(argv) -> None:
     j = first['jax']
     print(f'jax {j["jax_version"]} on {j["devices"]}: {j["num_params"]:,} parameters'
           + (' (= DDPM CIFAR-10)' if j['num_params'] == DDPM_PARAMS else ''))
-    print(f'XLA_FLAGS of the JAX worker: {j.get("xla_flags") or "(none)"}')
+    print(f'XLA_FLAGS of the JAX worker: {j.get("xla_flags") or "(none)"}; '
+          f'diffusion_jax.cpu_runtime: {", ".join(j.get("cpu_runtime") or []) or "(off)"}')
   if 'torch' in first:
     t = first['torch']
     print(f'torch {t["torch_version"]} + diffusers {t["diffusers_version"]} UNet2DModel: '
