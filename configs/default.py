@@ -116,6 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.eta = 0.0  # ddim: stochasticity (0 = deterministic DDIM, 1 = DDPM-like).
   sampling.order = 0  # multistep order, 0 = the method's default: plms 1-4 (4), unipc 1-3 (2), dpmpp_* 1 up to their own.
   sampling.warm_start = 'heun'  # plms: 'heun' (PNDM, NFE = num_steps + 1) | 'ab' (iPNDM: Euler first step, NFE = num_steps; the more accurate at <= 20 NFE).
+  sampling.analytic_first_step = False  # plms with warm_start='ab': first step's eps in closed form for N(0, I) data (AMED's AFS), NFE = num_steps - 1.
   sampling.clip_x0 = False  # clip predicted x0 to [-1, 1] (images only).
   sampling.predictor = 'reverse_diffusion'  # pc: 'reverse_diffusion' | 'euler_maruyama' | 'ancestral' | 'none'.
   sampling.corrector = 'langevin'  # pc: 'langevin' | 'ald' | 'none'.

@@ -109,6 +109,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.sampling.order and 'order' not in sampling.method_options(config.sampling.method):
     raise ValueError(f"Config field 'sampling.order' = {config.sampling.order} is set but "
                      f'sampling.method={config.sampling.method!r} takes no order; leave it 0.')
+  if config.sampling.analytic_first_step and config.sampling.method != 'plms':
+    raise ValueError("Config field 'sampling.analytic_first_step' = True needs "
+                     "sampling.method='plms' with sampling.warm_start='ab' (iPNDM); got "
+                     f'sampling.method={config.sampling.method!r}.')
   _choice('eval.dequantize', config.eval.dequantize, ('uniform', 'none'))
   for name in ('training.batch_size', 'training.num_train_steps', 'training.log_every',
                'training.checkpoint_every', 'training.keep_checkpoints', 'training.steps_per_call',
@@ -275,6 +279,8 @@ def sampler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     options['eta'] = smp.eta
   elif smp.method == 'plms':
     options['warm_start'] = smp.warm_start
+    if smp.analytic_first_step:
+      options['analytic_first_step'] = True
   elif smp.method == 'pc':
     options.update(predictor=smp.predictor, corrector=smp.corrector, snr=smp.snr)
   elif smp.method == 'ode':

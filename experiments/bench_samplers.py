@@ -8,7 +8,8 @@ Every sampler starts from the same x_T under ``DiscreteVP.linear()`` with the ex
 of ``oracles.example_mixture()``; the error is the RMS distance to the exact probability-flow map
 ``pf_ode_map`` (SciPy, float64), so it is pure discretization error. NFE counts model evaluations
 per sample (Heun: 2 per step, less one; PLMS and PNDM: one extra for the Heun warm start; none
-for iPNDM).
+for iPNDM; one fewer than steps for iPNDM with ``analytic_first_step``, whose first step uses a
+closed form instead of the model, AMED's AFS: ``tests/test_sampling.py`` counts the calls).
 
 Peers, each at its best setting (every ``timestep_spacing``, Karras sigmas where offered,
 ``clip_sample``/thresholding off, ``lower_order_final`` on and off): the PyTorch schedulers of
@@ -175,6 +176,8 @@ def steps_for_nfe(method: str, nfe: int, opts=None) -> int:
     return (nfe + 1) // 2
   if method == 'plms' and (opts or {}).get('warm_start', 'heun') == 'heun':
     return max(nfe - 1, 1)
+  if (opts or {}).get('analytic_first_step'):  # the first step evaluates no model
+    return nfe + 1
   return nfe
 
 
@@ -188,7 +191,10 @@ def our_candidates(quick: bool):
   if quick:
     grids = [('uniform', 'trailing'), ('quadratic', None), ('quadratic', 'trailing')]
   methods = [('ddim', {}), ('plms', {}), ('plms', {'warm_start': 'ab', 'order': 3}),
-             ('plms', {'warm_start': 'ab', 'order': 4}), ('heun', {}), ('dpmpp_2m', {}),
+             ('plms', {'warm_start': 'ab', 'order': 4}),
+             ('plms', {'warm_start': 'ab', 'order': 3, 'analytic_first_step': True}),
+             ('plms', {'warm_start': 'ab', 'order': 4, 'analytic_first_step': True}),
+             ('heun', {}), ('dpmpp_2m', {}),
              ('dpmpp_3m', {}),
              ('unipc', {'order': 2, 'variant': 'bh2'}),
              ('unipc', {'order': 3, 'variant': 'bh1'})]

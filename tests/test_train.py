@@ -179,6 +179,10 @@ def test_cli_rejects_unknown_field_before_compiling(tmp_path):
     ({'sampling.method': 'unipc', 'sampling.order': 4}, r"unipc: order=4 is not supported"),
     ({'sampling.method': 'dpmpp_3m', 'sampling.num_steps': 2}, r'num_steps=2.*at least 3 steps'),
     ({'sampling.method': 'plms', 'sampling.warm_start': 'rk4'}, r"'sampling\.warm_start' = 'rk4'"),
+    ({'sampling.method': 'ddim', 'sampling.analytic_first_step': True},
+     r"'sampling\.analytic_first_step' = True needs sampling\.method='plms'"),
+    ({'sampling.method': 'plms', 'sampling.analytic_first_step': True},
+     r"analytic_first_step=True needs warm_start='ab'"),
 ])
 def test_bad_config_values(tmp_path, overrides, pattern):
   config = _tiny()
@@ -200,6 +204,12 @@ def test_sampler_options_from_the_config():
   config.sampling.grid = 'quadratic'
   train.validate_config(config)
   assert train.sampler_options(config) == {'grid': 'quadratic', 'order': 3, 'warm_start': 'ab'}
+  config.sampling.analytic_first_step = True
+  with pytest.raises(ValueError, match=r'alpha / sigma = 0\.7.*not close enough to pure noise'):
+    train.validate_config(config)  # the tiny config's 100-step process ends far from noise
+  config.process.num_timesteps = 1000
+  train.validate_config(config)
+  assert train.sampler_options(config)['analytic_first_step'] is True
 
 
 def test_unknown_field_in_a_notebook_config():
