@@ -51,8 +51,11 @@ def configure() -> list[str]:
   """Applies the settings above that still can be applied; returns a description of each.
 
   Inline dispatch is set only if JAX's backends have not started yet (it is read when the CPU
-  client is created) and the user has not set ``JAX_CPU_ENABLE_ASYNC_DISPATCH``; the allocator
-  settings only on glibc. Safe to call more than once.
+  client is created) and the user has not set ``JAX_CPU_ENABLE_ASYNC_DISPATCH``. Then the backends
+  start (call ``jax.distributed.initialize`` before this), and the allocator settings are applied
+  only where they help: glibc, and the CPU as JAX's default backend (on a GPU or TPU host the
+  step's buffers are device memory, and host memory would be kept for nothing). Safe to call more
+  than once.
   """
   if os.environ.get('DIFFUSION_JAX_CPU_RUNTIME', '1') == '0':
     return []
@@ -61,7 +64,8 @@ def configure() -> list[str]:
   if 'JAX_CPU_ENABLE_ASYNC_DISPATCH' not in os.environ and not _backends_started():
     jax.config.update('jax_cpu_enable_async_dispatch', False)
     applied.append('jax_cpu_enable_async_dispatch=False')
-  if platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc':
+  on_cpu = jax.default_backend() == 'cpu'
+  if on_cpu and platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc':
     libc = ctypes.CDLL(None)
     if libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, -1):
       applied.append('glibc mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1')

@@ -21,8 +21,13 @@ import json, resource, sys
 import jax
 if sys.argv[1] == 'late':
   jax.numpy.zeros(1).block_until_ready()  # the CPU backend starts before configure()
+if sys.argv[1] == 'gpu':
+  jax.default_backend = lambda: 'gpu'  # as on an accelerator host
 from diffusion_jax import cpu_runtime
 applied = cpu_runtime.configure()
+if sys.argv[1] == 'gpu':
+  print(json.dumps({'applied': applied}))
+  sys.exit()
 import jax.numpy as jnp
 
 def f(x):
@@ -68,6 +73,10 @@ def test_configure_after_the_backend_started_leaves_dispatch_alone():
   late = _run('late')
   assert late['async'] is True
   assert late['applied'] == ['glibc mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1']
+
+
+def test_configure_leaves_malloc_alone_when_the_default_backend_is_an_accelerator():
+  assert _run('gpu')['applied'] == ['jax_cpu_enable_async_dispatch=False']
 
 
 def test_configure_respects_the_users_dispatch_setting():
