@@ -43,7 +43,9 @@ buys one more step. The price is an error of order ``alpha_T E[x_0 | x_T]`` in t
 prediction, which stays small when the start's ``alpha / sigma`` is small (DDPM's linear schedule:
 0.0064) and the data roughly centred; starts with ``alpha / sigma > 0.1`` are refused. Measured on
 the oracle (mean (-0.16, 0.29), experiments/bench_samplers.py), order 3, quadratic/trailing grid,
-at 5 NFE: 0.134 -> 0.114 RMS, median per-sample error 0.032 -> 0.013.
+at 5 NFE: 0.134 -> 0.114 RMS, median per-sample error 0.032 -> 0.013. On the digits model (data
+mean far from 0) at 10 NFE, the share of confidently classified samples was unchanged (87.3% with,
+87.0% without; experiments/digits_quality.py).
 """
 
 from __future__ import annotations
