@@ -10,11 +10,12 @@ fault at a time: 277,000 minor faults and 0.45 s of system time per 1.9 s step o
 ``configure()`` makes the calling thread run the computation (JAX's
 ``jax_cpu_enable_async_dispatch=False``, which applies to single-device computations) and tells
 glibc's allocator, whose main arena then serves the buffer, to take large blocks from the heap
-rather than from ``mmap`` and never to return freed memory to the kernel (``mallopt(M_MMAP_MAX, 0)`` and
-``mallopt(M_TRIM_THRESHOLD, -1)``; glibc's malloc(3) and mallopt(3)). Neither setting alone removes
-the faults (276,600 and 274,500 per step); together they leave none, and the batch-16 step went from
-1.95-2.13 s to 1.68-1.77 s in alternating runs of one script, the trainer's
-(``diffusion_jax.main`` on that network, 40 steps) from 0.50-0.52 to 0.60 steps/s.
+rather than from ``mmap`` and never to return freed memory to the kernel
+(``mallopt(M_MMAP_MAX, 0)`` and ``mallopt(M_TRIM_THRESHOLD, -1)``; glibc's malloc(3) and
+mallopt(3)). Neither setting alone removes the faults (276,600 and 274,500 per step); together
+they leave none, and the batch-16 step went from 1.95-2.13 s to 1.68-1.77 s in alternating runs
+of one script, the trainer's (``diffusion_jax.main`` on that network, 40 steps) from 0.50-0.52
+to 0.60 steps/s.
 ``experiments/bench_train.py`` reports the current figure beside PyTorch's, whose step takes about
 1,000 faults and the same time with or without the allocator settings. The digits job gains too
 (1,000 steps: 17.4 M faults and 31-32 s of system time without, 0.4 M and 3 s with; 14.1-14.3
@@ -25,8 +26,8 @@ in the 40-step trainer run above), and Python no longer runs ahead of a single-d
 (the next batch is read while nothing runs), which the digits job's figures above already include.
 
 Both settings are process-wide, and the dispatch setting only takes if it comes before JAX starts
-its CPU backend: ``main`` applies them right after ``jax.distributed`` starts, before any computation;
-in a notebook, call ``configure()`` before the first JAX computation to run
+its CPU backend: ``main`` applies them right after ``jax.distributed`` starts, before any
+computation; in a notebook, call ``configure()`` before the first JAX computation to run
 ``train.train_and_evaluate`` as fast as the command line does. Set ``DIFFUSION_JAX_CPU_RUNTIME=0``
 to leave the process untouched.
 """

@@ -104,7 +104,7 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   from diffusion_jax import cpu_runtime, train  # pylint: disable=import-outside-toplevel
   _init_distributed()
-  applied = cpu_runtime.configure()  # before JAX starts its backends, after jax.distributed
+  applied = cpu_runtime.configure()  # after jax.distributed, before any computation
   config = _CONFIG.value
   cache = config.training.compilation_cache_dir or os.path.join(_WORKDIR.value, '.jax_cache')
   jax.config.update('jax_compilation_cache_dir', cache)
