@@ -357,11 +357,19 @@ def main():
   parser.add_argument('--batch', type=int, default=256)
   parser.add_argument('--flax-python', default='/tmp/dfx/bin/python',
                       help='an interpreter with diffusers==0.39 (Flax schedulers), jax and flax')
+  parser.add_argument('--pin-cpu', type=int, default=None,
+                      help='CPU that the whole run and the Flax peer are pinned to, for the speed '
+                      'comparison (default: the first this process may use; -1: no pinning). '
+                      'See _pin.')
   parser.add_argument('--flax-peer', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.flax_peer:
     flax_peer_main(args.flax_peer)
     return
+  if args.pin_cpu is None:
+    args.pin_cpu = min(os.sched_getaffinity(0))
+  if args.pin_cpu >= 0:
+    _pin(args.pin_cpu)  # before JAX starts (the peer, started later, inherits it)
 
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -443,8 +451,27 @@ def _accuracy(args, process, mix, model, x_T, x_T_np, ref):
         print(f'| {nfe} | {a:.2e} {a_label} | {b:.2e} {b_label} | {a / b:.3f} |')
 
 
+def _pin(cpu: int) -> None:
+  """Pins every thread of this process (and the children it starts later) to one CPU.
+
+  Unpinned, the per-call time of one compiled sampler on this 2-vCPU machine is bimodal and
+  switches within a process (DDIM, 10 steps: 69-79 or 116-119 us, on both sides): about 45 us per
+  call of waking XLA's worker thread on the other CPU. Both sides on one CPU (``taskset``)
+  measured 59-61 us, within 3% run to run. Called before JAX starts, which sizes its thread pool
+  by the CPUs it may use (pinned after that, ours ran 5-25% slower than the peer's fresh process).
+  Threads that already exist (NumPy's BLAS) are pinned by their ids.
+  """
+  for tid in os.listdir('/proc/self/task'):
+    try:
+      os.sched_setaffinity(int(tid), {cpu})
+    except OSError:  # a thread that has exited
+      pass
+
+
 def _speed(args, process, mix, model, x_T, x_T_np, ref):
-  print(f'\n## speed, B={args.batch}, CPU (jit; our runs alternate with the peer\'s: '
+  cpu = args.pin_cpu
+  pinned = f'both sides pinned to CPU {cpu}' if cpu >= 0 else 'not pinned'
+  print(f'\n## speed, B={args.batch}, CPU (jit; {pinned}; our runs alternate with the peer\'s: '
         f'{_COMPILE_ROUNDS} compilations each, min; {_WALL_REPEATS} runs each in '
         f'{_WALL_BLOCKS} blocks, median)\n')
   peer = _FlaxPeer.start(args.flax_python, mix, x_T_np)
