@@ -16,6 +16,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax.sampling import core
 
@@ -82,29 +83,28 @@ def _multistep(model_fn, process, x_T, *, num_steps, prediction, order, grid, sp
   lam_next = jnp.concatenate([lam[1:], lam[-1:] + 1.0])
   alpha_next = jnp.concatenate([sched.alpha[1:-1], sched.alpha[-2:-1]])
   sigma_next = jnp.concatenate([sched.sigma[1:-1], sched.sigma[-2:-1]])
-  steps = jnp.arange(n)
+  steps = np.arange(n)
   # Orders: warm start min(order, i + 1); with lower_order_final the last steps shrink too, so
   # the final step (i = n - 1) is first order and a 3M step before it at most second.
-  orders = jnp.minimum(order, steps + 1)
+  orders = np.minimum(order, steps + 1)
   # At most 2 points: the extrapolation error O(s_{n-1} s_{n-2}) is already below float32
   # resolution, and a third point only amplifies the predictions' rounding.
-  final_order = jnp.minimum(orders[-1], 1 if lower_order_final else min(order, 2))
+  final_order = int(min(orders[-1], 1 if lower_order_final else min(order, 2)))
   if lower_order_final:
-    orders = jnp.minimum(orders, n - steps)
+    orders = np.minimum(orders, n - steps)
+  steps, orders = jnp.asarray(steps), jnp.asarray(orders)
   xs = {'i': steps, 't': sched.t, 'lam': lam, 'lam_next': lam_next, 'sigma': sched.sigma[:-1],
         'alpha': sched.alpha[:-1],
-        'rho': sched.rho[:-1], 'alpha_next': alpha_next, 'sigma_next': sigma_next,
+        'alpha_next': alpha_next, 'sigma_next': sigma_next,
         'order': orders, 'last': sched.is_last()}
   hist = max(order, 2)
-  carry = (x_T, jnp.zeros((hist,) + x_T.shape, jnp.float32),
-           jnp.zeros((hist,), jnp.float32), jnp.ones((hist,), jnp.float32))
+  carry = (x_T, jnp.zeros((hist,) + x_T.shape, jnp.float32), jnp.zeros((hist,), jnp.float32))
 
   def step(c, s):
-    x, m, lam_hist, rho_hist = c
+    x, m, lam_hist = c
     x0, _ = denoise(x, s['t'], s['alpha'], s['sigma'])
     m = core.push(m, x0)
     lam_hist = core.push(lam_hist, s['lam'])
-    rho_hist = core.push(rho_hist, s['rho'])
     if sde_key is None:
       x_reg = _dpmpp_update(x, m, lam_hist, s['lam_next'], s['alpha_next'], s['sigma_next'],
                             s['sigma'], s['order'], order)
@@ -123,13 +123,18 @@ def _multistep(model_fn, process, x_T, *, num_steps, prediction, order, grid, sp
                + s['sigma_next'] * jnp.sqrt(decay) * core.noise(sde_key, s['i'], x))
     # The last iteration only evaluates the model; the final step follows the scan.
     x_next = jnp.where(s['last'], x, x_reg)
-    return (x_next, m, lam_hist, rho_hist), x_next
+    return (x_next, m, lam_hist), x_next
 
-  (x, m, _, rho_hist), info = core.scan_steps(
+  (x, m, _), info = core.scan_steps(
       step, carry, xs, x_T=x_T, num_steps=n, return_trajectory=return_trajectory,
       callback=callback)
   if sde_key is None:
-    x = core.extrapolate_to_data(m, rho_hist, final_order, y=x / sched.alpha[-2])
+    # The noise levels of the last evaluations are the schedule's (newest first; 1 where there
+    # was none, as the history starts), so the weights are computed while tracing.
+    with jax.ensure_compile_time_eval():
+      rho_hist = jnp.concatenate([sched.rho[n - 1::-1][:hist],
+                                  jnp.ones((max(hist - n, 0),), jnp.float32)])
+      x = core.extrapolate_to_data(m, rho_hist, final_order, y=x / sched.alpha[-2])
   else:
     x = m[0]
   if return_trajectory:
