@@ -61,6 +61,14 @@ class Schedule(NamedTuple):
     """sigma / alpha [n + 1], the noise level of the scaled ODE (Karras et al. 2022); ends at 0."""
     return self.sigma / self.alpha
 
+  def rho_history(self, k: int) -> jax.Array:
+    """[k] sigma / alpha at the last k grid times, newest first, padded with 1 where there are
+    fewer: the noise levels of a multistep method's last k evaluations, as its carried history
+    holds them at the end of the scan (for ``extrapolate_to_data``, computed while tracing)."""
+    with jax.ensure_compile_time_eval():
+      return jnp.concatenate([self.rho[self.num_steps - 1::-1][:k],
+                              jnp.ones((max(k - self.num_steps, 0),), jnp.float32)])
+
   def next_t(self) -> jax.Array:
     """[n] the time each step ends at; the last step (to data) repeats its own time as a dummy."""
     return jnp.concatenate([self.t[1:], self.t[-1:]])

@@ -129,12 +129,10 @@ def _multistep(model_fn, process, x_T, *, num_steps, prediction, order, grid, sp
       step, carry, xs, x_T=x_T, num_steps=n, return_trajectory=return_trajectory,
       callback=callback)
   if sde_key is None:
-    # The noise levels of the last evaluations are the schedule's (newest first; 1 where there
-    # was none, as the history starts), so the weights are computed while tracing.
+    # The noise levels are the schedule's, so the weights are computed while tracing.
     with jax.ensure_compile_time_eval():
-      rho_hist = jnp.concatenate([sched.rho[n - 1::-1][:hist],
-                                  jnp.ones((max(hist - n, 0),), jnp.float32)])
-      x = core.extrapolate_to_data(m, rho_hist, final_order, y=x / sched.alpha[-2])
+      x = core.extrapolate_to_data(m, sched.rho_history(hist), final_order,
+                                   y=x / sched.alpha[-2])
   else:
     x = m[0]
   if return_trajectory:

@@ -133,8 +133,7 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
   orders = jnp.minimum(order, steps + 1)
   if lower_order_final:
     orders = jnp.minimum(orders, n - steps)
-  final_order = 1 if lower_order_final else min(order + int(corrector), 2)  # see dpm_solver
-  final_order = jnp.minimum(final_order, n)
+  final_order = min(1 if lower_order_final else min(order + int(corrector), 2), n)  # dpm_solver
   xs = {'i': steps, 't': sched.t, 'lam': lam,
         'lam_next': jnp.concatenate([lam[1:], lam[-1:] + 1.0]),
         'lam_prev': jnp.concatenate([lam[:1] - 1.0, lam[:-1]]),  # i = 0: a dummy, unused
@@ -143,14 +142,12 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
         'alpha': sched.alpha[:-1],
         'alpha_next': jnp.concatenate([sched.alpha[1:-1], sched.alpha[-2:-1]]),
         'sigma_next': jnp.concatenate([sched.sigma[1:-1], sched.sigma[-2:-1]]),
-        'rho': sched.rho[:-1], 'order': orders,
-        'prev_order': jnp.concatenate([orders[:1], orders[:-1]]), 'last': sched.is_last()}
+        'order': orders, 'prev_order': jnp.concatenate([orders[:1], orders[:-1]])}
   # carry: the (corrected) previous state, the predicted current state, the histories.
-  carry = (x_T, x_T, jnp.zeros((_K,) + x_T.shape, jnp.float32), jnp.zeros((_K,), jnp.float32),
-           jnp.ones((_K,), jnp.float32))
+  carry = (x_T, x_T, jnp.zeros((_K,) + x_T.shape, jnp.float32), jnp.zeros((_K,), jnp.float32))
 
   def step(c, s):
-    x_prev, x, m, lam_hist, rho_hist = c
+    x_prev, x, m, lam_hist = c
     m_t, _ = denoise(x, s['t'], s['alpha'], s['sigma'])
     if corrector:
       x_corr = _unipc_update(x_prev, m, lam_hist, s['lam_prev'], s['lam'], s['sigma_prev'],
@@ -158,13 +155,18 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
       x = jnp.where(s['i'] > 0, x_corr, x)
     m = core.push(m, m_t)
     lam_hist = core.push(lam_hist, s['lam'])
-    rho_hist = core.push(rho_hist, s['rho'])
+    # The last iteration's prediction (onto a dummy lambda) is discarded: the final step to the
+    # data follows the scan.
     x_pred = _unipc_update(x, m, lam_hist, s['lam'], s['lam_next'], s['sigma'], s['alpha_next'],
                            s['sigma_next'], s['order'], variant)
-    x_fin = core.extrapolate_to_data(m, rho_hist, final_order, y=x / s['alpha'])
-    x_next = jnp.where(s['last'], x_fin, x_pred)
-    return (x, x_next, m, lam_hist, rho_hist), x_next
+    return (x, x_pred, m, lam_hist), x_pred
 
-  (_, x, *_), info = core.scan_steps(step, carry, xs, x_T=x_T, num_steps=n,
-                                     return_trajectory=return_trajectory, callback=callback)
+  (x, _, m, _), info = core.scan_steps(step, carry, xs, x_T=x_T, num_steps=n,
+                                       return_trajectory=return_trajectory, callback=callback)
+  # The (corrected) state at the last grid time and the schedule's noise levels (weights
+  # computed while tracing).
+  with jax.ensure_compile_time_eval():
+    x = core.extrapolate_to_data(m, sched.rho_history(_K), final_order, y=x / sched.alpha[-2])
+  if return_trajectory:
+    info['trajectory'] = info['trajectory'].at[-1].set(x)
   return x, {'nfe': n, **info}
