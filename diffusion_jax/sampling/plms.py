@@ -128,34 +128,38 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   xs = {'i': jnp.asarray(j), 't': sched.t[t_eval], 'alpha': sched.alpha[start],
         'sigma': sched.sigma[start], 'alpha_next': sched.alpha[start + 1],
         'sigma_next': sched.sigma[start + 1], 'ab': jnp.asarray(_AB[ab_order]),
-        'rho': sched.rho[t_eval], 'alpha_eval': sched.alpha[t_eval],
-        'sigma_eval': sched.sigma[t_eval],
+        'alpha_eval': sched.alpha[t_eval], 'sigma_eval': sched.sigma[t_eval],
         'last': jnp.asarray(j == n)}
   carry = (x_T, x_T, jnp.zeros((4,) + x_T.shape, jnp.float32),
-           jnp.zeros((2,) + x_T.shape, jnp.float32), jnp.ones((2,), jnp.float32))
+           jnp.zeros((2,) + x_T.shape, jnp.float32))
 
   def step(c, s):
-    x, x_eval, e_hist, m, rho_hist = c
+    x, x_eval, e_hist, m = c
     x0_hat, e = denoise(x_eval, s['t'], s['alpha_eval'], s['sigma_eval'])
     first, heun = s['i'] == 0, s['i'] == 1
     e_hist = jnp.where(heun, e_hist, core.push(e_hist, e))
     m = jnp.where(heun, m, core.push(m, x0_hat))
-    rho_hist = jnp.where(heun, rho_hist, core.push(rho_hist, s['rho']))
     e_ab = jnp.tensordot(s['ab'], e_hist, axes=1)
     e_prime = jnp.where(first, e, jnp.where(heun, 0.5 * (e_hist[0] + e), e_ab))
     x0 = (x - s['sigma'] * e_prime) / s['alpha']
     x_new = s['alpha_next'] * x0 + s['sigma_next'] * e_prime
-    # The final step to the data extrapolates the data predictions instead (core module
-    # docstring): eps is not smooth in t at the data (sigma ~ sqrt(t) there), so an AB step onto
-    # t = 0 would be first order.
-    x_fin = core.extrapolate_to_data(m, rho_hist, 2, y=x_eval / s['alpha_eval'])
-    x_new = jnp.where(s['last'], x_fin, x_new)
+    # The last iteration only evaluates the model: it keeps the state it evaluated at, and the
+    # final step to the data follows the scan.
+    x_new = jnp.where(s['last'], x_eval, x_new)
     x_next = jnp.where(first, x, x_new)
-    return (x_next, x_new, e_hist, m, rho_hist), x_next
+    return (x_next, x_new, e_hist, m), x_next
 
-  (x, *_), info = core.scan_steps(step, carry, xs, x_T=x_T, num_steps=n,
-                                  return_trajectory=return_trajectory, callback=callback,
-                                  trajectory_from=1)
+  (x, _, _, m), info = core.scan_steps(step, carry, xs, x_T=x_T, num_steps=n,
+                                       return_trajectory=return_trajectory, callback=callback,
+                                       trajectory_from=1)
+  # The final step extrapolates the data predictions (core module docstring): eps is not smooth
+  # in t at the data (sigma ~ sqrt(t) there), so an AB step onto t = 0 would be first order. The
+  # evaluations' noise levels are the schedule's (the Heun corrector's is not in the history), so
+  # the weights are computed while tracing.
+  with jax.ensure_compile_time_eval():
+    x = core.extrapolate_to_data(m, sched.rho_history(2), 2, y=x / sched.alpha[-2])
+  if return_trajectory:
+    info['trajectory'] = info['trajectory'].at[-1].set(x)
   return x, {'nfe': n + 1, **info}
 
 
