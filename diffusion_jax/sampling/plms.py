@@ -183,8 +183,8 @@ def _ipndm(model_fn, process, x_T, *, num_steps, prediction, grid, spacing, orde
       raise ValueError(
           f'plms: analytic_first_step=True replaces the model at the first grid time by its value '
           f'for pure noise, but alpha / sigma = {float(ratio):.3g} there (> {AFS_MAX_SNR_RATIO}): '
-          'the start is not close enough to pure noise. Start the grid at the end of the process or '
-          'leave analytic_first_step off.')
+          'the start is not close enough to pure noise. Start the grid at the end of the process '
+          'or leave analytic_first_step off.')
   denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
                                dynamic_threshold=dynamic_threshold)
   i = np.arange(n)
