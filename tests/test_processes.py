@@ -49,6 +49,26 @@ def test_log_alpha_interpolates_piecewise_linearly():
     np.testing.assert_allclose(float(p.sigma(t)), np.sqrt(1 - expected**2), rtol=1e-5)
 
 
+@pytest.mark.parametrize('schedule', ['linear', 'cosine'])
+def test_log_alpha_equals_jnp_interp_bitwise(schedule):
+  # log_alpha finds the segment as floor(t) instead of jnp.interp's binary search; values and
+  # gradients must be those of jnp.interp on the grid 0..N, at the grid points and ends included.
+  p = getattr(P.DiscreteVP, schedule)(num_timesteps=1000)
+  grid = jnp.arange(1001, dtype=jnp.float32)
+  rng = np.random.default_rng(0)
+  t = jnp.asarray(np.concatenate([
+      rng.uniform(-5.0, 1005.0, 20000), np.arange(1001.0),  # the grid points
+      np.nextafter(np.arange(1001.0), -np.inf), np.nextafter(np.arange(1001.0), np.inf),
+      [-np.inf, np.inf, -1e-30, 1000.0 + 1e-4]]), jnp.float32)
+  ref = lambda t: jnp.interp(t, grid, p.log_alphas)  # pylint: disable=unnecessary-lambda-assignment
+  np.testing.assert_array_equal(jax.jit(p.log_alpha)(t), jax.jit(ref)(t))
+  np.testing.assert_array_equal(p.log_alpha(t), ref(t))  # eager too
+  grad = lambda f: jax.jit(jax.vmap(jax.grad(f)))  # pylint: disable=unnecessary-lambda-assignment
+  finite = t[jnp.isfinite(t)]
+  np.testing.assert_array_equal(grad(p.log_alpha)(finite), grad(ref)(finite))
+  assert bool(jnp.isnan(p.log_alpha(jnp.float32(np.nan))))
+
+
 def test_from_betas_roundtrip_and_errors():
   betas = np.array([0.1, 0.2, 0.3])
   p = P.DiscreteVP.from_betas(betas)
