@@ -14,9 +14,9 @@ closed form instead of the model, AMED's AFS: ``tests/test_sampling.py`` counts 
 Peers, each at its best setting (every ``timestep_spacing``, Karras sigmas where offered,
 ``clip_sample``/thresholding off, ``lower_order_final`` on and off): the PyTorch schedulers of
 diffusers (DDIM, PNDM, DPMSolverMultistep 2M/3M, UniPC, DEIS, Euler, Heun, LMS) when torch and
-diffusers are installed, and the Flax schedulers of diffusers 0.39 (their last release with Flax),
-run in a separate interpreter (``--flax-python``) under ``jax.jit`` + ``lax.fori_loop`` for the
-speed comparison. Missing peers print 'not installed'.
+diffusers are installed, and the Flax schedulers of diffusers 0.39 (their last release with Flax)
+under ``jax.jit`` + ``lax.fori_loop`` for the speed comparison, which runs ours and them in one
+process of the interpreter given by ``--flax-python``. Missing peers print 'not installed'.
 
 The JAX model here is the oracle's formula with the 2 x 2 inverses written out (checked against
 ``GaussianMixture.model_fn`` at startup): the same function, a fraction of the compile time.
@@ -73,6 +73,16 @@ def mixture_eps_2d(weights, means, covs):
   return eps
 
 
+def oracle_model(eps_fn, process):
+  """``model(x, t)``: the eps-prediction at our process's time t (alpha, sigma from ``process``)."""
+
+  def model(x, t, y=None):
+    del y
+    return eps_fn(x, process.alpha(t), process.sigma(t))
+
+  return model
+
+
 def _compile(fn, x):
   """``(compiled, seconds)``: a fresh trace + lower + compile of ``jax.jit(fn)`` (no cache hit).
 
@@ -86,67 +96,95 @@ def _compile(fn, x):
   return compiled, time.perf_counter() - t0
 
 
-# --- the diffusers Flax peer (runs in the interpreter given by --flax-python) -------------------
+# --- speed: ours and the diffusers Flax peer, timed in one interpreter ----------------------------
 
 
-def flax_peer_main(path: str) -> None:
-  """Serves timings of diffusers' Flax DDIM and DPM-Solver++ under jit + fori_loop.
+SPEED_METHODS = ('ddim', 'dpmpp_2m')
 
-  A line protocol on stdin/stdout, so that the parent alternates its own timings with the
-  peer's (load on this machine drifts within a run): first one JSON line with the version and
-  the samples of every configuration; then, per request line ``compile NAME NFE`` or
-  ``wall NAME NFE K``, one JSON line: a fresh trace + compile time, or K wall times (s).
+
+def speed_main(path: str) -> None:
+  """Times ours and diffusers' Flax DDIM / DPM-Solver++(2M) in this one process; prints JSON.
+
+  Runs in the interpreter given by ``--flax-python`` (diffusers 0.39 with jax and flax; this
+  repository's package is imported from its source tree), or in this one, timing ours alone,
+  when there is none. Both sides share one process, and with it the model function, the XLA
+  flags, the allocator and the thread pool: timed in two processes (as this script did
+  before), the wall ratio of the same two DDIM programs at 5 NFE ranged 0.96-1.08 over three
+  runs, while in one process it measured 0.973-0.980 over six.
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import diffusers  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from diffusion_jax import processes, sampling  # pylint: disable=import-outside-toplevel
+  try:
+    import diffusers  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    diffusers = None
   data = np.load(path)
   eps_fn = mixture_eps_2d(data['weights'], data['means'], data['covs'])
   x_T = jnp.asarray(data['x_T'])
-  out = {'version': diffusers.__version__, 'results': []}
-  # The model computes alpha(t) and sigma(t) as ours does (log-alpha interpolated over the 1001
-  # grid points, the same sigma formula), so both sides pay the same model cost.
-  log_alphas = jnp.asarray(np.concatenate([[0.0], 0.5 * np.cumsum(np.log1p(
-      -np.linspace(1e-4, 0.02, 1000)))]), jnp.float32)
-  grid = jnp.arange(1001, dtype=jnp.float32)
-  runs, compiled = {}, {}
-  for name, cls, kw in (('DDIM', diffusers.FlaxDDIMScheduler,
-                         {'set_alpha_to_one': True, 'clip_sample': False}),
-                        ('DPM++2M', diffusers.FlaxDPMSolverMultistepScheduler,
-                         {'solver_order': 2})):
-    sched = cls(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                beta_schedule='linear', **kw)
+  process = processes.DiscreteVP.linear()
+  model = oracle_model(eps_fn, process)
+  peer_classes = {}
+  if diffusers is not None and hasattr(diffusers, 'FlaxDDIMScheduler'):
+    peer_classes = {'ddim': (diffusers.FlaxDDIMScheduler,
+                             {'set_alpha_to_one': True, 'clip_sample': False}),
+                    'dpmpp_2m': (diffusers.FlaxDPMSolverMultistepScheduler, {'solver_order': 2})}
+  out = {'jax': jax.__version__, 'diffusers': diffusers.__version__ if peer_classes else None,
+         'results': []}
+  for method in SPEED_METHODS:
     for nfe in NFES:
-      state = sched.create_state()
-      state = sched.set_timesteps(state, nfe, x_T.shape)
+      def ours(x, n=steps_for_nfe(method, nfe), method=method):
+        return sampling.sample(model, process, method=method, num_steps=n, x_T=x)
 
-      def run(x, state=state, sched=sched, nfe=nfe):
+      peer = None
+      if method in peer_classes:
+        cls, kw = peer_classes[method]
+        sched = cls(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                    beta_schedule='linear', **kw)
+        state = sched.set_timesteps(sched.create_state(), nfe, x_T.shape)
 
-        def body(i, carry):
-          x, st = carry
-          t = st.timesteps[i]
-          log_a = jnp.interp(jnp.full(x.shape[:1], t + 1.0), grid, log_alphas)  # our t = t + 1
-          # process.alpha / process.sigma, formula for formula (the clamp included).
-          a, s = jnp.exp(log_a), jnp.sqrt(jnp.maximum(-jnp.expm1(2 * log_a), 0.0))
-          e = eps_fn(x, a, s)
-          x, st = sched.step(st, e, t, x, return_dict=False)
-          return x, st
+        def peer(x, state=state, sched=sched, nfe=nfe):
 
-        return jax.lax.fori_loop(0, nfe, body, (x, state))[0]
+          def body(i, carry):
+            x, st = carry
+            t = st.timesteps[i]
+            e = model(x, jnp.full(x.shape[:1], t + 1.0))  # our t is diffusers' t + 1
+            x, st = sched.step(st, e, t, x, return_dict=False)
+            return x, st
 
-      runs[name, nfe] = run
-      compiled[name, nfe], _ = _compile(run, x_T)
-      x0 = compiled[name, nfe](x_T).block_until_ready()
-      out['results'].append({'name': name, 'nfe': nfe, 'x0': np.asarray(x0).tolist()})
+          return jax.lax.fori_loop(0, nfe, body, (x, state))[0]
+
+      row = {'method': method, 'nfe': nfe, **time_pair(ours, peer, x_T)}
+      if peer is not None:
+        row['peer_x0'] = np.asarray(jax.jit(peer)(x_T)).tolist()
+      out['results'].append(row)
   print(json.dumps(out), flush=True)
-  for line in sys.stdin:
-    cmd, name, nfe, *rest = line.split()
-    key = (name, int(nfe))
-    if cmd == 'compile':
-      compiled[key], reply = _compile(runs[key], x_T)
-    else:
-      reply = _walls(compiled[key], x_T, int(rest[0]))
-    print(json.dumps(reply), flush=True)
+
+
+def time_pair(ours, peer, x) -> dict:
+  """Compile and wall times (s) of ``ours`` and ``peer`` (or None), alternating between them.
+
+  ``_COMPILE_ROUNDS`` fresh compilations each, alternating, minimum kept (the first compilation
+  of a process pays one-time costs); then ``_WALL_BLOCKS`` alternating blocks of
+  ``_WALL_REPEATS // _WALL_BLOCKS`` calls each, median kept (load drifts within a run).
+  """
+  fns = {'ours': ours, 'peer': peer} if peer is not None else {'ours': ours}
+  compiles = {k: [] for k in fns}
+  compiled = {}
+  for _ in range(_COMPILE_ROUNDS):
+    for k, fn in fns.items():
+      compiled[k], secs = _compile(fn, x)
+      compiles[k].append(secs)
+  walls = {k: [] for k in fns}
+  for _ in range(_WALL_BLOCKS):
+    for k, c in compiled.items():
+      walls[k] += _walls(c, x, max(_WALL_REPEATS // _WALL_BLOCKS, 1))
+  out = {}
+  for k in fns:
+    out[f'{k}_compile'] = min(compiles[k])
+    out[f'{k}_wall'] = float(np.median(walls[k]))
+  return out
 
 
 def _walls(compiled, x, repeats):
@@ -224,43 +262,6 @@ def run_ours(process, model, x_T, ref, quick):
       errs[nfe] = (*sample_errors(x0, ref), info['nfe'])
     rows.append((label, grid, errs))
   return rows
-
-
-def time_ours(process, model, x_T, methods, peer=None):
-  """Compile and wall times of ours, alternating with the Flax peer's on the same configuration.
-
-  Per configuration: ``_COMPILE_ROUNDS`` fresh compilations on each side, alternating (the
-  minimum is kept: the first compilation in a process pays one-time costs), then
-  ``_WALL_BLOCKS`` alternating blocks of ``_WALL_REPEATS // _WALL_BLOCKS`` runs (the median
-  is kept). Returns {(method, nfe): (compile_s, wall_s, peer_compile_s, peer_wall_s)}; the
-  peer's are None without a peer.
-  """
-  from diffusion_jax import sampling  # pylint: disable=import-outside-toplevel
-  names = {'ddim': 'DDIM', 'dpmpp_2m': 'DPM++2M'}
-  per_block = max(_WALL_REPEATS // _WALL_BLOCKS, 1)
-  out = {}
-  for method in methods:
-    for nfe in NFES:
-      n = steps_for_nfe(method, nfe)
-
-      def fn(x, n=n, method=method):
-        return sampling.sample(model, process, method=method, num_steps=n, x_T=x)
-
-      def ask(command, *args, method=method, nfe=nfe):
-        return peer.ask(' '.join(map(str, (command, names[method], nfe) + args))) if peer else None
-
-      compiles, peer_compiles, walls, peer_walls = [], [], [], []
-      for _ in range(_COMPILE_ROUNDS):
-        compiled, secs = _compile(fn, x_T)
-        compiles.append(secs)
-        peer_compiles.append(ask('compile'))
-      for _ in range(_WALL_BLOCKS):
-        walls += _walls(compiled, x_T, per_block)
-        peer_walls += ask('wall', per_block) or []
-      out[(method, nfe)] = (min(compiles), float(np.median(walls)),
-                            min(peer_compiles) if peer else None,
-                            float(np.median(peer_walls)) if peer else None)
-  return out
 
 
 # --- diffusers' PyTorch schedulers ---------------------------------------------------------------
@@ -358,18 +359,18 @@ def main():
   parser.add_argument('--flax-python', default='/tmp/dfx/bin/python',
                       help='an interpreter with diffusers==0.39 (Flax schedulers), jax and flax')
   parser.add_argument('--pin-cpu', type=int, default=None,
-                      help='CPU that the whole run and the Flax peer are pinned to, for the speed '
+                      help='CPU that the whole run and the speed worker are pinned to, for the speed '
                       'comparison (default: the first this process may use; -1: no pinning). '
                       'See _pin.')
-  parser.add_argument('--flax-peer', default=None, help=argparse.SUPPRESS)
+  parser.add_argument('--speed-worker', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
-  if args.flax_peer:
-    flax_peer_main(args.flax_peer)
+  if args.speed_worker:
+    speed_main(args.speed_worker)
     return
   if args.pin_cpu is None:
     args.pin_cpu = min(os.sched_getaffinity(0))
   if args.pin_cpu >= 0:
-    _pin(args.pin_cpu)  # before JAX starts (the peer, started later, inherits it)
+    _pin(args.pin_cpu)  # before JAX starts (the speed worker, started later, inherits it)
 
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -381,11 +382,7 @@ def main():
   x_T_np = np.asarray(x_T, np.float64)
   alpha_T, sigma_T = float(process.alpha(process.t_max)), float(process.sigma(process.t_max))
   ref = mix.pf_ode_map(x_T_np, alpha_T, sigma_T)
-  eps_fn = mixture_eps_2d(mix.weights, mix.means, mix.covs)
-
-  def model(x, t, y=None):
-    del y
-    return eps_fn(x, process.alpha(t), process.sigma(t))
+  model = oracle_model(mixture_eps_2d(mix.weights, mix.means, mix.covs), process)
 
   t_check = jnp.linspace(1.0, 1000.0, args.batch)
   gap = float(jnp.max(jnp.abs(model(x_T, t_check) - mix.model_fn(process)(x_T, t_check))))
@@ -395,7 +392,7 @@ def main():
     _accuracy(args, process, mix, model, x_T, x_T_np, ref)
   if args.quick:
     return
-  _speed(args, process, mix, model, x_T, x_T_np, ref)
+  _speed(args, mix, x_T_np, ref)
 
 
 def _accuracy(args, process, mix, model, x_T, x_T_np, ref):
@@ -468,78 +465,56 @@ def _pin(cpu: int) -> None:
       pass
 
 
-def _speed(args, process, mix, model, x_T, x_T_np, ref):
+def _speed(args, mix, x_T_np, ref):
   cpu = args.pin_cpu
-  pinned = f'both sides pinned to CPU {cpu}' if cpu >= 0 else 'not pinned'
-  print(f'\n## speed, B={args.batch}, CPU (jit; {pinned}; our runs alternate with the peer\'s: '
-        f'{_COMPILE_ROUNDS} compilations each, min; {_WALL_REPEATS} runs each in '
+  pinned = f'pinned to CPU {cpu}' if cpu >= 0 else 'not pinned'
+  print(f'\n## speed, B={args.batch}, CPU (jit; ours and the peer in one process, {pinned}; '
+        f'alternating: {_COMPILE_ROUNDS} compilations each, min; {_WALL_REPEATS} runs each in '
         f'{_WALL_BLOCKS} blocks, median)\n')
-  peer = _FlaxPeer.start(args.flax_python, mix, x_T_np)
-  if isinstance(peer, str):
-    print(f'diffusers Flax: {peer}\n')
-    peer = None
-  else:
-    print(f"diffusers Flax {peer.info['version']} (lax.fori_loop over scheduler.step)\n")
-  try:
-    timing = time_ours(process, model, x_T, ('ddim', 'dpmpp_2m'), peer)
-  finally:
-    if peer:
-      peer.close()
-  samples = {(r['name'], r['nfe']): r['x0'] for r in peer.info['results']} if peer else {}
+  python = args.flax_python
+  if not python or not os.path.exists(python):
+    print('diffusers Flax: not installed (python -m venv /tmp/dfx && '
+          '/tmp/dfx/bin/pip install diffusers==0.39.0 jax flax); timing ours alone\n')
+    python = sys.executable
+  timing = _run_speed(python, mix, x_T_np)
+  if isinstance(timing, str):  # the Flax interpreter failed: ours alone, here
+    print(f'diffusers Flax: {timing}; timing ours alone\n')
+    timing = _run_speed(sys.executable, mix, x_T_np)
+    if isinstance(timing, str):
+      raise RuntimeError(f'timing failed: {timing}')
+  import jax  # pylint: disable=import-outside-toplevel
+  if timing['jax'] != jax.__version__:
+    print(f"Note: timed under jax {timing['jax']} (the Flax interpreter's), this one has "
+          f'{jax.__version__}.\n')
+  if timing['diffusers']:
+    print(f"diffusers Flax {timing['diffusers']} (lax.fori_loop over scheduler.step), "
+          f"jax {timing['jax']}\n")
   print('| method | NFE | compile s | wall ms | Flax compile s | Flax wall ms | compile ratio | '
         'wall ratio | Flax RMS err |\n|' + '---|' * 9)
-  for (method, nfe), (compile_s, wall_s, peer_compile, peer_wall) in timing.items():
-    x0 = samples.get(({'ddim': 'DDIM', 'dpmpp_2m': 'DPM++2M'}[method], nfe))
-    if peer_wall is not None and x0 is not None:
-      err = sample_errors(x0, ref)[0]
-      print(f'| {method} | {nfe} | {compile_s:.2f} | {1e3 * wall_s:.3f} | {peer_compile:.2f} | '
-            f'{1e3 * peer_wall:.3f} | {compile_s / peer_compile:.2f} | '
-            f'{wall_s / peer_wall:.2f} | {err:.2e} |')
+  for r in timing['results']:
+    head = f"| {r['method']} | {r['nfe']} | {r['ours_compile']:.2f} | {1e3 * r['ours_wall']:.3f} |"
+    if 'peer_wall' in r:
+      print(head + f" {r['peer_compile']:.2f} | {1e3 * r['peer_wall']:.3f} | "
+            f"{r['ours_compile'] / r['peer_compile']:.2f} | "
+            f"{r['ours_wall'] / r['peer_wall']:.2f} | {sample_errors(r['peer_x0'], ref)[0]:.2e} |")
     else:
-      print(f'| {method} | {nfe} | {compile_s:.2f} | {1e3 * wall_s:.3f} |' + ' — |' * 5)
+      print(head + ' — |' * 5)
 
 
-class _FlaxPeer:
-  """The diffusers-0.39 Flax peer in its own interpreter, answering timing requests."""
-
-  def __init__(self, proc, tmp, info):
-    self.proc, self.tmp, self.info = proc, tmp, info
-
-  @classmethod
-  def start(cls, python, mix, x_T_np):
-    """A running peer, or a string saying why there is none."""
-    if not python or not os.path.exists(python):
-      return ('not installed (python -m venv /tmp/dfx && '
-              '/tmp/dfx/bin/pip install diffusers==0.39.0 jax flax)')
-    tmp = tempfile.TemporaryDirectory()  # pylint: disable=consider-using-with
-    path = os.path.join(tmp.name, 'peer.npz')
+def _run_speed(python, mix, x_T_np):
+  """``speed_main``'s JSON from a run in ``python``, or a string saying why it failed."""
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, 'oracle.npz')
     np.savez(path, weights=mix.weights, means=mix.means, covs=mix.covs,
              x_T=x_T_np.astype(np.float32))
-    proc = subprocess.Popen(  # pylint: disable=consider-using-with
-        [python, os.path.abspath(__file__), '--flax-peer', path], stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
-    line = proc.stdout.readline()
-    if not line:
-      tail = proc.stderr.read().strip().splitlines()[-1:] or ['?']
-      proc.wait()
-      tmp.cleanup()
-      return f'not installed or failed ({tail[0]})'
-    return cls(proc, tmp, json.loads(line))
-
-  def ask(self, request):
-    self.proc.stdin.write(request + '\n')
-    self.proc.stdin.flush()
-    line = self.proc.stdout.readline()
-    if not line:
-      raise RuntimeError(f'the Flax peer exited on {request!r}: '
-                         f'{self.proc.stderr.read().strip()[-500:]}')
-    return json.loads(line)
-
-  def close(self):
-    self.proc.stdin.close()
-    self.proc.wait(timeout=60)
-    self.tmp.cleanup()
+    proc = subprocess.run([python, os.path.abspath(__file__), '--speed-worker', path],
+                          capture_output=True, text=True, check=False,
+                          env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
+  lines = proc.stdout.strip().splitlines()
+  if proc.returncode != 0 or not lines:
+    tail = proc.stderr.strip().splitlines()[-1:] or ['?']
+    return f'failed with exit code {proc.returncode} ({tail[0]})'
+  return json.loads(lines[-1])
 
 
 if __name__ == '__main__':
