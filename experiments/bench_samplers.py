@@ -1,6 +1,6 @@
 """Sampler accuracy and speed on the exact Gaussian-mixture oracle, against diffusers' schedulers.
 
-    python experiments/bench_samplers.py                  # ~5 min (pinned to one CPU)
+    python experiments/bench_samplers.py                  # ~3 min (pinned to one CPU)
     python experiments/bench_samplers.py --quick          # fewer grids, no timing
     python experiments/bench_samplers.py --flax-python=/tmp/dfx/bin/python   # diffusers Flax peer
 
