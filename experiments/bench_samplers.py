@@ -155,19 +155,24 @@ def speed_main(path: str) -> None:
 
           return jax.lax.fori_loop(0, nfe, body, (x, state))[0]
 
-      row = {'method': method, 'nfe': nfe, **time_pair(ours, peer, x_T)}
+      times, compiled = time_pair(ours, peer, x_T)
+      row = {'method': method, 'nfe': nfe, **times}
       if peer is not None:
-        row['peer_x0'] = np.asarray(jax.jit(peer)(x_T)).tolist()
+        row['peer_x0'] = np.asarray(compiled['peer'](x_T)).tolist()
       out['results'].append(row)
   print(json.dumps(out), flush=True)
 
 
-def time_pair(ours, peer, x) -> dict:
+def time_pair(ours, peer, x) -> tuple[dict, dict]:
   """Compile and wall times (s) of ``ours`` and ``peer`` (or None), alternating between them.
 
   ``_COMPILE_ROUNDS`` fresh compilations each, alternating, minimum kept (the first compilation
   of a process pays one-time costs); then ``_WALL_BLOCKS`` alternating blocks of
   ``_WALL_REPEATS // _WALL_BLOCKS`` calls each, median kept (load drifts within a run).
+
+  Returns:
+    ``({'ours_compile', 'ours_wall', 'peer_compile', 'peer_wall'}, {'ours', 'peer'})``: the
+    times (no peer entries without a peer) and the last compiled programs.
   """
   fns = {'ours': ours, 'peer': peer} if peer is not None else {'ours': ours}
   compiles = {k: [] for k in fns}
@@ -184,7 +189,7 @@ def time_pair(ours, peer, x) -> dict:
   for k in fns:
     out[f'{k}_compile'] = min(compiles[k])
     out[f'{k}_wall'] = float(np.median(walls[k]))
-  return out
+  return out, compiled
 
 
 def _walls(compiled, x, repeats):
@@ -359,8 +364,8 @@ def main():
   parser.add_argument('--flax-python', default='/tmp/dfx/bin/python',
                       help='an interpreter with diffusers==0.39 (Flax schedulers), jax and flax')
   parser.add_argument('--pin-cpu', type=int, default=None,
-                      help='CPU that the whole run and the speed worker are pinned to, for the speed '
-                      'comparison (default: the first this process may use; -1: no pinning). '
+                      help='CPU that the whole run and the speed worker are pinned to, for the '
+                      'speed comparison (default: the first this process may use; -1: no pinning). '
                       'See _pin.')
   parser.add_argument('--speed-worker', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
