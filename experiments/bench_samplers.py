@@ -482,11 +482,11 @@ def _speed(args, mix, x_T_np, ref):
           '/tmp/dfx/bin/pip install diffusers==0.39.0 jax flax); timing ours alone\n')
     python = sys.executable
   timing = _run_speed(python, mix, x_T_np)
-  if isinstance(timing, str):  # the Flax interpreter failed: ours alone, here
+  if isinstance(timing, str) and python != sys.executable:  # the Flax interpreter failed
     print(f'diffusers Flax: {timing}; timing ours alone\n')
     timing = _run_speed(sys.executable, mix, x_T_np)
-    if isinstance(timing, str):
-      raise RuntimeError(f'timing failed: {timing}')
+  if isinstance(timing, str):
+    raise RuntimeError(f'timing failed: {timing}')
   import jax  # pylint: disable=import-outside-toplevel
   if timing['jax'] != jax.__version__:
     print(f"Note: timed under jax {timing['jax']} (the Flax interpreter's), this one has "
