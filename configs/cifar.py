@@ -10,49 +10,8 @@ then train (TPU VM / GPU; 800k steps take days):
     python -m diffusion_jax.main --config=configs/cifar.py --workdir=runs/cifar
 """
 
-from configs import default
+from diffusion_jax.configs import cifar10
 
 
 def get_config():
-  config = default.get_config()
-  config.data.source = 'tfds'
-  config.data.name = 'cifar10'
-  config.data.split = 'train'
-  config.data.eval_split = 'test'
-  config.data.image_size = 32
-  config.data.num_channels = 3
-  config.data.random_flip = True
-
-  config.model.name = 'unet'
-  config.model.parameterization = 'eps'
-  config.model.noise_input = 't'
-  unet = config.model.unet
-  unet.ch = 128
-  unet.ch_mult = (1, 2, 2, 2)
-  unet.num_res_blocks = 2
-  unet.attn_resolutions = (16,)
-  unet.dropout = 0.1
-
-  config.process.type = 'discrete'
-  config.process.schedule = 'linear'
-  config.process.num_timesteps = 1000
-  config.process.beta_start = 1e-4
-  config.process.beta_end = 0.02
-
-  config.training.batch_size = 128
-  config.training.num_train_steps = 800_000
-  config.training.ema_decay = 0.9999
-  config.training.log_every = 100
-  config.training.checkpoint_every = 10_000
-  config.training.sample_every = 50_000
-  config.optim.optimizer = 'adam'
-  config.optim.learning_rate = 2e-4
-  config.optim.warmup_steps = 5000
-  config.optim.schedule = 'constant'
-  config.optim.grad_clip = 1.0
-
-  config.sampling.method = 'ddpm'
-  config.sampling.num_steps = 1000
-  config.sampling.num_samples = 50_000
-  config.sampling.batch_size = 1000
-  return config
+  return cifar10.ddpm()  # the settings, in diffusion_jax/configs/cifar10.py, are shared by cifar_*

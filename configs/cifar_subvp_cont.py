@@ -5,10 +5,10 @@ The DDPM++ cont. (VP) setup of configs/cifar_vp_cont.py with the sub-VP SDE (sam
     python -m diffusion_jax.main --config=configs/cifar_subvp_cont.py --workdir=runs/cifar_subvp
 """
 
-from configs import cifar_vp_cont
+from diffusion_jax.configs import cifar10
 
 
 def get_config():
-  config = cifar_vp_cont.get_config()
+  config = cifar10.ddpmpp_continuous()
   config.process.type = 'subvp'
   return config

@@ -12,11 +12,11 @@ score_sde sums them (a constant factor that Adam's normalization absorbs).
     python -m diffusion_jax.main --config=configs/cifar_ve_ncsnpp.py --workdir=runs/cifar_ve
 """
 
-from configs import cifar_vp_cont
+from diffusion_jax.configs import cifar10
 
 
 def get_config():
-  config = cifar_vp_cont.get_config()  # the DDPM++ body: BigGAN blocks, skip rescale, 4 per level
+  config = cifar10.ddpmpp_continuous()  # the DDPM++ body: BigGAN blocks, skip rescale, 4 per level
   unet = config.model.unet
   unet.fir = True
   unet.embedding_type = 'fourier'

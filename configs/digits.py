@@ -5,7 +5,7 @@
 No download: the digits ship with scikit-learn.
 """
 
-from configs import default
+from diffusion_jax.configs import default
 
 
 def get_config():

@@ -8,7 +8,7 @@ Make the data (any [N, D] float array works; labels optional under key 'label'):
     python -m diffusion_jax.main --config=configs/gmm.py --workdir=runs/gmm --config.data.path=/tmp/gmm.npz
 """
 
-from configs import default
+from diffusion_jax.configs import default
 
 
 def get_config():

@@ -3,7 +3,7 @@
     python -m diffusion_jax.main --config=configs/tiny.py --workdir=/tmp/tiny
 """
 
-from configs import default
+from diffusion_jax.configs import default
 
 
 def get_config():

@@ -11,25 +11,10 @@ on GPU clusters pass ``--coordinator_address=host:port --num_processes=N --proce
 
 import os
 import socket
-import sys
 import time
 
 from absl import app, flags, logging
-
-
-def _add_config_root_to_path(argv) -> None:
-  """Lets a config file ``configs/x.py`` import ``configs.default`` from any working directory."""
-  for arg in argv:
-    if arg.startswith('--config='):
-      path = os.path.abspath(arg.split('=', 1)[1].split(':')[0])
-      root = os.path.dirname(os.path.dirname(path))
-      if root not in sys.path:
-        sys.path.insert(0, root)
-
-
-_add_config_root_to_path(sys.argv)
-
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                           lock_config=True)

@@ -1,10 +1,13 @@
 """Every config field, with its default and meaning. Other configs import this and override.
 
-    python -m diffusion_jax.main --config=configs/default.py --workdir=runs/default
+    python -m diffusion_jax.main --config=diffusion_jax/configs/default.py --workdir=runs/default
 
-(runs the digits job at default model size; configs/digits.py is the tuned one). The config is
-locked: assigning a field that is not defined here raises, so a typo in a config file or in a
-``--config.a.b=value`` override stops the run before anything is compiled.
+(runs the digits job at default model size; configs/digits.py is the tuned one). Experiment
+configs (the repository's top-level configs/) do ``from diffusion_jax.configs import default``, so
+they load from any working directory once the package is installed. The config is locked:
+assigning a field that is not defined here raises, so a typo in a config file or in a
+``--config.a.b=value`` override stops the run before anything is compiled. This module imports
+only ml_collections: loading a config starts no JAX backend.
 """
 
 import ml_collections
@@ -91,6 +94,9 @@ def get_config() -> ml_collections.ConfigDict:
   training.steps_per_call = 1  # train steps per jitted call (lax.scan), for host-bound runs.
   training.max_nonfinite_steps = 20  # stop after this many consecutive non-finite (skipped) steps.
   training.compilation_cache_dir = ''  # persistent XLA compilation cache ('' = workdir/.jax_cache).
+  # checkpoint directory (a run's checkpoints/ or one step's directory) whose EMA parameters start
+  # training; ignored when the workdir already has a checkpoint.
+  training.init_from = ''
 
   # --- optimizer --------------------------------------------------------------------------------
   optim = config.optim = ml_collections.ConfigDict()
