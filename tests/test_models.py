@@ -170,20 +170,21 @@ def test_params_do_not_depend_on_remat_policy():
 TINY = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1)
 
 
-def _param_shapes(module, shape, y=None):
+def _param_shapes(module, shape, label=None):
   init = functools.partial(module.init, train=False)
-  variables = jax.eval_shape(init, jax.random.key(0), jnp.zeros(shape), jnp.zeros(shape[:1]), y)
+  variables = jax.eval_shape(init, jax.random.key(0), jnp.zeros(shape), jnp.zeros(shape[:1]),
+                             label=label)
   return jax.tree.map(lambda s: (s.shape, s.dtype), variables['params'])
 
 
-def _traced(module, shape, y=None, train=False):
+def _traced(module, shape, label=None, train=False):
   """(params, output) shapes of one forward pass, traced once (init_with_output), not compiled."""
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
   c = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
 
   def fwd(key, x, c):
-    out, variables = module.init_with_output({'params': key, 'dropout': key}, x, c, y,
-                                             train=train)
+    out, variables = module.init_with_output({'params': key, 'dropout': key}, x, c,
+                                             label=label, train=train)
     return variables['params'], out
 
   return jax.eval_shape(fwd, jax.random.key(0), x, c)
@@ -241,7 +242,7 @@ def test_bad_image_size_raises():
 
 def test_labels_without_classes_raise():
   with pytest.raises(ValueError, match='num_classes'):
-    _traced(UNet(**TINY), (1, 8, 8, 3), y=jnp.zeros((1,), jnp.int32))
+    _traced(UNet(**TINY), (1, 8, 8, 3), label=jnp.zeros((1,), jnp.int32))
 
 
 def test_unknown_option_raises():
@@ -268,9 +269,9 @@ def test_exports():
 SMALL = dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), init_scale=1.0)
 
 
-def _random_params(module, shape, y=None, seed=0):
+def _random_params(module, shape, label=None, seed=0):
   rng = np.random.default_rng(seed)
-  shapes = _param_shapes(module, shape, y)
+  shapes = _param_shapes(module, shape, label)
   return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s[0]), jnp.float32), shapes,
                       is_leaf=lambda s: isinstance(s, tuple) and isinstance(s[1], np.dtype))
 
@@ -325,9 +326,12 @@ def test_class_conditioning_and_null_class():
   x = jnp.ones(shape)
   c = jnp.asarray([10.0, 10.0])
   null = net.apply({'params': params}, x, c, train=False)
-  explicit_null = net.apply({'params': params}, x, c, jnp.asarray([3, 3]), train=False)
+  explicit_null = net.apply({'params': params}, x, c, label=jnp.asarray([3, 3]), train=False)
   np.testing.assert_array_equal(null, explicit_null)
-  labelled = net.apply({'params': params}, x, c, jnp.asarray([0, 2]), train=False)
+  # Conditioning arrives as the cond dict's keys (build_network's module.apply(..., **cond)).
+  labelled = net.apply({'params': params}, x, c, **{'label': jnp.asarray([0, 2])}, train=False)
+  np.testing.assert_array_equal(
+      labelled, net.apply({'params': params}, x, c, jnp.asarray([0, 2])))  # positional, train=False
   assert not np.allclose(labelled, null)
   assert not np.allclose(labelled[0], labelled[1])  # Same x and c_noise, different labels.
 
@@ -462,10 +466,10 @@ def test_mlp_conditioning_and_bfloat16():
   assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
   null = net.apply({'params': params}, x, c, train=False)
   assert null.dtype == jnp.float32
-  np.testing.assert_array_equal(null, net.apply({'params': params}, x, c, jnp.full((3,), 2),
-                                                train=False))
-  assert not np.allclose(null, net.apply({'params': params}, x, c, jnp.zeros((3,), jnp.int32),
-                                         train=False))
+  np.testing.assert_array_equal(null, net.apply({'params': params}, x, c,
+                                                label=jnp.full((3,), 2), train=False))
+  assert not np.allclose(null, net.apply({'params': params}, x, c,
+                                         label=jnp.zeros((3,), jnp.int32), train=False))
   assert not np.allclose(null[0], null[1])  # c_noise matters.
   assert count_params(net, (3, 2), num_classes=2) == sum(
       p.size for p in jax.tree.leaves(params))

@@ -1,7 +1,9 @@
-"""Flax Linen networks ``F(x, c_noise, y=None, *, train)``: U-Nets for images, an MLP for vectors.
+"""Flax Linen networks ``F(x, c_noise, label=None, *, train=False)``: U-Nets and an MLP.
 
 The networks return raw outputs; ``diffusion_jax.preconditioning`` turns them into eps / x0 / v /
-score. ``MODELS`` maps the ``model.name`` of a config to the class.
+score. Conditioning inputs are keyword arguments named like the keys of the ``cond`` dict
+(``module.apply(variables, x, c_noise, **cond)`` with ``cond = {'label': int32 [B]}``).
+``MODELS`` maps the ``model.name`` of a config to the class.
 """
 
 from diffusion_jax.models.mlp import MLP

@@ -16,7 +16,7 @@ Dtype = Any
 
 
 class MLP(nn.Module):
-  """``F(x, c_noise[, y])`` for vectors: SiLU MLP with the noise embedding added in every layer.
+  """``F(x, c_noise[, label])`` for vectors: SiLU MLP with the noise embedding added in every layer.
 
   The noise input gets the sinusoidal embedding of DDPM (Ho et al. 2020; Vaswani et al. 2017)
   followed by a 2-layer SiLU MLP; each hidden layer adds a learned projection of it (a per-layer
@@ -28,8 +28,8 @@ class MLP(nn.Module):
     num_layers: number of hidden layers.
     embed_dim: width of the sinusoidal noise embedding.
     num_classes: classes for conditioning (0: unconditional); the table has ``num_classes + 1``
-      rows, label ``num_classes`` being the null class of classifier-free guidance; ``y=None``
-      means all-null.
+      rows, label ``num_classes`` being the null class of classifier-free guidance;
+      ``label=None`` means all-null.
     dtype: computation dtype; parameters stay float32, the output is float32.
   """
   hidden_dim: int = 256
@@ -39,14 +39,14 @@ class MLP(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, c_noise: jax.Array, y: jax.Array | None = None, *,
-               train: bool) -> jax.Array:
-    """Evaluates ``F(x, c_noise, y)``.
+  def __call__(self, x: jax.Array, c_noise: jax.Array, label: jax.Array | None = None, *,
+               train: bool = False) -> jax.Array:
+    """Evaluates ``F(x, c_noise, label)``.
 
     Args:
       x: ``[B, D]`` or ``[B, ...]`` (flattened internally, reshaped back).
       c_noise: ``[B]`` noise-conditioning input (a scalar is broadcast).
-      y: optional ``[B]`` int labels in ``[0, num_classes]``; only with ``num_classes > 0``.
+      label: optional ``[B]`` int labels in ``[0, num_classes]``; only with ``num_classes > 0``.
       train: unused (no dropout); part of the shared network signature.
 
     Returns:
@@ -62,12 +62,13 @@ class MLP(nn.Module):
     emb = layers.sinusoidal_embedding(c_noise, self.embed_dim)
     emb = dense(self.hidden_dim)(nn.silu(dense(self.hidden_dim)(emb)))
     if self.num_classes > 0:
-      if y is None:
-        y = jnp.full((batch,), self.num_classes, jnp.int32)
+      if label is None:
+        label = jnp.full((batch,), self.num_classes, jnp.int32)
       emb = emb + nn.Embed(self.num_classes + 1, self.hidden_dim, dtype=self.dtype,
-                           param_dtype=jnp.float32, name='class_embed')(jnp.asarray(y, jnp.int32))
-    elif y is not None:
-      raise ValueError('class labels y were given but num_classes=0; set num_classes > 0.')
+                           param_dtype=jnp.float32,
+                           name='class_embed')(jnp.asarray(label, jnp.int32))
+    elif label is not None:
+      raise ValueError('class labels (label=) were given but num_classes=0; set num_classes > 0.')
 
     h = x.reshape(batch, dim).astype(self.dtype)
     emb = nn.silu(emb)

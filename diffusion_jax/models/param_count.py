@@ -18,9 +18,9 @@ def count_params(module: nn.Module, input_shape: Sequence[int], *, num_classes: 
   counted in well under a second and without allocating its weights.
 
   Args:
-    module: a network with the shared signature ``(x, c_noise, y=None, *, train)``.
+    module: a network with the shared signature ``(x, c_noise, label=None, *, train=False)``.
     input_shape: ``[B, ...]`` shape of ``x``.
-    num_classes: when > 0, labels ``y: [B]`` are passed too (the module's own ``num_classes``
+    num_classes: when > 0, labels ``label: [B]`` are passed too (the module's own ``num_classes``
       decides the size of its class table either way).
 
   Returns:
@@ -29,7 +29,8 @@ def count_params(module: nn.Module, input_shape: Sequence[int], *, num_classes: 
   batch = input_shape[0]
   x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
   c_noise = jax.ShapeDtypeStruct((batch,), jnp.float32)
-  y = jax.ShapeDtypeStruct((batch,), jnp.int32) if num_classes > 0 else None
+  cond = {'label': jax.ShapeDtypeStruct((batch,), jnp.int32)} if num_classes > 0 else {}
   init = functools.partial(module.init, train=False)
-  variables = jax.eval_shape(init, jax.random.key(0), x, c_noise, y)
+  variables = jax.eval_shape(lambda key, x, c, cond: init(key, x, c, **cond), jax.random.key(0),
+                             x, c_noise, cond)
   return int(sum(np.prod(p.shape, dtype=np.int64) for p in jax.tree.leaves(variables['params'])))

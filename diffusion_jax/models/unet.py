@@ -80,7 +80,7 @@ def validate_unet_config(*, image_size: int, ch_mult: Sequence[int],
 
 
 class UNet(nn.Module):
-  """Noise-conditional U-Net ``F(x, c_noise[, y])`` (DDPM, DDPM++, NCSN++).
+  """Noise-conditional U-Net ``F(x, c_noise[, label])`` (DDPM, DDPM++, NCSN++).
 
   Layout: a 3x3 input conv; per level ``num_res_blocks`` residual blocks (+ attention where the
   spatial size is in ``attn_resolutions``) and a 2x downsampling; a middle of res-attn-res; the
@@ -105,7 +105,7 @@ class UNet(nn.Module):
     num_head_channels: channels per head; overrides ``num_heads`` when set.
     num_classes: number of classes for class conditioning (0: unconditional). The embedding table
       has ``num_classes + 1`` rows; label ``num_classes`` is the null class of classifier-free
-      guidance (Ho & Salimans 2022), and ``y=None`` means all-null.
+      guidance (Ho & Salimans 2022), and ``label=None`` means all-null.
     out_channels: output channels; None: same as the input.
     conditional: condition on ``c_noise`` at all (False: a plain denoiser, c_noise is ignored).
     fir: FIR up/downsampling (StyleGAN2 / NCSN++) instead of nearest / box filters.
@@ -158,15 +158,16 @@ class UNet(nn.Module):
     _check_choice('remat_policy', self.remat_policy, tuple(REMAT_POLICIES))
 
   @nn.compact
-  def __call__(self, x: jax.Array, c_noise: jax.Array, y: jax.Array | None = None, *,
-               train: bool) -> jax.Array:
-    """Evaluates ``F(x, c_noise, y)``.
+  def __call__(self, x: jax.Array, c_noise: jax.Array, label: jax.Array | None = None, *,
+               train: bool = False) -> jax.Array:
+    """Evaluates ``F(x, c_noise, label)``.
 
     Args:
       x: ``[B, H, W, C]`` noisy images (NHWC); H and W divisible by ``2 ** (len(ch_mult) - 1)``.
       c_noise: ``[B]`` noise-conditioning input (a scalar is broadcast to ``[B]``).
-      y: optional ``[B]`` int class labels in ``[0, num_classes]``; ``num_classes`` is the null
-        class. Only with ``num_classes > 0``.
+      label: optional ``[B]`` int class labels in ``[0, num_classes]``; ``num_classes`` is the
+        null class. Only with ``num_classes > 0``. Conditioning arrives as keywords named like
+        the keys of the cond dict: ``apply(variables, x, c_noise, **{'label': labels})``.
       train: enables dropout (then pass ``rngs={'dropout': key}``).
 
     Returns:
@@ -202,13 +203,13 @@ class UNet(nn.Module):
       temb = dense()(temb)
       temb = dense()(nn.swish(temb))
     if self.num_classes > 0:
-      if y is None:
-        y = jnp.full((batch,), self.num_classes, jnp.int32)
+      if label is None:
+        label = jnp.full((batch,), self.num_classes, jnp.int32)
       cemb = nn.Embed(self.num_classes + 1, 4 * self.ch, dtype=dt, param_dtype=jnp.float32,
-                      name='class_embed')(jnp.asarray(y, jnp.int32))
+                      name='class_embed')(jnp.asarray(label, jnp.int32))
       temb = cemb if temb is None else temb + cemb
-    elif y is not None:
-      raise ValueError('class labels y were given but num_classes=0; set num_classes > 0.')
+    elif label is not None:
+      raise ValueError('class labels (label=) were given but num_classes=0; set num_classes > 0.')
 
     # Residual blocks carry ``deterministic`` as a field so that remat only sees arrays.
     block_cls = (layers.ResnetBlockDDPM if self.resblock_type == 'ddpm'
