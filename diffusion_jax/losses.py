@@ -27,7 +27,7 @@ weight replaced by weight / density, an unbiased estimate of the same objective 
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -126,12 +126,12 @@ def sample_times(process, key: jax.Array, batch_size: int, *, time_sampling: str
 def denoising_loss(model_fn: Callable[..., jax.Array], process, x0: jax.Array, key: jax.Array, *,
                    prediction: processes.Prediction = 'eps', weighting: Weighting = 'uniform',
                    min_snr_gamma: float = 5.0, time_sampling: str = 'uniform',
-                   y: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   cond: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The denoising loss of one batch.
 
   Args:
-    model_fn: ``model_fn(x_t, t, y) -> prediction`` (closing over params, so ``jax.grad`` of this
-      loss in params works through it).
+    model_fn: ``model_fn(x_t, t, cond) -> prediction`` (closing over params, so ``jax.grad`` of
+      this loss in params works through it).
     process: the noise process (DiscreteVP or an SDE).
     x0: [B, ...] clean data.
     key: PRNG key for the times and the noise.
@@ -139,7 +139,8 @@ def denoising_loss(model_fn: Callable[..., jax.Array], process, x0: jax.Array, k
     weighting: 'uniform', 'snr', 'min_snr' or 'likelihood' (module docstring).
     min_snr_gamma: gamma of 'min_snr' (Hang et al. 2023 use 5).
     time_sampling: 'uniform' or 'importance'.
-    y: optional [B] int labels passed to model_fn.
+    cond: the conditioning pytree passed to model_fn untouched (leaves [B, ...], e.g.
+      ``{'label': [B] int32}``), or None.
 
   Returns:
     loss: scalar, the batch mean of the weighted per-example MSE.
@@ -164,7 +165,7 @@ def denoising_loss(model_fn: Callable[..., jax.Array], process, x0: jax.Array, k
   a, s = processes._bcast(alpha, x0), processes._bcast(sigma, x0)  # pylint: disable=protected-access
   # Targets from the exact (x0, eps), not reconstructed through alpha(t), which is tiny near t_max.
   target = {'eps': eps, 'x0': x0, 'v': a * eps - s * x0, 'score': -eps / s}[prediction]
-  pred = model_fn(x_t, t, y).astype(jnp.float32)
+  pred = model_fn(x_t, t, cond).astype(jnp.float32)
   mse = jnp.mean(jnp.square(pred - target).reshape(batch, -1), axis=-1)  # [B]
   per_example = weight_fn(t) * mse
   loss = jnp.mean(factor * per_example)

@@ -28,7 +28,8 @@ Parameterization = Literal['eps', 'x0', 'v', 'score']
 NoiseInput = Literal['t', 't999', 'log_sigma']
 NOISE_INPUTS = ('t', 't999', 'log_sigma')
 
-# network_fn(params, x, c_noise, y, *, train, rngs) -> F, same shape as x.
+# network_fn(params, x, c_noise, cond, *, train, rngs) -> F, same shape as x; cond: a pytree whose
+# leaves have the batch as leading axis, or None.
 NetworkFn = Callable[..., jax.Array]
 
 
@@ -108,10 +109,11 @@ def make_model_fn(network_fn: NetworkFn, params: Any, process, *,
                   parameterization: Parameterization = 'eps', noise_input_kind: NoiseInput = 't',
                   train: bool = False, dropout_key: jax.Array | None = None
                   ) -> Callable[..., jax.Array]:
-  """A ``model_fn(x, t, y=None) -> prediction`` (DESIGN.md contract) over a network and params.
+  """A ``model_fn(x, t, cond=None) -> prediction`` (DESIGN.md contract) over a network and params.
 
   Args:
-    network_fn: ``network_fn(params, x, c_noise, y, train=..., rngs=...) -> F``.
+    network_fn: ``network_fn(params, x, c_noise, cond, train=..., rngs=...) -> F``; ``cond`` is
+      passed through untouched (e.g. ``{'label': [B] int32}``, or None).
     params: the network's parameters.
     process: the process whose times ``t`` the model_fn takes.
     parameterization: how to read F (see the module docstring); the returned model_fn's
@@ -125,10 +127,10 @@ def make_model_fn(network_fn: NetworkFn, params: Any, process, *,
     raise ValueError(f'noise_input={noise_input_kind!r} is not known; use one of {NOISE_INPUTS}.')
   rngs = {'dropout': dropout_key} if (train and dropout_key is not None) else None
 
-  def model_fn(x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
+  def model_fn(x: jax.Array, t: jax.Array, cond: Any = None) -> jax.Array:
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
     c_noise = noise_input(process, t, noise_input_kind)
-    raw = network_fn(params, x, c_noise, y, train=train, rngs=rngs)
+    raw = network_fn(params, x, c_noise, cond, train=train, rngs=rngs)
     return apply_preconditioning(raw, x, t, process, parameterization=parameterization)
 
   return model_fn

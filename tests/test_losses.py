@@ -6,20 +6,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import losses, oracles, processes as P
+from diffusion_jax import losses, oracles, preconditioning, processes as P
 
 
 def _imperfect_eps_model(process):
   """The exact mixture eps plus a deterministic error, so the loss is non-trivial."""
   exact = oracles.example_mixture().model_fn(process, prediction='eps')
 
-  def fn(x, t, y=None):
+  def fn(x, t, cond=None):
     return exact(x, t) + 0.1 * jnp.sin(3 * x) + 0.05
   return fn
 
 
 def _as(model_eps, process, prediction):
-  def fn(x, t, y=None):
+  def fn(x, t, cond=None):
     return P.convert_prediction(model_eps(x, t), x, process.alpha(t), process.sigma(t),
                                 source='eps', target=prediction)
   return fn
@@ -93,10 +93,28 @@ def test_importance_sampling_is_unbiased():
 def test_bad_arguments():
   p = P.DiscreteVP.linear(num_timesteps=10)
   x0 = jnp.zeros((2, 2))
-  model = lambda x, t, y=None: x
+  model = lambda x, t, cond=None: x
   with pytest.raises(ValueError, match='weighting'):
     losses.denoising_loss(model, p, x0, jax.random.PRNGKey(0), weighting='snr2')
   with pytest.raises(ValueError, match='time_sampling'):
     losses.denoising_loss(model, p, x0, jax.random.PRNGKey(0), time_sampling='sobol')
   with pytest.raises(ValueError, match='likelihood'):
     losses.denoising_loss(model, p, x0, jax.random.PRNGKey(0), weighting='likelihood')
+
+
+def test_cond_reaches_the_network_untouched():
+  """denoising_loss hands ``cond`` to model_fn, and make_model_fn hands it to network_fn, as is."""
+  p = P.DiscreteVP.linear(num_timesteps=10)
+  x0 = jnp.ones((3, 2))
+  cond = {'label': jnp.array([0, 1, 2], jnp.int32), 'context': jnp.zeros((3, 4, 5))}
+  seen = []
+
+  def network_fn(params, x, c_noise, cond, *, train=False, rngs=None):
+    seen.append((cond, train, rngs))
+    return params * x + c_noise[:, None]
+
+  model_fn = preconditioning.make_model_fn(network_fn, 2.0, p)
+  losses.denoising_loss(model_fn, p, x0, jax.random.PRNGKey(0), cond=cond)
+  losses.denoising_loss(model_fn, p, x0, jax.random.PRNGKey(0))
+  assert seen[0][0] is cond and seen[0][1:] == (False, None)
+  assert seen[1][0] is None
