@@ -1,9 +1,9 @@
 r"""Entry point: ``python -m diffusion_jax.main --config=configs/X.py --workdir=DIR [--mode=...]``.
 
 This file is intentionally kept short: flags, the multi-process runtime, then one call into
-``train``. ``--config.a.b=value`` overrides any config field. Modes: ``train`` (resumes from the
-workdir's latest checkpoint), ``sample`` (EMA samples to ``workdir/samples``), ``eval``
-(bits/dim on ``data.eval_split``).
+``diffusion_jax.training``. ``--config.a.b=value`` overrides any config field. Modes: ``train``
+(resumes from the workdir's latest checkpoint), ``sample`` (EMA samples to ``workdir/samples``),
+``eval`` (bits/dim on ``data.eval_split``).
 
 Multi-host: on a TPU pod every host runs the same command and ``jax.distributed`` finds its peers;
 on GPU clusters pass ``--coordinator_address=host:port --num_processes=N --process_id=i``.
@@ -16,7 +16,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (e.g. configs/tiny.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do.')
@@ -87,7 +87,7 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=import-outside-toplevel
-  from diffusion_jax import cpu_runtime, train  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import cpu_runtime, training  # pylint: disable=import-outside-toplevel
   _init_distributed()
   applied = cpu_runtime.configure()  # after jax.distributed, before any computation
   config = _CONFIG.value
@@ -97,12 +97,9 @@ def main(argv):
                jax.process_count(), jax.devices())
   if applied:
     logging.info('CPU runtime settings (diffusion_jax.cpu_runtime): %s', ', '.join(applied))
-  if _MODE.value == 'train':
-    train.train_and_evaluate(config, _WORKDIR.value)
-  elif _MODE.value == 'sample':
-    train.sample(config, _WORKDIR.value)
-  else:
-    train.evaluate(config, _WORKDIR.value)
+  run = {'train': training.train_and_evaluate, 'sample': training.sample,
+         'eval': training.evaluate}[_MODE.value]
+  run(config, _WORKDIR.value)
 
 
 if __name__ == '__main__':
