@@ -1,12 +1,8 @@
 """diffusion_jax: diffusion models in JAX/Flax.
 
-See ../README.md. Modules: processes (discrete noise schedules), sde (continuous SDEs),
-losses, preconditioning, models, sampling, likelihood, and the trainer (train, main).
+See ../README.md. Importing the package has no side effects: it sets no XLA flags and leaves the
+allocator alone; the CPU process settings are opt-in (``cpu_runtime.configure()``, which
+``diffusion_jax.main`` calls).
 """
-
-from diffusion_jax import _xla_flags
-
-# Before any JAX computation: XLA reads its flags once, when the first backend starts.
-_xla_flags.apply_defaults()
 
 __version__ = "0.1.0"

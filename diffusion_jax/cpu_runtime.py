@@ -1,42 +1,44 @@
-"""Process settings that make training and sampling on a CPU host faster: ``configure()``.
+"""Opt-in process settings that make training and sampling on a CPU host faster: ``configure()``.
 
-A jitted training step of the DDPM CIFAR-10 U-Net needs one 1,072 MiB temporary buffer at batch 16
-(XLA's ``memory_analysis().temp_size_in_bytes``). By default JAX runs a CPU computation on one of
-its own threads, and glibc serves a request that large from a thread's arena with a fresh ``mmap``
-that ``free`` unmaps again; so every step the kernel maps and zeroes the buffer anew, one 4 KiB page
-fault at a time: 277,000 minor faults and 0.45 s of system time per 1.9 s step on this repository's
-2-core CPU (``getrusage`` around each step; ``strace`` shows the munmap/mmap pair per step).
+Importing ``diffusion_jax`` changes nothing in the process; ``main`` calls ``configure()`` once,
+right after ``jax.distributed`` starts and before any computation. In a notebook, call it before
+the first JAX computation to run as fast as the command line does. It applies three settings,
+each measured on the CIFAR-10 U-Net's training step (figures, dates and commands in
+``docs/benchmarks.md``):
 
-``configure()`` makes the calling thread run the computation (JAX's
-``jax_cpu_enable_async_dispatch=False``, which applies to single-device computations) and tells
-glibc's allocator, whose main arena then serves the buffer, to take large blocks from the heap
-rather than from ``mmap`` and never to return freed memory to the kernel
-(``mallopt(M_MMAP_MAX, 0)`` and ``mallopt(M_TRIM_THRESHOLD, -1)``; glibc's malloc(3) and
-mallopt(3)). Neither setting alone removes the faults (276,600 and 274,500 per step); together
-they leave none, and the batch-16 step went from 1.95-2.13 s to 1.68-1.77 s in alternating runs
-of one script, the trainer's (``diffusion_jax.main`` on that network, 40 steps) from 0.50-0.52
-to 0.60 steps/s.
-``experiments/bench_train.py`` reports the current figure beside PyTorch's, whose step takes about
-1,000 faults and the same time with or without the allocator settings. The digits job gains too
-(1,000 steps: 17.4 M faults and 31-32 s of system time without, 0.4 M and 3 s with; 14.1-14.3
-steps/s without, 14.8-16.1 with).
+1. ``XLA_FLAGS += --xla_cpu_experimental_ynn_fusion_type=reduce``: jaxlib 0.10 hands
+   convolutions fused with their elementwise neighbours to YNNPACK, whose weight gradients are
+   slower than XLA's own (Eigen) convolutions, while its reductions are faster; the flag keeps
+   only the reductions on YNNPACK. XLA reads ``XLA_FLAGS`` once, when the first backend starts,
+   and aborts on a flag it does not know, so the flag is added only before the backends start,
+   only for the jaxlib versions it was measured on (``TESTED_JAXLIB``), and only if the user's
+   ``XLA_FLAGS`` does not set it already.
+2. ``jax_cpu_enable_async_dispatch=False``: the calling thread runs single-device computations,
+   so the step's large temporary buffer comes from glibc's main arena (read when the CPU client
+   is created: only before the backends start, and not if ``JAX_CPU_ENABLE_ASYNC_DISPATCH`` is
+   set).
+3. ``mallopt(M_MMAP_MAX, 0)`` and ``mallopt(M_TRIM_THRESHOLD, -1)`` (glibc's mallopt(3)): that
+   arena takes large blocks from the heap and never returns them, so the kernel does not map and
+   zero the step's temporary buffer anew, one page fault at a time, every step. Only with glibc
+   and the CPU as JAX's default backend (elsewhere the buffers are device memory).
 
-The costs: the process's resident memory no longer shrinks after its peak (peak RSS 3.79 vs 3.58 GB
-in the 40-step trainer run above), and Python no longer runs ahead of a single-device computation
-(the next batch is read while nothing runs), which the digits job's figures above already include.
+The costs: resident memory no longer shrinks after its peak, and Python no longer runs ahead of
+a single-device computation.
 
-Both settings are process-wide, and the dispatch setting only takes if it comes before JAX starts
-its CPU backend: ``main`` applies them right after ``jax.distributed`` starts, before any
-computation; in a notebook, call ``configure()`` before the first JAX computation to run
-``train.train_and_evaluate`` as fast as the command line does. Set ``DIFFUSION_JAX_CPU_RUNTIME=0``
-to leave the process untouched.
+Opt-outs: ``DIFFUSION_JAX_CPU_RUNTIME=0`` leaves the process untouched;
+``DIFFUSION_JAX_XLA_DEFAULTS=0`` leaves only ``XLA_FLAGS`` alone.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import os
 import platform
+
+# jaxlib versions (prefixes) on which the XLA flags exist and were measured.
+TESTED_JAXLIB = ('0.10.',)
+XLA_CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=reduce',)
 
 # <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -48,21 +50,53 @@ def _backends_started() -> bool:
   return bool(getattr(xla_bridge, '_backends', None))
 
 
+def _missing_xla_flags() -> list[str]:
+  """The flags of ``XLA_CPU_FLAGS`` that this jaxlib knows and the user's XLA_FLAGS lacks."""
+  if os.environ.get('DIFFUSION_JAX_XLA_DEFAULTS', '1') == '0':
+    return []
+  try:
+    jaxlib_version = importlib.metadata.version('jaxlib')
+  except importlib.metadata.PackageNotFoundError:
+    return []
+  if not jaxlib_version.startswith(TESTED_JAXLIB):
+    return []
+  current = os.environ.get('XLA_FLAGS', '')
+  return [f for f in XLA_CPU_FLAGS if f.split('=')[0] not in current]
+
+
+def apply_xla_flags() -> list[str]:
+  """Appends the measured CPU flags to ``XLA_FLAGS``; returns the flags added.
+
+  Adds nothing once JAX's backends have started (XLA has read its flags then), under
+  ``DIFFUSION_JAX_XLA_DEFAULTS=0``, on an untested jaxlib, or for a flag the user's
+  ``XLA_FLAGS`` already sets. The user's own flags are kept, ahead of ours.
+  """
+  added = _missing_xla_flags()
+  if not added or _backends_started():
+    return []
+  os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''), *added]).strip()
+  return added
+
+
 def configure() -> list[str]:
   """Applies the settings above that still can be applied; returns a description of each.
 
-  Inline dispatch is set only if JAX's backends have not started yet (it is read when the CPU
-  client is created) and the user has not set ``JAX_CPU_ENABLE_ASYNC_DISPATCH``. Then the backends
-  start (call ``jax.distributed.initialize`` before this), and the allocator settings are applied
-  only where they help: glibc, and the CPU as JAX's default backend (on a GPU or TPU host the
-  step's buffers are device memory, and host memory would be kept for nothing). Safe to call more
-  than once.
+  Call ``jax.distributed.initialize`` before this and any computation after it: the XLA flag and
+  the dispatch setting only take before the backends start, and this function then starts them
+  (to learn the default backend). A setting skipped because the backends had already started is
+  reported as such in the returned list. Safe to call more than once.
   """
   if os.environ.get('DIFFUSION_JAX_CPU_RUNTIME', '1') == '0':
     return []
   import jax  # pylint: disable=import-outside-toplevel
   applied = []
-  if 'JAX_CPU_ENABLE_ASYNC_DISPATCH' not in os.environ and not _backends_started():
+  started = _backends_started()
+  missing = _missing_xla_flags()
+  if missing and started:
+    applied.append(f'XLA_FLAGS {" ".join(missing)} not applied: JAX backends already started')
+  elif missing:
+    applied.extend(f'XLA_FLAGS {f}' for f in apply_xla_flags())
+  if 'JAX_CPU_ENABLE_ASYNC_DISPATCH' not in os.environ and not started:
     jax.config.update('jax_cpu_enable_async_dispatch', False)
     applied.append('jax_cpu_enable_async_dispatch=False')
   on_cpu = jax.default_backend() == 'cpu'

@@ -1,4 +1,11 @@
-"""Shared test setup: a persistent XLA compilation cache for the whole session.
+"""Shared test setup: the XLA CPU flag of ``main``, and a persistent compilation cache.
+
+The session compiles with the XLA CPU flag that ``cpu_runtime.configure()`` gives the command
+line (``cpu_runtime.apply_xla_flags()``, here before any test starts JAX's backends), so the
+suite checks the programs users run; ``DIFFUSION_JAX_XLA_DEFAULTS=0`` runs it without. Only the
+flag: the dispatch and allocator settings of ``configure()`` are process-wide and tested in fresh
+processes (tests/test_cpu_runtime.py). Subprocesses that a test starts inherit the flag through
+the environment unless they set their own ``XLA_FLAGS``.
 
 Many tests build the same tiny networks; with the cache each distinct program compiles once per
 session instead of once per test. (The cache only stores what XLA compiled; results are the same.)
@@ -8,6 +15,10 @@ import os
 import tempfile
 
 import jax
+
+from diffusion_jax import cpu_runtime
+
+cpu_runtime.apply_xla_flags()
 
 _CACHE = os.environ.get('DIFFUSION_JAX_TEST_CACHE') or os.path.join(tempfile.gettempdir(),
                                                                     'diffusion_jax_test_xla_cache')
