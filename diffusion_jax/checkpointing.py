@@ -8,9 +8,16 @@ step directory holds three items:
   keyed by parameter names (`params/Dense_0/kernel`) and independent of Python class names. Static
   fields (`apply_fn`, `tx`) are not saved; `restore` takes them from `abstract_state`.
 - `data`: the data iterator state as JSON (`JsonSave`); `bytes` values are stored base64-encoded.
-- `integrity`: JSON with a 32-bit fingerprint of every array, computed on device when saving and
-  checked after restoring, so silently corrupted data (a flipped byte inside a compressed chunk,
-  which tensorstore reads back without complaint) is caught.
+- `integrity`: JSON with a 32-bit fingerprint, the shape and the dtype of every array, fingerprints
+  computed on device when saving and checked after restoring, so silently corrupted data (a
+  flipped byte inside a compressed chunk, which tensorstore reads back without complaint) is
+  caught; the shapes let one subtree be checked against a model without opening the others.
+
+Parameters alone: `Checkpointer.restore_params` and `load_params` read one subtree of the state
+(`ema_params` by default) through orbax's partial restore (`PyTreeRestore(partial_restore=True)`):
+the optimizer state is not read, not even its array headers, so sampling from or fine-tuning on a
+checkpoint costs the parameters' bytes only. `check_tree` compares a parameter tree with the
+shapes a model expects.
 
 Guarantees:
 
@@ -29,6 +36,10 @@ Guarantees:
   saved and saw committed, or restored), even when the save that follows it fails in the background.
 - Restoring into a model of different shapes raises `ValueError` naming the first mismatching
   parameter, checked against the checkpoint's metadata before any array is read.
+- `restore_params` gives the same guarantees for its subtree: its shapes and
+  dtypes checked first, its fingerprints after, a damaged step skipped (and, when no step was
+  asked for, quarantined) for the previous one. `load_params` does the same read-only: it never
+  renames anything in the directory it reads.
 - `save` refuses (returns False, logs an error) a state whose params or EMA params are not finite.
 - Nothing is unpickled: orbax's array and JSON handlers read tensorstore data and JSON only.
 
@@ -48,6 +59,9 @@ Example::
     ckpt.save(step, state, data_state=iterator.get_state())
     ...
     ckpt.close()
+
+    # Sampling, or initializing another run: the EMA parameters only, onto any mesh.
+    ema_params = checkpointing.load_params('runs/digits/checkpoints', abstract_params)
 """
 
 import base64
@@ -61,6 +75,7 @@ from etils import epath
 import flax.serialization
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
@@ -72,6 +87,7 @@ _BYTES_TAG = '__bytes_base64__'
 _FORMAT_VERSION = 1
 _FIX_SHAPES = ('Use the config the checkpoint was trained with, or a fresh --workdir to train '
                'this model from scratch.')
+_FIX_LOAD = 'Load it into the model it was trained with (the same model config).'
 
 
 class CheckpointCorruptedError(RuntimeError):
@@ -103,6 +119,83 @@ def _flatten(tree: PyTree) -> dict[str, Any]:
   """`{'params/Dense_0/kernel': leaf, ...}` for a tree of nested dicts (a state dict)."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
   return {_path_str(path): leaf for path, leaf in leaves}
+
+
+# --- Comparing trees with what a model expects. --------------------------------------------------
+
+class _Spec:
+  """Shape and dtype of a saved array, as recorded in the integrity item (a pytree leaf)."""
+
+  def __init__(self, shape, dtype: str):
+    self.shape, self.dtype = tuple(shape), dtype
+
+
+def _spec_str(leaf) -> str:
+  """`(5, 16) float32` for an array, a `jax.ShapeDtypeStruct`, orbax metadata or a `_Spec`."""
+  return f'{_shape(leaf)} {_dtype(leaf)}'
+
+
+def _shape(leaf) -> tuple[int, ...]:
+  return tuple(leaf.shape) if hasattr(leaf, 'shape') else np.shape(leaf)
+
+
+def _dtype(leaf) -> str:
+  dtype = getattr(leaf, 'dtype', None)
+  return str(dtype) if dtype is not None else str(np.asarray(leaf).dtype)
+
+
+def _first_mismatch(expected: Mapping[str, Any], got: Mapping[str, Any], *, name: str,
+                    label: str) -> str | None:
+  """Describes the first path of `expected` missing from `got` or of another shape or dtype, else
+  the first path of `got` that `expected` lacks; None when they agree. Paths read `name/...`."""
+  def full(path):
+    return f'{name}/{path}' if name and path else (name or path)
+  for path, leaf in expected.items():
+    if path not in got:
+      return f'{full(path)!r} is missing from {label} (the model expects {_spec_str(leaf)})'
+    if _shape(got[path]) != _shape(leaf) or _dtype(got[path]) != _dtype(leaf):
+      return (f'{full(path)!r} is {_spec_str(got[path])} in {label} but the model expects '
+              f'{_spec_str(leaf)}')
+  for path, leaf in got.items():
+    if path not in expected:
+      return f'{label} has {full(path)!r}, {_spec_str(leaf)}, which the model does not'
+  return None
+
+
+def check_tree(abstract: PyTree, tree: PyTree, *, name: str = 'params') -> None:
+  """Checks that `tree` has exactly the arrays, shapes and dtypes of `abstract`.
+
+  For parameter trees that come from elsewhere (a checkpoint, `init_params` passed by a caller, a
+  converted pretrained model) before they meet a jitted function that would fail on them with a
+  less helpful message.
+
+  Args:
+    abstract: the tree the model expects, e.g. `jax.eval_shape(model.init, ...)['params']`; leaves
+      with `shape` and `dtype` (`jax.ShapeDtypeStruct`, arrays).
+    tree: the tree to check; nested dicts, `FrozenDict`s and flax structs compare by their keys.
+    name: prefix of the paths in the message (`params` -> `params/Conv_0/kernel`).
+
+  Raises:
+    ValueError: naming the first path (in sorted key order) that is missing from `tree`, or has
+      another shape or dtype (both given), or else the first path of `tree` that `abstract` lacks.
+  """
+  mismatch = _first_mismatch(_flatten(flax.serialization.to_state_dict(abstract)),
+                             _flatten(flax.serialization.to_state_dict(tree)),
+                             name=name, label=f'the {name} tree' if name else 'the tree')
+  if mismatch is not None:
+    raise ValueError(f'The {name or "given"} tree does not match the model: {mismatch}.')
+
+
+def _require_shardings(abstract_dict: PyTree, *, what: str, name: str) -> None:
+  for path, leaf in _flatten(abstract_dict).items():
+    if getattr(leaf, 'sharding', None) is None:
+      full = f'{name}/{path}' if name and path else (name or path)
+      raise ValueError(
+          f'{what} leaf {full!r} has no sharding, so orbax cannot know where to put it. '
+          'Build it as jax.ShapeDtypeStruct(shape, dtype, sharding=...) from the state shardings '
+          '(see sharding.create_sharded_state), e.g. jax.tree.map(lambda x, s: '
+          'jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), jax.eval_shape(init, key), '
+          'shardings).')
 
 
 # --- Integrity: one jitted pass over the state per save and per restore. -------------------------
@@ -143,6 +236,17 @@ def _summarize_jit(checked: PyTree, state_dict: PyTree) -> tuple[jax.Array, PyTr
   return all_finite, jax.tree.map(_fingerprint, state_dict)
 
 
+_fingerprints = jax.jit(lambda tree: jax.tree.map(_fingerprint, tree))
+
+
+def _record(tree_dict: PyTree, fingerprints: PyTree) -> dict[str, Any]:
+  """The integrity entries of one item: fingerprint, shape and dtype of every array, by path."""
+  return {
+      'fingerprints': {k: int(v) for k, v in _flatten(jax.device_get(fingerprints)).items()},
+      'arrays': {k: [list(_shape(v)), _dtype(v)] for k, v in _flatten(tree_dict).items()},
+  }
+
+
 def _summarize(state_dict: PyTree) -> tuple[jax.Array, PyTree]:
   """(params and EMA params all finite, per-array fingerprints), in one jitted pass.
 
@@ -178,6 +282,78 @@ def _decode_json(x: Any) -> Any:
   return x
 
 
+# --- Reading one subtree of one step. ------------------------------------------------------------
+
+def _nest(which: str, tree: PyTree) -> PyTree:
+  """`{'a': {'b': tree}}` for `which='a/b'`; `tree` itself for `which=''`."""
+  for key in reversed([k for k in which.split('/') if k]):
+    tree = {key: tree}
+  return tree
+
+
+def _pick(which: str, tree: PyTree) -> PyTree:
+  for key in [k for k in which.split('/') if k]:
+    tree = tree[key]
+  return tree
+
+
+def _read_tree(step_dir: epath.Path, abstract_dict: PyTree, *, item: str, which: str,
+               fix: str = _FIX_SHAPES) -> PyTree:
+  """Reads the subtree `which` ('' = all) of item `item` of one step into `abstract_dict`.
+
+  Only that subtree's arrays are opened: its shapes come from the integrity record (from orbax's
+  metadata of the whole item for checkpoints written before the record had them), its data from
+  orbax's partial restore. Raises `_Corrupt` for damage, `ValueError` for a model mismatch.
+  """
+  name = which or item
+  try:
+    integrity = ocp.JsonCheckpointHandler().restore(step_dir / _INTEGRITY)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _Corrupt(f'integrity record unreadable: {type(e).__name__}: {_short(e)}') from e
+  record = integrity if item == _STATE else integrity.get(item)
+  if record is None:
+    raise ValueError(f'Checkpoint {step_dir} holds no {item!r} item: it was saved without one '
+                     f'(Checkpointer.save(..., {item}=...) was not given it).')
+  prefix = f'{which}/' if which else ''
+  expected_fingerprints = {k[len(prefix):]: v for k, v in record['fingerprints'].items()
+                           if k.startswith(prefix)}
+  if not expected_fingerprints:
+    tops = sorted({k.split('/')[0] for k in record['fingerprints']})
+    raise ValueError(f'Checkpoint {step_dir} has no {which!r} subtree in its {item!r} item; its '
+                     f'top-level names are {tops}.')
+  if 'arrays' in record:
+    saved = {k[len(prefix):]: _Spec(*v) for k, v in record['arrays'].items()
+             if k.startswith(prefix)}
+  else:  # written before the integrity record had shapes: opens every array's header
+    try:
+      metadata = ocp.PyTreeCheckpointHandler().metadata(step_dir / item)
+      saved = _flatten(_pick(which, getattr(metadata, 'tree', metadata)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise _Corrupt(f'metadata unreadable: {type(e).__name__}: {_short(e)}') from e
+  mismatch = _first_mismatch(_flatten(abstract_dict), saved, name=name, label='the checkpoint')
+  if mismatch is not None:
+    raise ValueError(f'Checkpoint {step_dir} does not match the model: {mismatch}. {fix}')
+
+  target = _nest(which, abstract_dict)
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    restored = handler.restore(step_dir / item, args=ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,  # the arrays of `target` only: no optimizer state is read
+    ))
+    tree_dict = _pick(which, restored)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _Corrupt(f'read failed: {type(e).__name__}: {_short(e)}') from e
+  finally:
+    handler.close()
+  for path, value in _flatten(jax.device_get(_fingerprints(tree_dict))).items():
+    if expected_fingerprints.get(path) != int(value):
+      raise _Corrupt(f'array {name + "/" + path!r} does not match the fingerprint written with it '
+                     '(data changed on disk after the save)')
+  return tree_dict
+
+
 class _PreserveStep(ocp.checkpoint_managers.PreservationPolicy):
   """Preserves the step returned by `get_step()` (the newest one known to be good)."""
 
@@ -196,7 +372,8 @@ class Checkpointer:
   See the module docstring for the on-disk layout and the guarantees.
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = False):
+  def __init__(self, directory: str | os.PathLike[str], *, max_to_keep: int = 3,
+               async_save: bool = False, read_only: bool = False):
     """Opens (creating if needed) the checkpoint directory.
 
     Args:
@@ -204,24 +381,28 @@ class Checkpointer:
       max_to_keep: how many of the newest steps to keep; the newest known-good step is kept too.
       async_save: if True, `save` returns once the arrays are copied to host memory and the write
         happens in a background thread; call `wait_until_finished` (or `close`) before exiting.
+      read_only: only restore: nothing is created, saved, deleted or quarantined (a damaged step
+        is skipped for the previous one all the same). For reading another run's checkpoints.
     """
     if max_to_keep < 1:
       raise ValueError(f'max_to_keep must be >= 1, got {max_to_keep}: with 0 every checkpoint '
                        'would be deleted as soon as it is written.')
-    if '://' not in directory:
-      directory = os.path.abspath(directory)  # orbax requires an absolute path
-    self._directory = epath.Path(directory)
+    self._directory = _absolute(directory)
+    self._read_only = read_only
     self._last_good: int | None = None  # newest step seen committed or restored
     self._pending: int | None = None  # step of a save not yet confirmed committed
-    policy = ocp.checkpoint_managers.AnyPreservationPolicy([
-        ocp.checkpoint_managers.LatestN(n=max_to_keep),
-        _PreserveStep(lambda: self._last_good),
-    ])
-    options = ocp.CheckpointManagerOptions(
-        enable_async_checkpointing=async_save,
-        preservation_policy=policy,
-        create=True,
-    )
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    else:
+      policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+          ocp.checkpoint_managers.LatestN(n=max_to_keep),
+          _PreserveStep(lambda: self._last_good),
+      ])
+      options = ocp.CheckpointManagerOptions(
+          enable_async_checkpointing=async_save,
+          preservation_policy=policy,
+          create=True,
+      )
     self._manager = ocp.CheckpointManager(
         self._directory,
         options=options,
@@ -280,6 +461,8 @@ class Checkpointer:
       step is not newer than the latest one, or params / EMA params are not finite (logged as an
       error: the state stays in memory, and the previous checkpoint stays the one to resume from).
     """
+    if self._read_only:
+      raise ValueError(f'Checkpointer({self._directory}) was opened read_only: it does not save.')
     try:
       self._manager.wait_until_finished()
     except Exception:  # pylint: disable=broad-except
@@ -298,20 +481,13 @@ class Checkpointer:
                     'gradient clipping (optim.*) and resume from it.', step, self._directory,
                     self._last_good if self._last_good is not None else self.latest_step())
       return False
-    integrity = {
-        'format_version': _FORMAT_VERSION,
-        'fingerprints': {k: int(v) for k, v in _flatten(jax.device_get(fingerprints)).items()},
+    integrity = {'format_version': _FORMAT_VERSION, **_record(state_dict, fingerprints)}
+    items = {
+        _STATE: ocp.args.StandardSave(state_dict),
+        _DATA: ocp.args.JsonSave({'data_state': _encode_json(data_state)}),
     }
-    data = {'data_state': _encode_json(data_state)}
-    saved = self._manager.save(
-        step,
-        args=ocp.args.Composite(**{
-            _STATE: ocp.args.StandardSave(state_dict),
-            _DATA: ocp.args.JsonSave(data),
-            _INTEGRITY: ocp.args.JsonSave(integrity),
-        }),
-        force=force,
-    )
+    items[_INTEGRITY] = ocp.args.JsonSave(integrity)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
     if not saved:
       logging.warning('Checkpoint step %d not saved: the latest step on disk is %s (steps only '
                       'move forward).', step, self.latest_step())
@@ -369,6 +545,10 @@ class Checkpointer:
 
   def _quarantine(self, steps: list[int]) -> None:
     """Renames corrupted steps out of orbax's view so their step numbers can be saved again."""
+    if self._read_only:
+      logging.warning('Not moving corrupted checkpoints %s out of the way: opened read_only.',
+                      [str(self.step_path(step)) for step in steps])
+      return
     if ocp.multihost.is_primary_host(0):
       for step in steps:
         src = self.step_path(step)
@@ -397,6 +577,60 @@ class Checkpointer:
       CheckpointCorruptedError: no candidate step could be read (the message lists paths and
         reasons).
     """
+    steps = self._candidates(step)
+    if steps is None:
+      return None
+    abstract_dict = flax.serialization.to_state_dict(abstract_state)
+    _require_shardings(abstract_dict, what='abstract_state', name='')
+    (state_dict, data_state), restored_step = self._first_good(
+        steps, lambda s: self._try_restore(s, abstract_dict), quarantine=step is None)
+    self._last_good = restored_step
+    return (flax.serialization.from_state_dict(abstract_state, state_dict), data_state,
+            restored_step)
+
+  def restore_params(self, abstract_params: PyTree, *, step: int | None = None,
+                     which: str = 'ema_params') -> tuple[PyTree, int] | None:
+    """Restores one parameter subtree of the newest good checkpoint (or `step`), and nothing else.
+
+    For sampling and for initializing another run: the optimizer state (and the other parameter
+    copy) is not read, through orbax's partial restore. The subtree's shapes and dtypes are checked
+    against `abstract_params` before any array is read, its fingerprints after.
+
+    Args:
+      abstract_params: the parameter tree with `jax.ShapeDtypeStruct` leaves carrying the target
+        `sharding`; the result has its structure (a `FrozenDict` stays one).
+      step: a specific step; by default the newest whose `which` subtree is intact, falling back
+        (and quarantining, as `restore` does) past damaged ones.
+      which: the subtree of the saved state: `'ema_params'` (what sampling uses) or `'params'`.
+
+    Returns:
+      `(params, step)`, or None when the directory holds no checkpoint.
+
+    Raises:
+      ValueError: the checkpoint's `which` subtree differs from `abstract_params` (the message
+        names the first differing path, e.g. `'ema_params/Conv_0/kernel'`, and both shapes), it
+        has no such subtree, or `step` does not exist.
+      CheckpointCorruptedError: no candidate step's subtree could be read.
+    """
+    return self._restore_subtree(abstract_params, step=step, item=_STATE, which=which,
+                                 what='abstract_params')
+
+  def _restore_subtree(self, abstract: PyTree, *, step: int | None, item: str, which: str,
+                       what: str, fix: str = _FIX_SHAPES) -> tuple[PyTree, int] | None:
+    steps = self._candidates(step)
+    if steps is None:
+      return None
+    abstract_dict = flax.serialization.to_state_dict(abstract)
+    _require_shardings(abstract_dict, what=what, name=which or item)
+    # Not recorded as the newest good step for retention: only this subtree was checked.
+    tree_dict, restored_step = self._first_good(
+        steps, lambda s: _read_tree(self.step_path(s), abstract_dict, item=item, which=which,
+                                    fix=fix),
+        quarantine=step is None)
+    return flax.serialization.from_state_dict(abstract, tree_dict), restored_step
+
+  def _candidates(self, step: int | None) -> list[int] | None:
+    """Steps to try, newest first: all on disk, or just `step`; None if there are none."""
     self._manager.reload()  # pick up steps written or removed by another process or by hand
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
@@ -406,28 +640,28 @@ class Checkpointer:
         raise ValueError(f'No checkpoint for step {step} in {self._directory}; available steps: '
                          f'{sorted(steps)}.')
       steps = [step]
-    abstract_dict = flax.serialization.to_state_dict(abstract_state)
-    for name, leaf in _flatten(abstract_dict).items():
-      if getattr(leaf, 'sharding', None) is None:
-        raise ValueError(
-            f'abstract_state leaf {name!r} has no sharding, so orbax cannot know where to put it. '
-            'Build it as jax.ShapeDtypeStruct(shape, dtype, sharding=...) from the state shardings '
-            '(see sharding.create_sharded_state), e.g. jax.tree.map(lambda x, s: '
-            'jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), jax.eval_shape(init, key), '
-            'shardings).')
+    return steps
+
+  def _first_good(self, steps: list[int], attempt, *, quarantine: bool) -> tuple[Any, int]:
+    """`(attempt(s), s)` for the first of `steps` that is not corrupted.
+
+    Corrupted steps newer than it are logged and, if `quarantine`, moved out of the way.
+
+    Raises:
+      CheckpointCorruptedError: every step is corrupted (the message lists paths and reasons).
+    """
     failures = []
     for candidate in steps:
       try:
-        state_dict, data_state = self._try_restore(candidate, abstract_dict)
+        result = attempt(candidate)
       except _Corrupt as e:
         path = self.step_path(candidate)
         logging.warning('Checkpoint %s is corrupted (%s); trying the previous step.', path, e)
         failures.append((candidate, path, str(e)))
         continue
-      if failures and step is None:
+      if failures and quarantine:
         self._quarantine([s for s, _, _ in failures])
-      self._last_good = candidate
-      return flax.serialization.from_state_dict(abstract_state, state_dict), data_state, candidate
+      return result, candidate
     listing = '\n'.join(f'  {path}: {reason}' for _, path, reason in failures)
     raise CheckpointCorruptedError(
         f'No checkpoint in {self._directory} could be restored:\n{listing}\nMove the damaged step '
@@ -439,3 +673,64 @@ class Checkpointer:
       self.wait_until_finished()
     finally:
       self._manager.close()
+
+
+def _absolute(path: str | os.PathLike[str]) -> epath.Path:
+  path = os.fspath(path)
+  if '://' not in path:
+    path = os.path.abspath(path)  # orbax requires an absolute path
+  return epath.Path(path)
+
+
+def load_params(path: str | os.PathLike[str], abstract_params: PyTree, *,
+                which: str = 'ema_params') -> PyTree:
+  """Loads one parameter subtree of a checkpoint, e.g. another run's EMA parameters.
+
+  Read-only (nothing in `path` is created, renamed or deleted) and reads that subtree only, with
+  the checks of `Checkpointer.restore_params`.
+
+  Args:
+    path: a run's `checkpoints/` directory (its newest step whose subtree is intact is used) or
+      one step's directory (`checkpoints/1000`); any path orbax supports (`gs://...` included).
+    abstract_params: the parameter tree with sharded `jax.ShapeDtypeStruct` leaves; the result
+      lands on those shardings.
+    which: the subtree of the saved state: `'ema_params'` or `'params'`.
+
+  Returns:
+    The parameters, in the structure of `abstract_params`.
+
+  Raises:
+    FileNotFoundError: `path` does not exist, holds no finished checkpoint step, or is an
+      unfinished save.
+    ValueError: the saved subtree does not match `abstract_params` (first differing path named).
+    CheckpointCorruptedError: no step's subtree could be read (`path` is one step: it is damaged).
+  """
+  path = _absolute(path)
+  if not path.exists():
+    raise FileNotFoundError(f'No checkpoint at {path}: the path does not exist. Give a run\'s '
+                            'checkpoints/ directory or one step\'s directory inside it.')
+  if (path / _STATE).exists():  # one step's directory
+    if not ocp.step.is_path_finalized(path):
+      raise FileNotFoundError(f'{path} is a checkpoint whose save never finished (no commit); '
+                              'use a finished step.')
+    abstract_dict = flax.serialization.to_state_dict(abstract_params)
+    _require_shardings(abstract_dict, what='abstract_params', name=which)
+    try:
+      params_dict = _read_tree(path, abstract_dict, item=_STATE, which=which, fix=_FIX_LOAD)
+    except _Corrupt as e:
+      raise CheckpointCorruptedError(f'Checkpoint {path} could not be restored: {e}') from e
+    return flax.serialization.from_state_dict(abstract_params, params_dict)
+  ckpt = Checkpointer(path, read_only=True)
+  try:
+    restored = ckpt._restore_subtree(  # pylint: disable=protected-access
+        abstract_params, step=None, item=_STATE, which=which, what='abstract_params',
+        fix=_FIX_LOAD)
+  finally:
+    ckpt.close()
+  if restored is None:
+    hint = (f' It holds a checkpoints/ directory: did you mean {path / "checkpoints"}?'
+            if (path / 'checkpoints').exists() else '')
+    raise FileNotFoundError(f'No checkpoint in {path}: expected a run\'s checkpoints/ directory '
+                            f'(holding step directories such as 1000/) or one step\'s directory '
+                            f'(holding state/).{hint}')
+  return restored[0]

@@ -8,6 +8,7 @@ import sys
 import textwrap
 from unittest import mock
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -374,6 +375,10 @@ def test_resharding_restore_on_8_devices(tmp_path):
             assert kernel.sharding.spec == P(None, 'fsdp'), kernel.sharding.spec
             assert len(kernel.addressable_shards) == 8
           t.assert_bitwise_equal(restored, state)
+          # The EMA parameters alone, straight onto the target mesh's shardings.
+          ema = checkpointing.load_params(directory, abstract_on(tmesh).ema_params)
+          assert ema['hidden']['kernel'].sharding == kernel.sharding, ema['hidden']['kernel']
+          t.assert_bitwise_equal(ema, state.ema_params)
       print('OK')
   """)
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -381,3 +386,226 @@ def test_resharding_restore_on_8_devices(tmp_path):
                           text=True, timeout=180)
   assert result.returncode == 0, result.stdout + result.stderr[-5000:]
   assert 'OK' in result.stdout
+
+
+# --- Parameters alone: restore_params, load_params, check_tree, frozen trees. ---------------------
+
+def _ocdbt(step_dir: pathlib.Path):
+  """The key-value store (OCDBT) holding every array of the step's state item, one key per chunk."""
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  return ts.KvStore.open({'driver': 'ocdbt', 'base': f'file://{step_dir / "state"}/'}).result()
+
+
+def _delete_arrays(step_dir: pathlib.Path, prefix: str) -> None:
+  """Deletes every array under `prefix` (`'opt_state'`): its zarr header and its chunks."""
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  kv = _ocdbt(step_dir)
+  kv.delete_range(ts.KvStore.KeyRange(f'{prefix}.'.encode(), f'{prefix}/'.encode())).result()
+  assert not [k for k in kv.list().result() if k.startswith(f'{prefix}.'.encode())]
+
+
+def test_restore_params_is_bitwise_and_reads_no_optimizer_state(ckpt_dir):
+  state = trained_state(features=256)
+  ckpt = checkpointing.Checkpointer(ckpt_dir)
+  assert ckpt.restore_params(abstract_of(make_init()).ema_params) is None  # nothing saved yet
+  ckpt.save(1, state)
+  # Adam's moments and the raw params are gone from disk, headers and data: only EMA is left.
+  for prefix in ('opt_state', 'params'):
+    _delete_arrays(pathlib.Path(ckpt_dir) / '1', prefix)
+  abstract = abstract_of(make_init(features=256))
+  ema_params, step = ckpt.restore_params(abstract.ema_params)
+  assert step == 1
+  assert_bitwise_equal(ema_params, state.ema_params)
+  assert ema_params['out']['kernel'].sharding == abstract.ema_params['out']['kernel'].sharding
+  # The deletion bites for anything that does read the optimizer state.
+  with pytest.raises(checkpointing.CheckpointCorruptedError, match='opt_state'):
+    ckpt.restore(abstract, step=1)
+  ckpt.close()
+
+
+def test_restore_params_which_and_explicit_step(ckpt_dir):
+  first, second = trained_state(seed=1), trained_state(seed=2)
+  ckpt = checkpointing.Checkpointer(ckpt_dir)
+  ckpt.save(1, first)
+  ckpt.save(2, second)
+  abstract = abstract_of(make_init())
+  params, step = ckpt.restore_params(abstract.params, which='params')
+  assert step == 2
+  assert_bitwise_equal(params, second.params)
+  ema_params, step = ckpt.restore_params(abstract.ema_params, step=1)
+  assert step == 1
+  assert_bitwise_equal(ema_params, first.ema_params)
+  with pytest.raises(ValueError, match=r"no 'adam' subtree .* \['ema_params', 'opt_state', "
+                                       r"'params', 'step'\]"):
+    ckpt.restore_params(abstract.params, which='adam')
+  with pytest.raises(ValueError, match=r"abstract_params leaf 'ema_params/hidden/bias' has no "
+                                       'sharding'):
+    ckpt.restore_params(jax.eval_shape(make_init(), jax.random.key(0)).ema_params)
+  with pytest.raises(ValueError, match=r'No checkpoint for step 3 .* available steps: \[1, 2\]'):
+    ckpt.restore_params(abstract.ema_params, step=3)
+  ckpt.close()
+
+
+def _swap_ema_chunk(step_dir):
+  # A well-formed chunk holding other numbers (the raw params'): read back without any error,
+  # only the fingerprint tells.
+  kv = _ocdbt(step_dir)
+  kv.write(b'ema_params.hidden.kernel/0.0', kv.read(b'params.hidden.kernel/0.0').result().value
+           ).result()
+
+
+def _garbage_ema_chunk(step_dir):
+  _ocdbt(step_dir).write(b'ema_params.hidden.kernel/0.0', b'not a compressed chunk').result()
+
+
+def _delete_integrity(step_dir):
+  os.remove(step_dir / 'integrity' / 'metadata')
+
+
+@pytest.mark.parametrize('corrupt', [_truncate, _delete, _delete_metadata, _swap_ema_chunk,
+                                     _garbage_ema_chunk, _delete_integrity])
+def test_restore_params_falls_back_from_damaged_step(ckpt_dir, corrupt):
+  ckpt = checkpointing.Checkpointer(ckpt_dir, max_to_keep=3)
+  good, bad = trained_state(seed=1, features=256), trained_state(seed=2, features=256)
+  ckpt.save(1, good)
+  ckpt.save(2, bad)
+  step_dir = pathlib.Path(ckpt_dir) / '2'
+  corrupt(step_dir)
+  abstract = abstract_of(make_init(features=256)).ema_params
+
+  warning = checkpointing.logging.warning
+  with mock.patch.object(checkpointing.logging, 'warning', wraps=warning) as w:
+    ema_params, step = ckpt.restore_params(abstract)
+  assert step == 1
+  assert_bitwise_equal(ema_params, good.ema_params)
+  warned = ' '.join(' '.join(map(str, c.args)) for c in w.call_args_list)
+  assert str(step_dir) in warned and 'corrupted' in warned
+  # Quarantined as restore does, so step 2 can be saved again.
+  assert not step_dir.exists()
+  assert any(p.name.startswith('2.corrupt-') for p in pathlib.Path(ckpt_dir).iterdir())
+  assert ckpt.save(2, bad)
+  assert ckpt.restore_params(abstract)[1] == 2
+  ckpt.close()
+
+
+def test_restore_params_explicit_damaged_step_raises(ckpt_dir):
+  ckpt = checkpointing.Checkpointer(ckpt_dir)
+  ckpt.save(1, trained_state(features=256))
+  ckpt.save(2, trained_state(features=256))
+  _swap_ema_chunk(pathlib.Path(ckpt_dir) / '2')
+  with pytest.raises(checkpointing.CheckpointCorruptedError,
+                     match=r"'ema_params/hidden/kernel' does not match the fingerprint"):
+    ckpt.restore_params(abstract_of(make_init(features=256)).ema_params, step=2)
+  assert ckpt.all_steps() == [1, 2]
+  ckpt.close()
+
+
+def _listing(directory) -> list[str]:
+  return sorted(str(p.relative_to(directory)) for p in pathlib.Path(directory).rglob('*'))
+
+
+def test_load_params_from_checkpoints_dir_and_step_dir(ckpt_dir):
+  first, second = trained_state(seed=1, features=256), trained_state(seed=2, features=256)
+  ckpt = checkpointing.Checkpointer(ckpt_dir)
+  ckpt.save(1, first)
+  ckpt.save(2, second)
+  ckpt.close()
+  abstract = abstract_of(make_init(features=256))
+  before = _listing(ckpt_dir)
+  assert_bitwise_equal(checkpointing.load_params(ckpt_dir, abstract.ema_params), second.ema_params)
+  assert_bitwise_equal(checkpointing.load_params(pathlib.Path(ckpt_dir) / '1', abstract.ema_params),
+                       first.ema_params)
+  assert_bitwise_equal(checkpointing.load_params(ckpt_dir, abstract.params, which='params'),
+                       second.params)
+  # A damaged newest step is skipped, and left where it is: load_params never writes.
+  _truncate(pathlib.Path(ckpt_dir) / '2')
+  assert_bitwise_equal(checkpointing.load_params(ckpt_dir, abstract.ema_params), first.ema_params)
+  damaged = pathlib.Path(ckpt_dir) / '2'
+  with pytest.raises(checkpointing.CheckpointCorruptedError, match=str(damaged)):
+    checkpointing.load_params(damaged, abstract.ema_params)
+  assert _listing(ckpt_dir) == before
+
+
+def test_load_params_from_nothing_raises_file_not_found(tmp_path):
+  abstract = abstract_of(make_init()).ema_params
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    checkpointing.load_params(tmp_path / 'nowhere', abstract)
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(FileNotFoundError, match=r"No checkpoint in .*empty: expected a run's "
+                                              'checkpoints/ directory'):
+    checkpointing.load_params(tmp_path / 'empty', abstract)
+  # A workdir instead of its checkpoints/ directory: the message says which path was meant.
+  ckpt = checkpointing.Checkpointer(tmp_path / 'run' / 'checkpoints')
+  ckpt.save(1, trained_state())
+  ckpt.close()
+  with pytest.raises(FileNotFoundError, match='did you mean .*run/checkpoints'):
+    checkpointing.load_params(tmp_path / 'run', abstract)
+  # A save that never finished.
+  tmp = pathlib.Path(tmp_path / 'run' / 'checkpoints' / '3.orbax-checkpoint-tmp-1700000000000')
+  (tmp / 'state').mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match='never finished'):
+    checkpointing.load_params(tmp, abstract)
+
+
+def _mismatching_trees():
+  """(abstract params the model expects, regex of the message naming the first mismatch)."""
+  params = jax.eval_shape(make_init(features=16), jax.random.key(0)).params
+  wider = jax.eval_shape(make_init(features=32), jax.random.key(0)).params
+  missing = {**params, 'extra': {'kernel': jax.ShapeDtypeStruct((2, 2), jnp.float32)}}
+  extra = {'out': params['out']}
+  half = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), params)
+  return [
+      pytest.param(wider, r"'{name}/hidden/bias' is \(16,\) float32 in the {label} but the model "
+                   r'expects \(32,\) float32', id='shape'),
+      pytest.param(missing, r"'{name}/extra/kernel' is missing from the {label} \(the model "
+                   r'expects \(2, 2\) float32\)', id='missing'),
+      pytest.param(extra, r"the {label} has '{name}/hidden/bias', \(16,\) float32, which the "
+                   'model does not', id='extra'),
+      pytest.param(half, r"'{name}/hidden/bias' is \(16,\) float32 in the {label} but the model "
+                   r'expects \(16,\) bfloat16', id='dtype'),
+  ]
+
+
+@pytest.mark.parametrize('expected,message', _mismatching_trees())
+def test_check_tree_names_first_mismatch(expected, message):
+  state = trained_state(features=16)
+  checkpointing.check_tree(jax.eval_shape(lambda: state.params), state.params)  # agrees
+  with pytest.raises(ValueError, match=message.format(name='params', label='params tree')):
+    checkpointing.check_tree(expected, state.params)
+  with pytest.raises(ValueError, match=message.format(name='init', label='init tree')):
+    checkpointing.check_tree(expected, flax.core.freeze(state.params), name='init')
+
+
+@pytest.mark.parametrize('expected,message', _mismatching_trees())
+def test_load_params_into_other_model_names_first_mismatch(ckpt_dir, expected, message):
+  ckpt = checkpointing.Checkpointer(ckpt_dir)
+  ckpt.save(1, trained_state(features=16))
+  ckpt.close()
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          expected)
+  with pytest.raises(ValueError, match=message.format(name='ema_params', label='checkpoint')
+                     ) as info:
+    checkpointing.load_params(ckpt_dir, abstract)
+  assert str(pathlib.Path(ckpt_dir) / '1') in str(info.value)
+  assert 'the model it was trained with' in str(info.value)
+
+
+def test_restore_params_from_checkpoint_without_shape_record(ckpt_dir):
+  """Checkpoints written before the integrity record held shapes: orbax's metadata is used."""
+  real_record = checkpointing._record  # pylint: disable=protected-access
+
+  def old_record(tree_dict, fingerprints):
+    return {'fingerprints': real_record(tree_dict, fingerprints)['fingerprints']}
+  state = trained_state()
+  ckpt = checkpointing.Checkpointer(ckpt_dir)
+  with mock.patch.object(checkpointing, '_record', old_record):
+    ckpt.save(1, state)
+  assert 'arrays' not in (pathlib.Path(ckpt_dir) / '1' / 'integrity' / 'metadata').read_text()
+  ema_params, step = ckpt.restore_params(abstract_of(make_init()).ema_params)
+  assert step == 1
+  assert_bitwise_equal(ema_params, state.ema_params)
+  with pytest.raises(ValueError, match=r"'ema_params/hidden/bias' is \(16,\) float32 in the "
+                                       r'checkpoint but the model expects \(32,\) float32'):
+    ckpt.restore_params(abstract_of(make_init(features=32)).ema_params)
+  ckpt.close()
