@@ -1,7 +1,7 @@
 """Saving and restoring the training state and the data iterator state with orbax.
 
 One `Checkpointer` wraps an `orbax.checkpoint.CheckpointManager` over `<workdir>/checkpoints`. Each
-step directory holds three items:
+step directory holds three items, and a fourth when `save` is given `frozen`:
 
 - `state`: the pytree leaves of the `TrainState` (step, params, ema_params, opt_state), written with
   `StandardSave` as `flax.serialization.to_state_dict(state)`, so the layout is plain nested dicts
@@ -12,6 +12,8 @@ step directory holds three items:
   computed on device when saving and checked after restoring, so silently corrupted data (a
   flipped byte inside a compressed chunk, which tensorstore reads back without complaint) is
   caught; the shapes let one subtree be checked against a model without opening the others.
+- `frozen` (optional): trees that are used but not trained (an autoencoder, a text encoder), in
+  their own item, with their own fingerprints; `restore_frozen` reads them alone.
 
 Parameters alone: `Checkpointer.restore_params` and `load_params` read one subtree of the state
 (`ema_params` by default) through orbax's partial restore (`PyTreeRestore(partial_restore=True)`):
@@ -36,7 +38,7 @@ Guarantees:
   saved and saw committed, or restored), even when the save that follows it fails in the background.
 - Restoring into a model of different shapes raises `ValueError` naming the first mismatching
   parameter, checked against the checkpoint's metadata before any array is read.
-- `restore_params` gives the same guarantees for its subtree: its shapes and
+- `restore_params` / `restore_frozen` give the same guarantees for their subtree: its shapes and
   dtypes checked first, its fingerprints after, a damaged step skipped (and, when no step was
   asked for, quarantined) for the previous one. `load_params` does the same read-only: it never
   renames anything in the directory it reads.
@@ -83,6 +85,7 @@ PyTree = Any
 _STATE = 'state'
 _DATA = 'data'
 _INTEGRITY = 'integrity'
+_FROZEN = 'frozen'
 _BYTES_TAG = '__bytes_base64__'
 _FORMAT_VERSION = 1
 _FIX_SHAPES = ('Use the config the checkpoint was trained with, or a fresh --workdir to train '
@@ -410,6 +413,7 @@ class Checkpointer:
             _STATE: ocp.StandardCheckpointHandler(),
             _DATA: ocp.JsonCheckpointHandler(),
             _INTEGRITY: ocp.JsonCheckpointHandler(),
+            _FROZEN: ocp.StandardCheckpointHandler(),
         },
     )
 
@@ -447,13 +451,15 @@ class Checkpointer:
       self._confirm_pending()
 
   def save(self, step: int, state: PyTree, *, data_state: dict | bytes | None = None,
-           force: bool = False) -> bool:
+           frozen: PyTree | None = None, force: bool = False) -> bool:
     """Saves `state` (its pytree leaves) and `data_state` as checkpoint `step`.
 
     Args:
       step: the training step; must be newer than every step on disk.
       state: a `TrainState` (or any pytree) of `jax.Array`s, possibly sharded.
       data_state: the data iterator's state: a JSON-able dict (`bytes` values allowed).
+      frozen: trees used but not trained (e.g. `{'autoencoder': params}`), saved in their own item
+        with their own fingerprints, restored by `restore_frozen`; nothing is saved for None.
       force: save even if orbax's save-interval policy would skip this step.
 
     Returns:
@@ -486,6 +492,10 @@ class Checkpointer:
         _STATE: ocp.args.StandardSave(state_dict),
         _DATA: ocp.args.JsonSave({'data_state': _encode_json(data_state)}),
     }
+    if frozen is not None:
+      frozen_dict = flax.serialization.to_state_dict(frozen)
+      integrity[_FROZEN] = _record(frozen_dict, _fingerprints(frozen_dict))
+      items[_FROZEN] = ocp.args.StandardSave(frozen_dict)
     items[_INTEGRITY] = ocp.args.JsonSave(integrity)
     saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
     if not saved:
@@ -614,6 +624,25 @@ class Checkpointer:
     """
     return self._restore_subtree(abstract_params, step=step, item=_STATE, which=which,
                                  what='abstract_params')
+
+  def restore_frozen(self, abstract_frozen: PyTree, *, step: int | None = None
+                     ) -> tuple[PyTree, int] | None:
+    """Restores the `frozen` trees saved with the newest good checkpoint (or `step`), alone.
+
+    Args:
+      abstract_frozen: their structure with sharded `jax.ShapeDtypeStruct` leaves.
+      step: as for `restore_params`.
+
+    Returns:
+      `(frozen, step)`, or None when the directory holds no checkpoint.
+
+    Raises:
+      ValueError: the saved trees differ from `abstract_frozen` (first differing path named), or
+        the step was saved without `frozen`.
+      CheckpointCorruptedError: no candidate step's frozen trees could be read.
+    """
+    return self._restore_subtree(abstract_frozen, step=step, item=_FROZEN, which='',
+                                 what='abstract_frozen')
 
   def _restore_subtree(self, abstract: PyTree, *, step: int | None, item: str, which: str,
                        what: str, fix: str = _FIX_SHAPES) -> tuple[PyTree, int] | None:

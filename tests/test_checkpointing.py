@@ -609,3 +609,45 @@ def test_restore_params_from_checkpoint_without_shape_record(ckpt_dir):
                                        r'checkpoint but the model expects \(32,\) float32'):
     ckpt.restore_params(abstract_of(make_init(features=32)).ema_params)
   ckpt.close()
+
+
+def test_frozen_saved_only_when_given_and_restored_alone(ckpt_dir):
+  state = trained_state()
+  frozen = {'autoencoder': trained_state(seed=7, features=8).params, 'scale': jnp.float32(0.18)}
+  abstract_frozen = abstract_of(lambda key: frozen)
+  ckpt = checkpointing.Checkpointer(ckpt_dir)
+  ckpt.save(1, state)
+  assert not (pathlib.Path(ckpt_dir) / '1' / 'frozen').exists()
+  ckpt.save(2, state, frozen=frozen)
+  assert (pathlib.Path(ckpt_dir) / '2' / 'frozen').is_dir()
+
+  restored, step = ckpt.restore_frozen(abstract_frozen)
+  assert step == 2
+  assert_bitwise_equal(restored, frozen)
+  with pytest.raises(ValueError, match=r"/1 holds no 'frozen' item"):
+    ckpt.restore_frozen(abstract_frozen, step=1)
+  with pytest.raises(ValueError, match=r"'frozen/autoencoder/hidden/bias' is \(8,\) float32 in "
+                                       r'the checkpoint but the model expects \(16,\)'):
+    ckpt.restore_frozen({**abstract_frozen, 'autoencoder': abstract_of(make_init()).params})
+  # The state and the parameters restore as before, the frozen trees untouched.
+  restored_state, _, step = ckpt.restore(abstract_of(make_init()))
+  assert step == 2
+  assert_bitwise_equal(restored_state, state)
+  assert_bitwise_equal(ckpt.restore_params(abstract_of(make_init()).ema_params)[0],
+                       state.ema_params)
+  ckpt.close()
+
+
+def test_frozen_damage_is_detected(ckpt_dir):
+  frozen = {'autoencoder': trained_state(seed=7, features=256).params}
+  ckpt = checkpointing.Checkpointer(ckpt_dir)
+  ckpt.save(1, trained_state(), frozen=frozen)
+  step_dir = pathlib.Path(ckpt_dir) / '1'
+  path = max(step_dir.glob('frozen/ocdbt.process_*/d/*'), key=lambda p: p.stat().st_size)
+  with open(path, 'r+b') as f:
+    f.truncate(10)
+  with pytest.raises(checkpointing.CheckpointCorruptedError, match=str(step_dir)):
+    ckpt.restore_frozen(abstract_of(lambda key: frozen))
+  # The state item is intact, and restores.
+  assert ckpt.restore(abstract_of(make_init()))[2] == 1
+  ckpt.close()
