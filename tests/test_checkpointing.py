@@ -417,8 +417,9 @@ def test_restore_params_is_bitwise_and_reads_no_optimizer_state(ckpt_dir):
   assert step == 1
   assert_bitwise_equal(ema_params, state.ema_params)
   assert ema_params['out']['kernel'].sharding == abstract.ema_params['out']['kernel'].sharding
-  # The deletion bites for anything that does read the optimizer state.
-  with pytest.raises(checkpointing.CheckpointCorruptedError, match='opt_state'):
+  # The deletion bites for anything that does read them (whichever array orbax opens first).
+  with pytest.raises(checkpointing.CheckpointCorruptedError,
+                     match=r'"(opt_state|params)\.[\w.]+/\.zarray" .* does not exist'):
     ckpt.restore(abstract, step=1)
   ckpt.close()
 
