@@ -58,6 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
   unet.init_scale = 0.0  # scale of the last conv of each block (0 = zero init, as DDPM).
   unet.up_attn_every_block = True  # attention after every up block (DDPM) or once per level.
   unet.remat_policy = 'none'  # 'none' | 'full' | 'dots_saveable' | 'dots_with_no_batch_dims_saveable'.
+  # attention implementation: 'auto' (per-backend default) | 'xla' | 'cudnn' | 'einsum' | 'chunked'.
+  unet.attention = 'auto'
   mlp = model.mlp = ml_collections.ConfigDict()  # fields of diffusion_jax.models.MLP.
   mlp.hidden_dim = 256  # width.
   mlp.num_layers = 4  # hidden layers.
