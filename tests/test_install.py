@@ -4,6 +4,7 @@ repository but the config given by path is read (configs import ``diffusion_jax.
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,16 +24,24 @@ def _can_build_wheels() -> bool:
   return version >= (70, 1) or importlib.util.find_spec('wheel') is not None
 
 
-def _install(site: str) -> None:
-  """Installs the repository's package into ``site`` as a wheel would lay it out (no network)."""
+def _install(src: str, site: str) -> None:
+  """Installs the repository's package into ``site`` as a wheel would lay it out (no network).
+
+  It builds from a copy of the sources in ``src``: a build without isolation writes build/ into the
+  source tree, whose stale files (modules since deleted) a later build would ship.
+  """
+  for name in ('setup.py', 'setup.cfg', 'README.md'):
+    shutil.copy(os.path.join(REPO, name), src)
+  shutil.copytree(os.path.join(REPO, 'diffusion_jax'), os.path.join(src, 'diffusion_jax'),
+                  ignore=shutil.ignore_patterns('__pycache__'))
   if _can_build_wheels():
     cmd = [sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-build-isolation',
-           '--no-index', '--quiet', '--target', site, REPO]
+           '--no-index', '--quiet', '--target', site, src]
   else:
     # No wheel builder here: setup.py build_py copies the same files a wheel holds (the packages
     # that setup.cfg's find: lists), which is what an installed copy has to import.
     cmd = [sys.executable, 'setup.py', '--quiet', 'build_py', '--build-lib', site]
-  subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
+  subprocess.run(cmd, cwd=src, check=True, capture_output=True, timeout=300)
 
 
 def _metrics_steps(workdir: str) -> list[int]:
@@ -41,8 +50,9 @@ def _metrics_steps(workdir: str) -> list[int]:
 
 
 def test_installed_package_trains_resumes_and_samples_from_another_directory(tmp_path):
-  site, workdir = str(tmp_path / 'site'), str(tmp_path / 'run')
-  _install(site)
+  src, site, workdir = tmp_path / 'src', str(tmp_path / 'site'), str(tmp_path / 'run')
+  src.mkdir()
+  _install(str(src), site)
   for sub in ('configs', 'training'):
     assert os.path.exists(os.path.join(site, 'diffusion_jax', sub, '__init__.py')), (
         f'diffusion_jax.{sub} is missing from the installed package: check setup.cfg packages')
