@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from diffusion_jax import models
-from diffusion_jax.models import MLP, MODELS, UNet, count_params, fir, layers, validate_unet_config
+from diffusion_jax.models import (MLP, MODELS, UNet, attention, count_params, fir, layers,
+                                  validate_unet_config)
 
 CIFAR = (1, 32, 32, 3)
 
@@ -565,10 +566,10 @@ def test_nin_is_a_dense_over_channels_with_the_same_parameter_names():
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_cpu_einsum_attention_matches_dot_product_attention(dtype):
-  """The CPU path of AttnBlock and jax.nn.dot_product_attention (used elsewhere) agree."""
+  """The CPU default of AttnBlock and jax.nn.dot_product_attention (used elsewhere) agree."""
   rng = np.random.default_rng(2)
   q, k, v = (jnp.asarray(rng.standard_normal((2, 10, 3, 4)), dtype) for _ in range(3))
-  einsum_attention = layers._einsum_attention  # pylint: disable=protected-access
+  einsum_attention = attention.einsum_attention
   ours = einsum_attention(q, k, v)
   ref = jax.nn.dot_product_attention(q, k, v, implementation='xla')
   assert ours.dtype == ref.dtype == dtype
@@ -584,3 +585,103 @@ def test_cpu_einsum_attention_matches_dot_product_attention(dtype):
   for a, b in zip(g_ours, g_ref):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention implementations (models/attention.py) against a float64 NumPy softmax attention.
+
+
+def _attention_ref(q, k, v):
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  logits = np.einsum('btnd,bsnd->bnts', q, k) / np.sqrt(q.shape[-1])
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  return np.einsum('bnts,bsnd->btnd', w, v)
+
+
+def _qkv(t, s=None, seed=3, shape=(2, None, 2, 8)):
+  rng = np.random.default_rng(seed)
+  b, _, n, d = shape
+  q = rng.standard_normal((b, t, n, d))
+  k, v = (rng.standard_normal((b, s or t, n, d)) for _ in range(2))
+  return tuple(jnp.asarray(a, jnp.float32) for a in (q, k, v))
+
+
+# 600 queries: more than one chunk of 'chunked' (512), and not a multiple of it.
+@pytest.mark.parametrize('implementation', ['auto', 'xla', 'einsum', 'chunked', 'cudnn'])
+def test_attention_implementations_match_numpy(implementation):
+  if implementation == 'cudnn' and jax.default_backend() != 'gpu':
+    pytest.skip('cuDNN attention runs only on an NVIDIA GPU')
+  q, k, v = _qkv(600)
+  if implementation == 'cudnn':  # cuDNN takes float16 / bfloat16 only.
+    out = attention.dot_product_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)),
+                                          implementation='cudnn')
+    np.testing.assert_allclose(np.asarray(out, np.float32), _attention_ref(q, k, v),
+                               rtol=2e-2, atol=2e-2)
+    return
+  out = attention.dot_product_attention(q, k, v, implementation=implementation)
+  assert out.shape == q.shape and out.dtype == jnp.float32
+  np.testing.assert_allclose(out, _attention_ref(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('t,s,chunk', [(37, 37, 8), (16, 23, 4), (5, 9, 16), (12, 12, 1)])
+def test_chunked_attention_any_lengths_match_numpy(t, s, chunk):
+  """Padded last chunk, more keys than queries, one chunk only, one query per chunk."""
+  q, k, v = _qkv(t, s)
+  out = attention.chunked_attention(q, k, v, chunk_size=chunk)
+  np.testing.assert_allclose(out, _attention_ref(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_attention_gradients_match_einsum():
+  q, k, v = _qkv(37)
+  cot = jnp.asarray(np.random.default_rng(4).standard_normal(q.shape), jnp.float32)
+
+  def grads(fn):
+    return jax.grad(lambda *a: jnp.vdot(fn(*a), cot), argnums=(0, 1, 2))(q, k, v)
+
+  chunked = grads(functools.partial(attention.chunked_attention, chunk_size=8))
+  for a, b in zip(chunked, grads(attention.einsum_attention)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_attention_never_holds_the_whole_score_matrix():
+  """XLA's temporary buffers at T = 4096: the [T, T] float32 scores are 64 MiB; 'chunked' stays far
+  below that forward and forward+backward, while 'einsum' needs at least that much."""
+  t = 4096
+  scores = t * t * 4
+  x = jax.ShapeDtypeStruct((1, t, 1, 32), jnp.float32)
+
+  def temp_bytes(implementation, grad):
+    attend = functools.partial(attention.dot_product_attention, implementation=implementation)
+    fn = jax.grad(lambda q, k, v: attend(q, k, v).sum(), argnums=(0, 1, 2)) if grad else attend
+    return jax.jit(fn).lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
+
+  assert temp_bytes('einsum', grad=False) >= scores  # the measure sees the full matrix
+  assert temp_bytes('chunked', grad=False) < 0.3 * scores
+  assert temp_bytes('chunked', grad=True) < 0.6 * scores
+
+
+def test_default_implementation_and_unknown_name():
+  assert attention.default_implementation() == (
+      'einsum' if jax.default_backend() == 'cpu' else 'xla')
+  with pytest.raises(ValueError, match="'flash'.*'chunked'"):
+    attention.dot_product_attention(*_qkv(4), implementation='flash')
+  with pytest.raises(ValueError, match='attention'):
+    _traced(UNet(**TINY, attention='flash'), (1, 8, 8, 3))
+
+
+def test_unet_attention_field_same_params_and_function():
+  """The implementation is a field passed down to every AttnBlock: same parameters, same output."""
+  shape = (2, 8, 8, 3)
+  kw = dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,), init_scale=1.0,
+            num_heads=2)
+  params = _random_params(UNet(**kw), shape)
+  assert _param_shapes(UNet(**kw, attention='chunked'), shape) == _param_shapes(UNet(**kw), shape)
+  x = jnp.asarray(np.random.default_rng(5).standard_normal(shape), jnp.float32)
+  c = jnp.asarray([3.0, 500.0])
+  outs = {}
+  for impl in ('einsum', 'xla', 'chunked'):
+    net = UNet(**kw, attention=impl)
+    outs[impl] = jax.jit(functools.partial(net.apply, train=False))({'params': params}, x, c)
+  for impl in ('xla', 'chunked'):
+    np.testing.assert_allclose(outs[impl], outs['einsum'], rtol=1e-5, atol=1e-5)

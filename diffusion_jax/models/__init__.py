@@ -6,10 +6,11 @@ score. Conditioning inputs are keyword arguments named like the keys of the ``co
 ``MODELS`` maps the ``model.name`` of a config to the class.
 """
 
+from diffusion_jax.models import attention
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.param_count import count_params
 from diffusion_jax.models.unet import UNet, validate_unet_config
 
 MODELS = {'unet': UNet, 'mlp': MLP}
 
-__all__ = ['MLP', 'MODELS', 'UNet', 'count_params', 'validate_unet_config']
+__all__ = ['MLP', 'MODELS', 'UNet', 'attention', 'count_params', 'validate_unet_config']

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.models import attention as attention_lib
 from diffusion_jax.models import fir as fir_lib
 
 Dtype = Any
@@ -58,9 +59,8 @@ class GroupNorm(nn.Module):
   reductions differs. Flax reshapes to ``[B, HW, G, C/G]`` and reduces axes (1, 3), whose minor
   axis of 4 channels vectorizes badly on CPU; here each channel is first summed over the spatial
   axes (a reduction over a major axis, vectorized across channels) and the [B, C] sums are then
-  added up per group. On this repository's 2-core CPU that made GroupNorm+swish 2.7x faster
-  forward and 2.2x forward+backward at [16, 32, 32, 128] (``experiments/bench_train.py``); the
-  group statistics are then expanded to channels by a matrix product (see the code).
+  added up per group, which is faster on CPU (``docs/benchmarks.md``); the group statistics are
+  then expanded to channels by a matrix product (see the code).
 
   Attributes:
     num_groups: number of channel groups; must divide the channels.
@@ -91,8 +91,7 @@ class GroupNorm(nn.Module):
     # [B, G] statistics go to channels through a product with the 0/1 matrix of group membership
     # (exact at HIGHEST precision): XLA fuses a jnp.repeat into the elementwise map and then
     # recomputes it per element, with an integer division for each element's group, which XLA:CPU
-    # does not vectorize (forward + backward of GroupNorm+swish at [16, 32, 32, 384]: 12-18 ms
-    # with the repeat, 7-8 ms with the product).
+    # does not vectorize.
     member = jnp.repeat(jnp.eye(g, dtype=jnp.float32), c // g, axis=1)  # [G, C]
     stats = jnp.dot(jnp.concatenate([inv, mean]), member, precision=jax.lax.Precision.HIGHEST)
     a = stats[:b] * scale
@@ -109,8 +108,8 @@ class Dropout(nn.Module):
   costliest elementwise work of the CPU training step. Here each 32-bit threefry word gives two
   independent 16-bit uniforms, and an element is kept when its draw is ``>= round(rate * 2^16)``.
   The kept fraction is thus ``1 - round(rate * 2^16) / 2^16`` (0.899994 for rate 0.1) and kept
-  values are divided by exactly that, so ``E[output] = input`` holds exactly. 2.5x faster than
-  Flax's at [16, 32, 32, 128] on this repository's CPU. Uses the ``'dropout'`` RNG stream.
+  values are divided by exactly that, so ``E[output] = input`` holds exactly: half the random
+  bits, and faster than Flax's on CPU (``docs/benchmarks.md``). Uses the ``'dropout'`` RNG stream.
 
   Attributes:
     rate: probability of dropping an element, in [0, 1).
@@ -154,8 +153,7 @@ def nin(features: int, dtype: Dtype, *, init_scale: float = 1.0,
   flattening changes no value or parameter; it changes the weight gradient that autodiff emits
   from a contraction over the three axes B, H, W, which XLA:CPU prepares by writing the output
   gradient transposed, to a plain ``[N, C_in]^T [N, C_out]`` matrix product without that copy
-  (CIFAR-10 U-Net training step at batch 16, its ResNet shortcuts and attention projections:
-  transposed copies 104 -> 30 ms, step 2.05 -> 1.94 s; ``experiments/bench_train.py``).
+  (``docs/benchmarks.md``).
   """
   dense = nn.Dense(features, kernel_init=default_init(init_scale), dtype=dtype,
                    param_dtype=jnp.float32, name=name)
@@ -219,23 +217,24 @@ class GaussianFourierProjection(nn.Module):
 class AttnBlock(nn.Module):
   """Spatial self-attention with a residual connection (DDPM ``attn_block``, ``AttnBlockpp``).
 
-  On GPU and TPU it runs through ``jax.nn.dot_product_attention`` (cuDNN flash attention where it
-  applies, XLA otherwise). On CPU, where that function would take its XLA path anyway, the same
-  softmax attention is written as two einsums (``_einsum_attention``): XLA:CPU compiles their
-  backward pass without the layout copies of the library's (a [16, 16, 16, 256] block forward +
-  backward: 28 ms vs 41 ms). With one head the parameters and function are exactly DDPM's.
+  The attention itself runs by the implementation named in ``attention``
+  (``diffusion_jax.models.attention``: ``'auto'`` is the per-backend default; ``'chunked'`` keeps
+  the ``[HW, HW]`` scores out of memory at large resolutions). With one head the parameters and
+  function are exactly DDPM's; the implementation changes neither.
 
   Attributes:
     num_heads: attention heads (ignored when ``num_head_channels`` is set).
     num_head_channels: channels per head; heads = channels // num_head_channels.
     skip_rescale: divide the residual sum by sqrt(2) (NCSN++).
     init_scale: init scale of the output projection (0: zero, the block starts as identity).
+    attention: attention implementation, one of ``attention.IMPLEMENTATIONS``.
     dtype: computation dtype.
   """
   num_heads: int = 1
   num_head_channels: int | None = None
   skip_rescale: bool = False
   init_scale: float = 0.0
+  attention: str = 'auto'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -251,22 +250,10 @@ class AttnBlock(nn.Module):
     k = nin(c, self.dtype)(h)
     v = nin(c, self.dtype)(h)
     split = lambda t: t.reshape(b, height * width, heads, c // heads)  # noqa: E731
-    if jax.default_backend() == 'cpu':
-      h = _einsum_attention(split(q), split(k), split(v))
-    else:
-      h = jax.nn.dot_product_attention(split(q), split(k), split(v), implementation=None)
+    h = attention_lib.dot_product_attention(split(q), split(k), split(v),
+                                            implementation=self.attention)
     h = nin(c, self.dtype, init_scale=self.init_scale)(h.reshape(b, height, width, c))
     return (x + h) / _SQRT2 if self.skip_rescale else x + h
-
-
-def _einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """``softmax(q k^T / sqrt(d)) v`` over ``[B, T, N, d]`` inputs, as ``dot_product_attention``.
-
-  Logits and softmax in float32 (as the library's XLA path), probabilities cast to ``v.dtype``.
-  """
-  logits = jnp.einsum('btnd,bsnd->bnts', q, k, preferred_element_type=jnp.float32)
-  probs = jax.nn.softmax(logits * (q.shape[-1] ** -0.5), axis=-1).astype(v.dtype)
-  return jnp.einsum('bnts,bsnd->btnd', probs, v)
 
 
 def _naive_upsample(x: jax.Array) -> jax.Array:

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import attention as attention_lib
 from diffusion_jax.models import layers
 
 Dtype = Any
@@ -123,6 +124,9 @@ class UNet(nn.Module):
     dtype: computation dtype (float32 or bfloat16); parameters stay float32, the output is float32.
     remat_policy: rematerialization of the residual blocks: ``'none'``, ``'full'`` (save nothing),
       ``'dots_saveable'`` or ``'dots_with_no_batch_dims_saveable'`` (``jax.checkpoint_policies``).
+    attention: implementation of the self-attention (``diffusion_jax.models.attention``):
+      ``'auto'`` (the per-backend default), ``'xla'``, ``'cudnn'``, ``'einsum'`` or
+      ``'chunked'`` (memory-efficient, for long sequences). The same function and parameters.
   """
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 2)
@@ -148,6 +152,7 @@ class UNet(nn.Module):
   up_attn_every_block: bool = True
   dtype: Dtype = jnp.float32
   remat_policy: str = 'none'
+  attention: str = 'auto'
 
   def _check_fields(self) -> None:
     _check_choice('resblock_type', self.resblock_type, RESBLOCK_TYPES)
@@ -156,6 +161,7 @@ class UNet(nn.Module):
     _check_choice('progressive_input', self.progressive_input, PROGRESSIVE_INPUT)
     _check_choice('progressive_combine', self.progressive_combine, PROGRESSIVE_COMBINE)
     _check_choice('remat_policy', self.remat_policy, tuple(REMAT_POLICIES))
+    _check_choice('attention', self.attention, attention_lib.IMPLEMENTATIONS)
 
   @nn.compact
   def __call__(self, x: jax.Array, c_noise: jax.Array, label: jax.Array | None = None, *,
@@ -232,7 +238,7 @@ class UNet(nn.Module):
     def attn(h):
       return layers.AttnBlock(num_heads=self.num_heads, num_head_channels=self.num_head_channels,
                               skip_rescale=self.skip_rescale, init_scale=self.init_scale,
-                              dtype=dt)(h)
+                              attention=self.attention, dtype=dt)(h)
 
     def to_image(h, features, init_scale):
       # The per-level output head of the progressive (StyleGAN2-style) output pyramid.
