@@ -1,11 +1,12 @@
 r"""Training-step throughput and MFU on an accelerator: the GPU/TPU measurements of issue 6.
 
     python experiments/bench_accel.py                 # CIFAR-10 DDPM U-Net, batch 128, all devices
-    python experiments/bench_accel.py --smoke         # a tiny U-Net at batch 8: checks the script (CPU)
+    python experiments/bench_accel.py --smoke         # tiny U-Net, batch 8: checks the script (CPU)
 
-Runs the trainer's own step (``train.setup`` + ``train_state.train_step`` jitted as ``train.py``
-does: state donated, sharded over a mesh of all devices on ``data``) on synthetic images, for each
-variant of compute dtype x ``nn.remat`` policy x attention implementation, and prints one table:
+Runs the trainer's own step (``training.builders.setup`` + ``training.step.train_step`` jitted as
+``training.loop`` does: state donated, sharded over a mesh of all devices on ``data``) on
+synthetic images, for each variant of compute dtype x ``nn.remat`` policy x attention
+implementation (the model field ``model.unet.attention``), and prints one table:
 
 - img/s: global batch / median seconds per step over ``--steps`` timed steps after ``--warmup``;
 - TFLOP/s: XLA's cost analysis of the compiled step (FLOPs per step, all devices) / median time;
@@ -18,24 +19,25 @@ variant of compute dtype x ``nn.remat`` policy x attention implementation, and p
   ``peak_bytes_in_use`` of device 0 after the variant, where the backend reports it (monotone over
   the run: the largest variant so far).
 
-Attention: ``auto`` is what the model does (``jax.nn.dot_product_attention(implementation=None)``
-off CPU); ``xla`` and ``cudnn`` force one implementation for the variant (GPU only).
+Attention: ``model.unet.attention`` of the variant: ``auto`` is the per-backend default
+(``diffusion_jax.models.attention.default_implementation``), ``xla``, ``cudnn`` (GPU only),
+``einsum`` or ``chunked`` name one implementation.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 from absl import app, flags
 
-# The configs package lives at the repository root, next to this script's folder.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The experiment configs at the repository root, loaded by path (no sys.path edit).
+_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
 _BATCH = flags.DEFINE_integer('batch', 128, 'Global batch size.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per variant.')
@@ -72,32 +74,18 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
   return None
 
 
-def _patch_attention(impl: str):
-  """Forces ``jax.nn.dot_product_attention``'s implementation ('auto': leave it); returns undo."""
-  import jax  # pylint: disable=import-outside-toplevel
-  original = jax.nn.dot_product_attention
-  if impl == 'auto':
-    return lambda: None
-
-  def forced(*args, implementation=None, **kwargs):
-    del implementation
-    return original(*args, implementation=impl, **kwargs)
-
-  jax.nn.dot_product_attention = forced
-
-  def undo():
-    jax.nn.dot_product_attention = original
-
-  return undo
-
-
-def _config(dtype: str, remat: str):
-  from configs import cifar, tiny  # pylint: disable=import-outside-toplevel
-  config = tiny.get_config() if _SMOKE.value else cifar.get_config()
+def _config(dtype: str, remat: str, attention: str):
+  name = 'tiny' if _SMOKE.value else 'cifar'
+  spec = importlib.util.spec_from_file_location(f'_bench_config_{name}',
+                                                os.path.join(_CONFIGS, f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
   config.data.source = 'digits'  # never read: the step gets synthetic images of the same shape
   config.data.num_channels = 3
   config.model.dtype = dtype
   config.model.unet.remat_policy = remat
+  config.model.unet.attention = attention
   config.training.batch_size = _BATCH.value if not _SMOKE.value else 8
   return config
 
@@ -107,48 +95,51 @@ def run_variant(dtype: str, remat: str, attention: str) -> dict:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
 
-  from diffusion_jax import sharding, train, train_state  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import sharding  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from diffusion_jax.training import builders, config as config_lib, step as step_lib
 
-  config = _config(dtype, remat)
-  train.validate_config(config)
+  config = _config(dtype, remat, attention)
+  config_lib.validate_config(config)
   batch = config.training.batch_size
   shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-  undo = _patch_attention(attention)
-  try:
-    with tempfile.TemporaryDirectory() as workdir:
-      s = train.setup(config, workdir, shape)
-      state = s.state
-      s.state = None
-      data_sharding = NamedSharding(s.mesh, PartitionSpec(sharding.BATCH_AXES))
-      x = jax.device_put(jax.random.uniform(jax.random.PRNGKey(1), (batch,) + shape,
-                                            jnp.float32, -1.0, 1.0), data_sharding)
-      step_fn = jax.jit(functools.partial(train_state.train_step,
-                                          config=train.step_config(config, s.lr_schedule)),
-                        donate_argnums=(0,),
-                        out_shardings=(s.state_shardings, sharding.replicated(s.mesh)))
-      key = jax.random.PRNGKey(2)
+  with tempfile.TemporaryDirectory() as workdir:
+    s = builders.setup(config, workdir, shape)
+    task = builders.build_task(s)
+    state = builders.fresh_state(s)
+    data_sharding = NamedSharding(s.mesh, PartitionSpec(sharding.BATCH_AXES))
+    x = jax.device_put(jax.random.uniform(jax.random.PRNGKey(1), (batch,) + shape,
+                                          jnp.float32, -1.0, 1.0), data_sharding)
+    # As training.loop: the loss is a pytree argument, so the process's tables are inputs of the
+    # compiled step rather than constants folded into it.
+    loss_fn = jax.tree_util.Partial(task.loss_fn)
+    step_fn = jax.jit(functools.partial(step_lib.train_step, ema_decay=config.training.ema_decay,
+                                        lr_schedule=s.lr_schedule),
+                      donate_argnums=(0,),
+                      out_shardings=(s.state_shardings, sharding.replicated(s.mesh)))
+    key = jax.random.PRNGKey(2)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, {'x': x}, key, task.frozen, loss_fn=loss_fn).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else {}
+    flops = (cost or {}).get('flops')
+    mem = compiled.memory_analysis()
+    est_gib = ((mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**30) if mem else None
+    # The step's key is fold_in(key, state.step): one key for every call.
+    for _ in range(_WARMUP.value):
+      state, metrics = compiled(state, {'x': x}, key, task.frozen, loss_fn=loss_fn)
+    jax.block_until_ready(state)
+    times = []
+    steps = 2 if _SMOKE.value else _STEPS.value
+    for _ in range(steps):
       t0 = time.perf_counter()
-      compiled = step_fn.lower(state, {'x': x}, key, s.process).compile()
-      compile_s = time.perf_counter() - t0
-      cost = compiled.cost_analysis()
-      if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-      flops = (cost or {}).get('flops')
-      mem = compiled.memory_analysis()
-      est_gib = ((mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**30) if mem else None
-      for i in range(_WARMUP.value):
-        state, metrics = compiled(state, {'x': x}, jax.random.fold_in(key, i), s.process)
-      jax.block_until_ready(state)
-      times = []
-      steps = 2 if _SMOKE.value else _STEPS.value
-      for i in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, {'x': x}, jax.random.fold_in(key, 1000 + i), s.process)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
-      loss = float(metrics['loss'])
-  finally:
-    undo()
+      state, metrics = compiled(state, {'x': x}, key, task.frozen, loss_fn=loss_fn)
+      jax.block_until_ready((state, metrics))
+      times.append(time.perf_counter() - t0)
+    loss = float(metrics['loss'])
+    s.checkpointer.close()
   med = statistics.median(times)
   devices = jax.devices()
   kind = devices[0].device_kind
@@ -159,7 +150,8 @@ def run_variant(dtype: str, remat: str, attention: str) -> dict:
       'dtype': dtype, 'remat': remat, 'attention': attention, 'batch': batch,
       'devices': f'{len(devices)} x {kind}', 'img_s': batch / med, 's_per_step': med,
       'tflops': achieved, 'hfu': (achieved / (peak * len(devices))) if achieved and peak else None,
-      'peak_tflops_per_device': peak, 'num_devices': len(devices), 'compile_s': compile_s, 'xla_mem_gib_per_device': est_gib,
+      'peak_tflops_per_device': peak, 'num_devices': len(devices), 'compile_s': compile_s,
+      'xla_mem_gib_per_device': est_gib,
       'peak_bytes_in_use_gib': stats.get('peak_bytes_in_use', 0) / 2**30 or None,
       'gflop_per_step': flops / 1e9 if flops else None, 'loss': loss,
   }
@@ -177,8 +169,8 @@ def main(argv) -> None:
   rows = []
   for variant in _VARIANTS.value:
     dtype, remat, attention = variant.split('/')
-    if attention != 'auto' and jax.default_backend() != 'gpu':
-      print(f'  {variant}: skipped (attention implementations are chosen on GPU only)', flush=True)
+    if attention == 'cudnn' and jax.default_backend() != 'gpu':
+      print(f'  {variant}: skipped (cuDNN attention runs on NVIDIA GPUs only)', flush=True)
       continue
     try:
       row = run_variant(dtype, remat, attention)
@@ -200,7 +192,8 @@ def main(argv) -> None:
     print(f'| {r["dtype"]} | {r["remat"]} | {r["attention"]} | {r["img_s"]:.1f} | '
           f'{r["s_per_step"]:.4f} | {_fmt(r["tflops"], ".3g")} | {_fmt(r["mfu"], ".1%")} | '
           f'{_fmt(r["hfu"], ".1%")} | {_fmt(r["gflop_per_step"], ".4g")} | {r["compile_s"]:.1f} | '
-          f'{_fmt(r["xla_mem_gib_per_device"], ".2f")} | {_fmt(r["peak_bytes_in_use_gib"], ".2f")} |')
+          f'{_fmt(r["xla_mem_gib_per_device"], ".2f")} | '
+          f'{_fmt(r["peak_bytes_in_use_gib"], ".2f")} |')
   if rows:
     print(f'\n{rows[0]["devices"]}, global batch {rows[0]["batch"]}; MFU against '
           f'{rows[0]["peak_tflops_per_device"]} TFLOP/s per device for the first row '

@@ -104,7 +104,8 @@ def test_configure_respects_the_users_dispatch_setting():
   assert not any('dispatch' in a for a in r['applied'])
 
 
-@pytest.mark.skipif(not TESTED, reason='the XLA flag is only added on the jaxlib it was measured on')
+@pytest.mark.skipif(not TESTED,
+                    reason='the XLA flag is only added on the jaxlib it was measured on')
 def test_configure_appends_the_xla_flag_to_the_users_flags():
   r = _run('gpu', xla_flags='--xla_cpu_enable_fast_math=false')
   assert r['xla_flags'] == f'--xla_cpu_enable_fast_math=false {FLAG}'

@@ -72,7 +72,8 @@ def test_importing_the_package_and_its_modules_changes_nothing():
   assert r['async'] is True
 
 
-@pytest.mark.skipif(not TESTED, reason='the XLA flag is only added on the jaxlib it was measured on')
+@pytest.mark.skipif(not TESTED,
+                    reason='the XLA flag is only added on the jaxlib it was measured on')
 def test_configure_applies_the_xla_flag_in_a_fresh_process():
   flag = cpu_runtime.XLA_CPU_FLAGS[0]
   plain = _run(CONFIGURE, 'none')
