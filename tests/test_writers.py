@@ -9,6 +9,7 @@ Event files are read back by parsing the TFRecord framing with an independent CR
 """
 
 import io
+import json
 import struct
 import uuid
 
@@ -80,7 +81,8 @@ class _MemoryGCS(epath_backend._FileSystemSpecBackend):  # pylint: disable=prote
 
 @pytest.fixture
 def gcs_workdir(monkeypatch, tmp_path):
-  monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, 'gs', _MemoryGCS())  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, 'gs', _MemoryGCS())
   monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)
   monkeypatch.chdir(tmp_path)  # where a literal open('gs://...') / os.makedirs would land
   workdir = epath.Path(f'gs://bucket-{uuid.uuid4().hex}/run')
@@ -103,7 +105,7 @@ def _check_run_outputs(workdir):
   w.close()
   writers.MetricWriter(workdir, enabled=False).write(30, {'loss': 9.0})  # not process 0
 
-  rows = [__import__('json').loads(line)
+  rows = [json.loads(line)
           for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert rows == [{'step': 0, 'num_params': 1234},
                   {'step': 10, 'loss': 0.5, 'lr': 1e-3, 'hist': [0, 1, 2]},
