@@ -7,6 +7,7 @@ so only a process whose backends have not started shows what an import or config
 import importlib.metadata
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -40,7 +41,10 @@ import json, os, sys
 import jax, jax.numpy as jnp
 import diffusion_jax.models, diffusion_jax.sampling  # before configure(), as main.py's imports
 from diffusion_jax import cpu_runtime
-applied = cpu_runtime.configure() if sys.argv[1] == 'configure' else []
+if sys.argv[1] == 'distributed':  # main.py's order: jax.distributed first, then configure()
+  jax.distributed.initialize(coordinator_address=f'localhost:{sys.argv[2]}', num_processes=1,
+                             process_id=0)
+applied = cpu_runtime.configure() if sys.argv[1] != 'none' else []
 
 def f(x, w):
   y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -50,6 +54,12 @@ hlo = jax.jit(f).lower(jnp.ones((4, 16, 16, 64)), jnp.ones((3, 3, 64, 64))).comp
 print(json.dumps({'applied': applied, 'xla_flags': os.environ.get('XLA_FLAGS'),
                   'ynn_fusion': 'ynn_fusion' in hlo}))
 """
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return str(s.getsockname()[1])
 
 
 def _run(script, *args, **env_extra):
@@ -77,8 +87,8 @@ def test_importing_the_package_and_its_modules_changes_nothing():
 def test_configure_applies_the_xla_flag_in_a_fresh_process():
   flag = cpu_runtime.XLA_CPU_FLAGS[0]
   plain = _run(CONFIGURE, 'none')
-  configured = _run(CONFIGURE, 'configure')
   assert plain['xla_flags'] is None and plain['ynn_fusion'] is True
-  assert configured['xla_flags'] == flag
-  assert f'XLA_FLAGS {flag}' in configured['applied']
-  assert configured['ynn_fusion'] is False  # XLA read the flag: the convolution left YNNPACK.
+  for configured in (_run(CONFIGURE, 'configure'), _run(CONFIGURE, 'distributed', _free_port())):
+    assert configured['xla_flags'] == flag
+    assert f'XLA_FLAGS {flag}' in configured['applied']
+    assert configured['ynn_fusion'] is False  # XLA read the flag: the convolution left YNNPACK.
