@@ -156,7 +156,7 @@ def create_sharded_state(init_fn: Callable[..., PyTree], mesh: Mesh, *args,
 
   Args:
     init_fn: pure function returning the state pytree (e.g. a `TrainState`; static fields such as
-      `apply_fn` and `tx` pass through untouched).
+      `tx` pass through untouched).
     mesh: the training mesh.
     *args: arguments of `init_fn` (e.g. a PRNG key); they are traced, not static.
     min_size: forwarded to `param_sharding`.
@@ -169,6 +169,44 @@ def create_sharded_state(init_fn: Callable[..., PyTree], mesh: Mesh, *args,
   shardings = param_sharding(abstract, mesh, min_size=min_size)
   state = jax.jit(init_fn, out_shardings=shardings)(*args)
   return state, shardings
+
+
+def with_shardings(abstract_tree: PyTree, shardings: PyTree) -> PyTree:
+  """`jax.ShapeDtypeStruct` leaves carrying `shardings`: the target of a checkpoint restore.
+
+  Args:
+    abstract_tree: pytree whose leaves have `.shape` and `.dtype` (from `jax.eval_shape`).
+    shardings: the matching pytree of `jax.sharding.Sharding` (e.g. from `param_sharding`).
+  """
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract_tree, shardings)
+
+
+def put_params(tree: PyTree, mesh: Mesh, *, min_size: int = 2**14) -> PyTree:
+  """Places a tree of arrays with the sharding `param_sharding` gives it (e.g. a frozen tree).
+
+  Every process must pass the same values (as when each loads the same weights file); each then
+  keeps only the shards of its own devices.
+
+  Args:
+    tree: pytree of NumPy or JAX arrays.
+    mesh: the training mesh.
+    min_size: forwarded to `param_sharding`.
+
+  Returns:
+    The same tree of global `jax.Array`s.
+  """
+  shardings = param_sharding(tree, mesh, min_size=min_size)
+
+  def put(x, target):
+    if isinstance(x, jax.Array):
+      if x.sharding == target:
+        return x
+      x = jax.device_get(x)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+  return jax.tree.map(put, tree, shardings)
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
