@@ -8,8 +8,8 @@ google/ddpm-cifar10-32 (the same architecture and parameter count), on this mach
 
 Both sides run the same step: DDPM eps-loss (uniform t, Gaussian noise, q_sample), forward and
 backward with dropout 0.1 active, global-norm gradient clipping at 1.0, Adam (lr 2e-4) and an EMA
-(0.9999) of the parameters. Ours is ``train_state.train_step`` jitted exactly as ``train.py`` does
-(state donated), in a process set up by ``cpu_runtime.configure()`` as ``main`` sets up its own;
+(0.9999) of the parameters. Ours is ``training.step.train_step`` on ``objectives.denoising``,
+jitted exactly as ``training.loop`` does (state donated), in a process set up by ``cpu_runtime.configure()`` as ``main`` sets up its own;
 the torch step uses foreach Adam and foreach EMA updates, its fastest plain form (glibc's mallopt
 settings of ``cpu_runtime`` did not change its step time: 1.81-1.84 s with, 1.84-1.85 s without).
 
@@ -208,7 +208,9 @@ def _worker_jax(batch: int) -> None:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   # pylint: disable-next=import-outside-toplevel
-  from diffusion_jax import cpu_runtime, optim, processes, train_state
+  from diffusion_jax import cpu_runtime, objectives, optim, processes
+  from diffusion_jax.training import state as state_lib
+  from diffusion_jax.training import step as step_lib
 
   runtime = cpu_runtime.configure()  # as diffusion_jax.main does, before JAX's backends start
 
@@ -224,15 +226,17 @@ def _worker_jax(batch: int) -> None:
   fwd_macs = _count_macs(jax.make_jaxpr(forward)(params, x1).jaxpr)
   fwd_flops_xla = _cost(jax.jit(forward).lower(params, x1)).get('flops', float('nan'))
 
-  def network_fn(p, x, c_noise, y=None, *, train=False, rngs=None):
-    return module.apply({'params': p}, x, c_noise, y, train=train, rngs=rngs)
+  def network_fn(p, x, c_noise, cond=None, *, train=False, rngs=None):
+    return module.apply({'params': p}, x, c_noise, **(cond or {}), train=train, rngs=rngs)
 
   tx = optim.make_optimizer(name='adam', learning_rate=LR, grad_clip=CLIP)
-  state = train_state.TrainState.create(apply_fn=network_fn, params=params, tx=tx)
+  state = state_lib.TrainState.create(params=params, tx=tx)
   del params
   process = processes.DiscreteVP.linear(NUM_TIMESTEPS)
-  config = train_state.StepConfig(parameterization='eps', noise_input='t', ema_decay=EMA_DECAY)
-  step_fn = jax.jit(functools.partial(train_state.train_step, config=config), donate_argnums=(0,))
+  loss_fn = objectives.denoising(network_fn=network_fn, process=process, parameterization='eps',
+                                 noise_input='t')
+  step_fn = jax.jit(functools.partial(step_lib.train_step, loss_fn=loss_fn, ema_decay=EMA_DECAY),
+                    donate_argnums=(0,))
   batch_x = {'x': jax.random.normal(jax.random.PRNGKey(1), (batch, IMAGE_SIZE, IMAGE_SIZE, 3))}
   key = jax.random.PRNGKey(2)
   jax.block_until_ready((state, batch_x))
@@ -240,11 +244,11 @@ def _worker_jax(batch: int) -> None:
 
   # Time to first step: trace + lower, compile, run once (the compiled object is what jit caches).
   t0 = time.perf_counter()
-  lowered = step_fn.lower(state, batch_x, key, process)
+  lowered = step_fn.lower(state, batch_x, key)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  state, metrics = compiled(state, batch_x, key, process)
+  state, metrics = compiled(state, batch_x, key)
   jax.block_until_ready((state, metrics))
   t3 = time.perf_counter()
   cost = _cost(compiled)
@@ -255,7 +259,7 @@ def _worker_jax(batch: int) -> None:
   holder = [state]
 
   def step():
-    holder[0], m = compiled(holder[0], batch_x, key, process)
+    holder[0], m = compiled(holder[0], batch_x, key)
     return m['loss']
 
   for _ in range(_WARMUP.value):
@@ -304,8 +308,8 @@ def _worker_sampler(steps: list[int]) -> None:
       jax.random.PRNGKey(0))
   process = processes.DiscreteVP.linear(NUM_TIMESTEPS)
 
-  def network_fn(p, x, c_noise, y=None, *, train=False, rngs=None):
-    return module.apply({'params': p}, x, c_noise, y, train=train, rngs=rngs)
+  def network_fn(p, x, c_noise, cond=None, *, train=False, rngs=None):
+    return module.apply({'params': p}, x, c_noise, **(cond or {}), train=train, rngs=rngs)
 
   results = {}
   for n in steps:

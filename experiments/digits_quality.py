@@ -15,13 +15,10 @@ Prints a Markdown table and writes ``workdir/digits_quality.json``.
 
 import json
 import os
-import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Config file.')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/digits_quality', 'Work directory.')
@@ -59,7 +56,7 @@ def main(argv):
   from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
   from sklearn.model_selection import train_test_split  # pylint: disable=import-outside-toplevel
 
-  from diffusion_jax import cpu_runtime, train  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import cpu_runtime, training  # pylint: disable=import-outside-toplevel
 
   cpu_runtime.configure()  # as diffusion_jax.main does: the same job, timed as the CLI runs it
   config = _CONFIG.value
@@ -68,12 +65,12 @@ def main(argv):
             'load_average_before': os.getloadavg()}
   if not _SKIP_TRAIN.value:
     t0 = time.time()
-    train.train_and_evaluate(config, workdir)
+    training.train_and_evaluate(config, workdir)
     result['train_wall_s'] = time.time() - t0
   with config.unlocked():
     config.sampling.num_samples = _NUM_SAMPLES.value
   t0 = time.time()
-  path = train.sample(config, workdir)
+  path = training.sample(config, workdir)
   result['sample_wall_s'] = time.time() - t0
   result['sampler'] = f'{config.sampling.method}, {config.sampling.num_steps} steps'
   samples = _to_sklearn_scale(np.load(path)['x'], config.data.image_size)

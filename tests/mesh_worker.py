@@ -13,22 +13,29 @@ message. A "train" job also writes its final params and EMA params to
 `<workdir>/final_params.npz` (keys `params/<path>` and `ema_params/<path>`).
 """
 
+import importlib.util
 import json
 import os
 import sys
 
+import jax
+import numpy as np
+
+from diffusion_jax import training
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-import jax  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
 
-from configs import tiny  # pylint: disable=wrong-import-position
-from diffusion_jax import train  # pylint: disable=wrong-import-position
+def tiny_config():
+  """configs/tiny.py's config, loaded by its path (as --config=configs/tiny.py does)."""
+  spec = importlib.util.spec_from_file_location('tiny', os.path.join(REPO, 'configs', 'tiny.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def config_with(overrides: dict):
-  config = tiny.get_config()
+  config = tiny_config()
   for dotted, value in overrides.items():
     node = config
     *path, leaf = dotted.split('.')
@@ -48,7 +55,7 @@ def run(job: dict) -> dict:
   config = config_with(job['overrides'])
   workdir = job['workdir']
   if job['kind'] == 'train':
-    state = train.train_and_evaluate(config, workdir)
+    state = training.train_and_evaluate(config, workdir)
     leaves = flat({'params': state.params, 'ema_params': state.ema_params})
     np.savez(os.path.join(workdir, 'final_params.npz'),
              **{k: np.asarray(v) for k, v in leaves.items()})
@@ -58,7 +65,7 @@ def run(job: dict) -> dict:
             'mesh': dict(some.sharding.mesh.shape),
             'fsdp_sharded': sorted(k for k, s in specs.items() if 'fsdp' in tuple(s))}
   if job['kind'] == 'sample':
-    path = train.sample(config, workdir)
+    path = training.sample(config, workdir)
     return {'path': path, 'num_devices': jax.device_count()}
   raise ValueError(f'unknown job kind {job["kind"]!r}')
 

@@ -22,7 +22,7 @@ survives:
   divisible by the U-Net's downsampling, attention at a resolution the U-Net lacks) fail before
   anything is compiled, naming the path or field.
 
-Not covered: two processes agreeing on the preemption step (``train._Preemption`` with
+Not covered: two processes agreeing on the preemption step (``training.preemption.Preemption`` with
 ``multihost_utils``). tests/test_multihost.py launches two gloo-connected trainers, but such a
 run costs minutes on the 2-core test machine, more than this file's whole budget.
 
@@ -66,7 +66,9 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from diffusion_jax import checkpointing, train
+from diffusion_jax import checkpointing, sharding, training
+from diffusion_jax.training import builders
+from diffusion_jax.training import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -306,7 +308,7 @@ def _ckpt_config(vectors, **overrides):
 def trained(tmp_path_factory, vectors):
   """A run of 4 steps with checkpoints 2 and 4; tests copy it before damaging it."""
   workdir = tmp_path_factory.mktemp('trained') / 'run'
-  train.train_and_evaluate(_ckpt_config(vectors), str(workdir))
+  training.train_and_evaluate(_ckpt_config(vectors), str(workdir))
   assert _steps_on_disk(workdir) == [2, 4]
   return workdir
 
@@ -342,7 +344,7 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_used(trained, vectors,
   damage(step_dir)
   with mock.patch.object(checkpointing.logging, 'warning',
                          wraps=checkpointing.logging.warning) as warning:
-    state = train.train_and_evaluate(_ckpt_config(vectors, **{'training.num_train_steps': 6}),
+    state = training.train_and_evaluate(_ckpt_config(vectors, **{'training.num_train_steps': 6}),
                                      str(workdir))
   warned = ' '.join(' '.join(map(str, c.args)) for c in warning.call_args_list)
   assert str(step_dir) in warned and 'corrupted' in warned
@@ -369,10 +371,10 @@ def test_crash_while_saving_keeps_the_last_good_checkpoint(trained, vectors, tmp
   config = _ckpt_config(vectors, **{'training.keep_checkpoints': 1})
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, 'finalize', disk_full_at_step_4)
   with pytest.raises(OSError, match='No space left'):
-    train.train_and_evaluate(config, str(workdir))
+    training.train_and_evaluate(config, str(workdir))
   monkeypatch.undo()
   assert _steps_on_disk(workdir) == [2]
-  state = train.train_and_evaluate(config, str(workdir))
+  state = training.train_and_evaluate(config, str(workdir))
   assert 'start at step 2 of 4' in capsys.readouterr().out
   assert int(state.step) == 4
   # The resumed run ends exactly where the uninterrupted one (the `trained` fixture) did.
@@ -385,7 +387,7 @@ def test_crash_while_saving_keeps_the_last_good_checkpoint(trained, vectors, tmp
 def test_restoring_into_other_shapes_names_the_first_mismatch(trained, vectors, tmp_path):
   workdir = _copy(trained, tmp_path)
   config = _ckpt_config(vectors, **{'model.mlp.hidden_dim': 48})
-  module, _ = train.build_network(config.model)
+  module, _ = config_lib.build_network(config.model)
   x = np.zeros((1, 3), np.float32)
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x, np.ones((1,)),
                                               train=False)['params'])
@@ -397,7 +399,7 @@ def test_restoring_into_other_shapes_names_the_first_mismatch(trained, vectors, 
   first = next(name for name in new if tuple(new[name].shape) != tuple(old[name].shape))
   before = _metrics(workdir)
   with pytest.raises(ValueError, match=f"'{first}' has shape") as info:
-    train.train_and_evaluate(config, str(workdir))
+    training.train_and_evaluate(config, str(workdir))
   assert str(workdir / 'checkpoints' / '4') in str(info.value)
   assert _metrics(workdir) == before and _steps_on_disk(workdir) == [2, 4]  # nothing trained
 
@@ -426,7 +428,7 @@ def test_restoring_never_unpickles(trained, vectors, tmp_path, monkeypatch):
 
   workdir = _copy(trained, tmp_path)
   monkeypatch.setattr(checkpointing.Checkpointer, 'restore', guarded_restore)
-  state = train.train_and_evaluate(_ckpt_config(vectors, **{'training.num_train_steps': 6}),
+  state = training.train_and_evaluate(_ckpt_config(vectors, **{'training.num_train_steps': 6}),
                                      str(workdir))
   assert restored_steps == [4] and int(state.step) == 6
 
@@ -440,13 +442,13 @@ def test_nan_batch_skips_the_update_and_is_counted(tmp_path):
   x = np.zeros((64, 3), np.float32)
   x[:, 0] = np.arange(64)
   clean = _mlp(_vectors(tmp_path, x))
-  data = train.create_data(clean)
+  data = builders.create_data(clean)
   rows = [np.asarray(next(data.iterator)['x'][:, 0], int) for _ in range(3)]
   x = x / 64.0
   x[rows[2][0], 1] = np.nan  # drawn once in the first epoch (8 batches), at step 3
   workdir = tmp_path / 'run'
   config = _mlp(_vectors(tmp_path, x), **{'training.num_train_steps': 5})
-  state = train.train_and_evaluate(config, str(workdir))
+  state = training.train_and_evaluate(config, str(workdir))
   assert int(state.step) == 5
   assert [r['skipped_steps'] for r in _logged(workdir)] == [0, 0, 1, 0, 0]
   before, _ = _read_checkpoint(workdir, 2)
@@ -485,20 +487,20 @@ class _PoisonedAfter:
 
 def test_consecutive_nonfinite_steps_stop_training_with_the_last_good_checkpoint_intact(
     tmp_path, monkeypatch):
-  create_data = train.create_data
+  create_data = builders.create_data
 
   def poisoned_data(config, **kwargs):
     data = create_data(config, **kwargs)
     return dataclasses.replace(data, iterator=_PoisonedAfter(data.iterator, 4))
 
-  monkeypatch.setattr(train, 'create_data', poisoned_data)
+  monkeypatch.setattr(builders, 'create_data', poisoned_data)
   x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
   config = _mlp(_vectors(tmp_path, x), **{
       'training.num_train_steps': 20, 'training.checkpoint_every': 2,
       'training.keep_checkpoints': 1, 'training.max_nonfinite_steps': 3})
   workdir = tmp_path / 'run'
   with pytest.raises(FloatingPointError, match='3 consecutive') as info:
-    train.train_and_evaluate(config, str(workdir))
+    training.train_and_evaluate(config, str(workdir))
   assert [r['skipped_steps'] for r in _logged(workdir)] == [0, 0, 0, 0, 1, 1, 1]
   # Step 6 was saved after two skipped steps: it holds step 4's state, which is good. (Step 4,
   # the last good one known when 6 was written, is kept beside it despite keep_checkpoints=1.)
@@ -510,7 +512,7 @@ def test_consecutive_nonfinite_steps_stop_training_with_the_last_good_checkpoint
   for field in ('params', 'ema_params', 'opt_state'):
     _assert_bitwise_equal(saved[field], good[field])
   monkeypatch.undo()  # the data is fine again: the same command resumes from step 6
-  state = train.train_and_evaluate(config.copy_and_resolve_references(), str(workdir))
+  state = training.train_and_evaluate(config.copy_and_resolve_references(), str(workdir))
   assert int(state.step) == 20 and _all_finite(state.params)
 
 
@@ -528,9 +530,9 @@ def test_overflowing_update_stops_before_saving(tmp_path):
       'optim.learning_rate': 1e-3, 'optim.warmup_steps': 0, 'training.num_train_steps': 2,
       'training.checkpoint_every': 1, 'training.log_every': 1})
   workdir = tmp_path / 'run'
-  train.train_and_evaluate(sane, str(workdir))
+  training.train_and_evaluate(sane, str(workdir))
   with pytest.raises(FloatingPointError, match='learning rate is far too high'):
-    train.train_and_evaluate(config, str(workdir))
+    training.train_and_evaluate(config, str(workdir))
   assert _steps_on_disk(workdir) == [1, 2]
   for step in _steps_on_disk(workdir):
     saved, _ = _read_checkpoint(workdir, step)
@@ -557,7 +559,7 @@ def test_corrupt_and_truncated_images_are_skipped_named_and_counted(tmp_path):
   workdir = tmp_path / 'run'
   with mock.patch.object(input_pipeline.logging, 'warning',
                          wraps=input_pipeline.logging.warning) as warning:
-    state = train.train_and_evaluate(config, str(workdir))
+    state = training.train_and_evaluate(config, str(workdir))
   assert int(state.step) == 2
   warned = ' '.join(' '.join(map(str, c.args)) for c in warning.call_args_list)
   assert str(garbage) in warned and str(truncated) in warned
@@ -570,7 +572,7 @@ def _no_compiling(monkeypatch):
   def refuse(*args, **kwargs):
     raise AssertionError('compiled before the input was checked')
   monkeypatch.setattr(jax, 'jit', refuse)
-  monkeypatch.setattr(train.sharding, 'create_sharded_state', refuse)
+  monkeypatch.setattr(sharding, 'create_sharded_state', refuse)
 
 
 @pytest.mark.parametrize('source, make, pattern', [
@@ -584,7 +586,7 @@ def test_missing_or_empty_data_fails_before_compiling(tmp_path, monkeypatch, sou
   config = _tiny(**{'data.source': source, 'data.path': str(path)})
   _no_compiling(monkeypatch)
   with pytest.raises(ValueError, match=pattern) as info:
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    training.train_and_evaluate(config, str(tmp_path / 'run'))
   assert str(path) in str(info.value)
   assert not (tmp_path / 'run' / 'checkpoints').exists()
 
@@ -616,20 +618,20 @@ def test_bad_config_fails_before_compiling_naming_the_field(tmp_path, monkeypatc
   _set(config, field, value)
   _no_compiling(monkeypatch)
   with pytest.raises(ValueError, match=pattern):
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    training.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run' / 'checkpoints').exists()
 
 
 def test_batch_not_divisible_by_the_devices_fails_before_compiling(tmp_path, monkeypatch):
   """Two devices are faked at the mesh: a real second device would need its own process."""
-  make_mesh = train.sharding.make_mesh
+  make_mesh = sharding.make_mesh
 
   def two_device_mesh(**kwargs):
     mesh = make_mesh(**kwargs)
     return mock.Mock(wraps=mesh, devices=np.empty((2, 1)), shape={'data': 2, 'fsdp': 1})
 
-  monkeypatch.setattr(train.sharding, 'make_mesh', two_device_mesh)
+  monkeypatch.setattr(sharding, 'make_mesh', two_device_mesh)
   _no_compiling(monkeypatch)
   with pytest.raises(ValueError, match=r'training\.batch_size=7 is not divisible by the 2 devices'):
-    train.train_and_evaluate(_tiny(**{'training.batch_size': 7}), str(tmp_path / 'run'))
+    training.train_and_evaluate(_tiny(**{'training.batch_size': 7}), str(tmp_path / 'run'))
   assert not (tmp_path / 'run' / 'checkpoints').exists()

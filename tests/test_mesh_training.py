@@ -5,7 +5,7 @@ this process (the reference) and on 8 forced CPU devices in one subprocess (test
 the device count must be set before jax starts): on the mesh (8, 1) (data parallel) and (4, 2)
 (FSDP, with `mesh.fsdp_min_size` low enough that the tiny model's kernels are really split), and
 with `steps_per_call=2` (a `lax.scan` over stacked batches). The same worker samples
-(`train.sample`, what `--mode=sample` runs) from the reference's checkpoint with the batch split
+(`training.sample`, what `--mode=sample` runs) from the reference's checkpoint with the batch split
 over 8 devices, and checks the bad-input messages.
 
 Tolerances. Every run sees the same global batches and the same noise (keys come from the step
@@ -34,13 +34,13 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffusion_jax import train
+from diffusion_jax import training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, 'tests', 'mesh_worker.py')
 NUM_DEVICES = 8
 # Shared by every run: one checkpoint at the end; one sampler batch of 8 whatever the device count
-# (train.sample rounds its batch up to a multiple of the device count, and the start noise is
+# (training.sample rounds its batch up to a multiple of the device count, and the start noise is
 # drawn per batch, so only equal batches give comparable samples).
 BASE = {'training.checkpoint_every': 4, 'sampling.num_samples': 8, 'sampling.batch_size': 8}
 MODEL = {'model.name': 'mlp', 'data.source': 'array'}  # data.path: the `base` fixture
@@ -88,7 +88,7 @@ def base(tmp_path_factory):
 
 def _train_on_one_device(config, workdir):
   """Trains in this process; returns the reference dict (final params and EMA, logged losses)."""
-  state = train.train_and_evaluate(config, workdir)
+  state = training.train_and_evaluate(config, workdir)
   params = {}
   for group, tree in (('params', state.params), ('ema_params', state.ema_params)):
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
@@ -103,7 +103,7 @@ def reference(base, tmp_path_factory):
   """Train 4 steps and sample on one device, in this process."""
   config = _config(base)
   ref = _train_on_one_device(config, str(tmp_path_factory.mktemp('one_device')))
-  ref['samples'] = np.load(train.sample(config, ref['workdir']))['x']
+  ref['samples'] = np.load(training.sample(config, ref['workdir']))['x']
   return ref
 
 

@@ -38,7 +38,8 @@ import portpicker
 import pytest
 
 from configs import tiny
-from diffusion_jax import input_pipeline, train
+from diffusion_jax import input_pipeline, training
+from diffusion_jax.training import builders
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -173,8 +174,8 @@ def one_process(tmp_path_factory, data_path):
   """One process, one device, fed the two-process run's global batches."""
   workdir = str(tmp_path_factory.mktemp('one_process'))
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train, 'create_data', _union_create_data)
-    state = train.train_and_evaluate(_config(data_path), workdir)
+    mp.setattr(builders, 'create_data', _union_create_data)
+    state = training.train_and_evaluate(_config(data_path), workdir)
   return workdir, state
 
 
@@ -183,8 +184,8 @@ def _compare_with_one_process(config, workdir, element_shape, ref_dir, ref, atol
 
   Returns (max |params difference|, how far training moved the params from their init).
   """
-  s = train.setup(config, workdir, element_shape)
-  restored = s.checkpointer.restore(train.abstract_state(s))
+  s = builders.setup(config, workdir, element_shape)
+  restored = s.checkpointer.restore(s.abstract_state)
   s.checkpointer.close()
   assert restored is not None
   state, _, step = restored  # written by two processes, restored by one: other mesh, same values
@@ -196,7 +197,7 @@ def _compare_with_one_process(config, workdir, element_shape, ref_dir, ref, atol
   ref_losses = [r['loss'] for r in _metrics(ref_dir) if 'loss' in r]
   assert len(losses) == STEPS
   np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
-  return diff, _max_abs_diff(state.params, s.state.params)
+  return diff, _max_abs_diff(state.params, builders.fresh_state(s).params)
 
 
 def test_two_processes_end_with_the_params_of_one_process(two_processes, one_process, data_path):
@@ -226,8 +227,8 @@ def test_two_processes_train_tiny_unet_like_one_process(tmp_path):
   config.update_from_flattened_dict(UNET_OVERRIDES)
   ref_dir = str(tmp_path / 'one')
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train, 'create_data', _union_create_data)
-    ref = train.train_and_evaluate(config, ref_dir)
+    mp.setattr(builders, 'create_data', _union_create_data)
+    ref = training.train_and_evaluate(config, ref_dir)
   diff, moved = _compare_with_one_process(config, workdir, (8, 8, 1), ref_dir, ref,
                                           UNET_PARAM_ATOL)
   print(f'tiny U-Net, two processes vs one: max |params difference| = {diff:.3g} '
@@ -239,7 +240,7 @@ def test_two_process_checkpoint_resumes_in_one_process(two_processes, data_path,
   workdir = str(tmp_path / 'resumed')
   shutil.copytree(two_processes[0], workdir)
   config = _config(data_path, **{'training.num_train_steps': STEPS + 1})
-  state = train.train_and_evaluate(config, workdir)
+  state = training.train_and_evaluate(config, workdir)
   assert int(state.step) == STEPS + 1
   assert [r['step'] for r in _metrics(workdir) if 'loss' in r] == [1, 2, 3, 4]
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))

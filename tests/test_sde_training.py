@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffusion_jax import oracles, train
+from diffusion_jax import oracles, training
 
 
 def _gmm_config(tmp_path, **overrides):
@@ -39,8 +39,8 @@ def _gmm_config(tmp_path, **overrides):
 def test_vp_likelihood_training_then_eval_writes_bits_per_dim(tmp_path):
   config = _gmm_config(tmp_path)
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config, workdir)
-  metrics = train.evaluate(config, workdir)
+  training.train_and_evaluate(config, workdir)
+  metrics = training.evaluate(config, workdir)
   assert metrics['eval_num_examples'] == 8
   assert np.isfinite(metrics['eval_bpd']) and metrics['eval_bpd_stderr'] > 0
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
@@ -53,12 +53,12 @@ def test_vp_likelihood_training_then_eval_writes_bits_per_dim(tmp_path):
 def test_model_and_process_must_match(tmp_path, process_type, noise_input):
   config = _gmm_config(tmp_path, **{'process.type': process_type, 'model.noise_input': noise_input})
   with pytest.raises(ValueError, match='noise_input'):
-    train.validate_config(config)
+    training.validate_config(config)
 
 
 def test_eval_refuses_continuous_data_as_8bit(tmp_path):
   config = _gmm_config(tmp_path, **{'eval.dequantize': 'uniform'})
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config, workdir)
+  training.train_and_evaluate(config, workdir)
   with pytest.raises(ValueError, match='8-bit'):
-    train.evaluate(config, workdir)
+    training.evaluate(config, workdir)

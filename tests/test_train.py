@@ -12,7 +12,10 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from diffusion_jax import models, processes, train, train_state
+from diffusion_jax import models, objectives, processes, training
+from diffusion_jax.training import config as config_lib
+from diffusion_jax.training import step as step_lib
+from diffusion_jax.training.state import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +44,7 @@ def _make_folder(root, n=12, size=10, corrupt=False):
 
 def test_digits_one_job_writes_metrics_checkpoints(tmp_path):
   workdir = str(tmp_path / 'run')
-  state = train.train_and_evaluate(_tiny(**{'training.num_sample_images': 4}), workdir)
+  state = training.train_and_evaluate(_tiny(**{'training.num_sample_images': 4}), workdir)
   assert int(state.step) == 4
   rows = _metrics(workdir)
   logged = [r for r in rows if 'loss' in r]
@@ -58,7 +61,7 @@ def test_folder_source_with_corrupt_file(tmp_path):
   folder = _make_folder(tmp_path / 'imgs', corrupt=True)
   config = _tiny(**{'data.source': 'folder', 'data.path': str(folder), 'data.num_channels': 3,
                     'data.image_size': 8, 'training.num_train_steps': 2})
-  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  training.train_and_evaluate(config, str(tmp_path / 'run'))
   rows = [r for r in _metrics(str(tmp_path / 'run')) if 'loss' in r]
   assert rows[-1]['data_skipped_files'] >= 1
 
@@ -70,8 +73,8 @@ def test_array_source_with_mlp_and_labels(tmp_path):
                     'data.use_labels': True, 'model.name': 'mlp', 'model.num_classes': 3,
                     'training.num_train_steps': 2, 'sampling.guidance_scale': 2.0})
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config, workdir)
-  path = train.sample(config, workdir)
+  training.train_and_evaluate(config, workdir)
+  path = training.sample(config, workdir)
   samples = np.load(path)['x']
   assert samples.shape == (6, 3) and np.isfinite(samples).all()
 
@@ -81,7 +84,7 @@ def test_tfds_source_through_mock_data(tmp_path):
   config = _tiny(**{'data.source': 'tfds', 'data.name': 'cifar10', 'data.num_channels': 3,
                     'data.image_size': 8, 'training.num_train_steps': 2})
   with tfds.testing.mock_data(num_examples=32):
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    training.train_and_evaluate(config, str(tmp_path / 'run'))
   assert [r['step'] for r in _metrics(str(tmp_path / 'run')) if 'loss' in r] == [2]
 
 
@@ -91,20 +94,18 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (16, 8, 8, 1)), jnp.float32)
   params = module.init(jax.random.PRNGKey(0), x, jnp.ones((16,)), train=False)['params']
 
-  def network_fn(p, x, c, y=None, *, train=False, rngs=None):
-    return module.apply({'params': p}, x, c, y, train=train, rngs=rngs)
+  def network_fn(p, x, c, cond=None, *, train=False, rngs=None):
+    return module.apply({'params': p}, x, c, **(cond or {}), train=train, rngs=rngs)
 
   import optax  # pylint: disable=import-outside-toplevel
-  state = train_state.TrainState.create(apply_fn=network_fn, params=params, tx=optax.adam(3e-3))
-  cfg = train_state.StepConfig(ema_decay=0.9)
-  step = jax.jit(lambda s, b, k: train_state.train_step(s, b, k, process, config=cfg),
+  state = TrainState.create(params=params, tx=optax.adam(3e-3))
+  loss_fn = objectives.denoising(network_fn=network_fn, process=process)
+  step = jax.jit(lambda s, b, k: step_lib.train_step(s, b, k, loss_fn=loss_fn, ema_decay=0.9),
                  donate_argnums=0)
   key = jax.random.PRNGKey(1)
   # Evaluate on the same times/noise each time: a fixed key, independent of the step.
   def eval_loss(p):
-    s = state.replace(params=p)
-    del s
-    model_fn = lambda xt, t, y=None: network_fn(p, xt, t)
+    model_fn = lambda xt, t, cond=None: network_fn(p, xt, t)
     from diffusion_jax import losses  # pylint: disable=import-outside-toplevel
     return float(losses.denoising_loss(model_fn, process, x, jax.random.PRNGKey(7))[0])
 
@@ -122,12 +123,12 @@ def test_nonfinite_update_is_skipped():
   x = jnp.ones((4, 2))
   params = module.init(jax.random.PRNGKey(0), x, jnp.ones((4,)), train=False)['params']
   import optax  # pylint: disable=import-outside-toplevel
-  state = train_state.TrainState.create(
-      apply_fn=lambda p, x, c, y=None, *, train=False, rngs=None: module.apply(
-          {'params': p}, x, c, y, train=train), params=params, tx=optax.adam(1e-2))
-  cfg = train_state.StepConfig()
-  new, metrics = train_state.train_step(state, {'x': x.at[0, 0].set(jnp.nan)},
-                                        jax.random.PRNGKey(0), process, config=cfg)
+  state = TrainState.create(params=params, tx=optax.adam(1e-2))
+  loss_fn = objectives.denoising(
+      network_fn=lambda p, x, c, cond=None, *, train=False, rngs=None: module.apply(
+          {'params': p}, x, c, train=train), process=process)
+  new, metrics = step_lib.train_step(state, {'x': x.at[0, 0].set(jnp.nan)},
+                                     jax.random.PRNGKey(0), loss_fn=loss_fn, ema_decay=0.9999)
   assert int(metrics['skipped']) == 1 and int(new.step) == 1
   for a, b in zip(jax.tree.leaves((new.params, new.ema_params, new.opt_state)),
                   jax.tree.leaves((state.params, state.ema_params, state.opt_state))):
@@ -136,8 +137,8 @@ def test_nonfinite_update_is_skipped():
 
 def test_restart_resumes_at_the_saved_step(tmp_path):
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(_tiny(**{'training.num_train_steps': 2}), workdir)
-  state = train.train_and_evaluate(_tiny(**{'training.num_train_steps': 4}), workdir)
+  training.train_and_evaluate(_tiny(**{'training.num_train_steps': 2}), workdir)
+  state = training.train_and_evaluate(_tiny(**{'training.num_train_steps': 4}), workdir)
   assert int(state.step) == 4
   assert [r['step'] for r in _metrics(workdir) if 'loss' in r] == [2, 4]  # step 2 not redone
 
@@ -195,21 +196,21 @@ def test_bad_config_values(tmp_path, overrides, pattern):
     with node.ignore_type():
       node[rest[-1]] = value
   with pytest.raises(ValueError, match=pattern):
-    train.validate_config(config)
+    training.validate_config(config)
 
 
 def test_sampler_options_from_the_config():
   config = _tiny()
   config.sampling.method, config.sampling.order, config.sampling.warm_start = 'plms', 3, 'ab'
   config.sampling.grid = 'quadratic'
-  train.validate_config(config)
-  assert train.sampler_options(config) == {'grid': 'quadratic', 'order': 3, 'warm_start': 'ab'}
+  training.validate_config(config)
+  assert config_lib.sampler_options(config) == {'grid': 'quadratic', 'order': 3, 'warm_start': 'ab'}
   config.sampling.analytic_first_step = True
   with pytest.raises(ValueError, match=r'alpha / sigma = 0\.7.*not close enough to pure noise'):
-    train.validate_config(config)  # the tiny config's 100-step process ends far from noise
+    training.validate_config(config)  # the tiny config's 100-step process ends far from noise
   config.process.num_timesteps = 1000
-  train.validate_config(config)
-  assert train.sampler_options(config)['analytic_first_step'] is True
+  training.validate_config(config)
+  assert config_lib.sampler_options(config)['analytic_first_step'] is True
 
 
 def test_unknown_field_in_a_notebook_config():
@@ -217,14 +218,14 @@ def test_unknown_field_in_a_notebook_config():
   config.unlock()
   config.training.lerning_rate = 1.0
   with pytest.raises(ValueError, match="Unknown config field 'training.lerning_rate'"):
-    train.validate_config(config)
+    training.validate_config(config)
 
 
 def test_folder_without_images(tmp_path):
   (tmp_path / 'empty').mkdir()
   config = _tiny(**{'data.source': 'folder', 'data.path': str(tmp_path / 'empty')})
   with pytest.raises(ValueError, match='empty'):
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    training.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
 def test_array_of_wrong_rank(tmp_path):
@@ -232,18 +233,18 @@ def test_array_of_wrong_rank(tmp_path):
   config = _tiny(**{'data.source': 'array', 'data.path': str(tmp_path / 'a.npy'),
                     'model.name': 'mlp'})
   with pytest.raises(ValueError, match='a.npy'):
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    training.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
 def test_vectors_with_a_unet(tmp_path):
   np.save(tmp_path / 'a.npy', np.zeros((10, 3), np.float32))
   config = _tiny(**{'data.source': 'array', 'data.path': str(tmp_path / 'a.npy')})
   with pytest.raises(ValueError, match='model.name="mlp"'):
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    training.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
 def test_checkpoint_of_another_model(tmp_path):
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(_tiny(**{'training.num_train_steps': 2}), workdir)
+  training.train_and_evaluate(_tiny(**{'training.num_train_steps': 2}), workdir)
   with pytest.raises(ValueError, match='fresh --workdir'):
-    train.train_and_evaluate(_tiny(**{'model.unet.ch': 32}), workdir)
+    training.train_and_evaluate(_tiny(**{'model.unet.ch': 32}), workdir)

@@ -1,0 +1,161 @@
+"""What the modes share, built from the config: data, mesh, network, optimizer, objective, state.
+
+``setup`` builds everything except arrays: the state is described abstractly (shapes, dtypes,
+shardings), so a run that restores a checkpoint never materializes a fresh state beside it.
+``fresh_state`` initializes one (``seed``), ``state_from_params`` starts from given params
+(``training.init_from``), and ``restore_ema_params`` reads only the EMA params of a checkpoint
+(``--mode=sample`` / ``--mode=eval`` never read optimizer state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from etils import epath
+
+from diffusion_jax import checkpointing, input_pipeline, objectives, sharding
+from diffusion_jax.training import config as config_lib
+from diffusion_jax.training.state import TrainState
+
+
+def element_shape(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
+  """The shape of one example, known from the config for image sources; None for arrays."""
+  if config.data.source == 'array':
+    return None
+  return (config.data.image_size, config.data.image_size, config.data.num_channels)
+
+
+def create_data(config: ml_collections.ConfigDict, *, split: str | None = None,
+                num_epochs: int | None = None, shuffle: bool = True,
+                batch_size: int | None = None, random_flip: bool | None = None
+                ) -> input_pipeline.DataPipeline:
+  """This process's input pipeline (its shard, per-process batch)."""
+  d = config.data
+  batch_size = batch_size or config.training.batch_size
+  return input_pipeline.create_dataset(
+      source=d.source, path=d.path or None, name=d.name or None, split=split or d.split,
+      data_dir=d.data_dir or None, image_size=d.image_size if d.source != 'array' else None,
+      num_channels=d.num_channels, batch_size=batch_size // jax.process_count(),
+      seed=config.seed, shuffle=shuffle, num_epochs=num_epochs,
+      random_flip=d.random_flip if random_flip is None else random_flip,
+      use_labels=d.use_labels, process_index=jax.process_index(),
+      process_count=jax.process_count(), worker_count=d.worker_count)
+
+
+@dataclasses.dataclass
+class Task:
+  """What the trainer optimizes: the objective and the trees it reads without training them.
+
+  Attributes:
+    loss_fn: ``loss_fn(params, frozen, batch, key) -> (loss, metrics)`` (``objectives``).
+    frozen: trees the loss reads but never trains (an autoencoder, a text encoder, a teacher),
+      placed like params (``sharding.put_params``); None when there are none.
+    save_frozen: also write ``frozen`` into every checkpoint (for trees that cannot be reloaded
+      from where they came from).
+  """
+
+  loss_fn: objectives.LossFn
+  frozen: Any = None
+  save_frozen: bool = False
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything the modes share, built once from the config (no arrays of the state yet)."""
+
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  process: Any
+  module: Any
+  network_fn: Callable
+  tx: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  element_shape: tuple[int, ...]
+  init_fn: Callable[[jax.Array], TrainState]
+  abstract_state: TrainState  # jax.ShapeDtypeStruct leaves carrying their shardings
+  state_shardings: TrainState
+  checkpointer: checkpointing.Checkpointer
+
+  @property
+  def abstract_params(self) -> Any:
+    return self.abstract_state.params
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str | epath.Path,
+          element_shape_: tuple[int, ...]) -> Setup:
+  """Mesh, process, network, optimizer, the state's shapes and shardings, the checkpointer."""
+  mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
+  sharding.check_batch_size(config.training.batch_size, mesh)
+  process = config_lib.build_process(config.process)
+  module, network_fn = config_lib.build_network(config.model)
+  tx, lr_schedule = config_lib.build_optimizer(config)
+  x = jnp.zeros((1,) + tuple(element_shape_), jnp.float32)
+  cond, _ = config_lib.sampler_cond(config, 1)
+
+  def init_fn(key):
+    params = module.init({'params': key}, x, jnp.ones((1,)), **(cond or {}), train=False)['params']
+    return TrainState.create(params=params, tx=tx)
+
+  shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  shardings = sharding.param_sharding(shapes, mesh, min_size=config.mesh.fsdp_min_size)
+  ckpt = checkpointing.Checkpointer(str(epath.Path(workdir) / 'checkpoints'),
+                                    max_to_keep=config.training.keep_checkpoints)
+  return Setup(config, mesh, process, module, network_fn, tx, lr_schedule, tuple(element_shape_),
+               init_fn, sharding.with_shardings(shapes, shardings), shardings, ckpt)
+
+
+def build_task(s: Setup) -> Task:
+  """The config's task: the denoising objective of its network, nothing frozen."""
+  return Task(loss_fn=config_lib.build_objective(s.config, s.process, s.network_fn))
+
+
+def fresh_state(s: Setup) -> TrainState:
+  """A new state from ``config.seed``, born sharded (never whole on one device first)."""
+  key = jax.random.PRNGKey(s.config.seed)
+  return jax.jit(s.init_fn, out_shardings=s.state_shardings)(key)
+
+
+def state_from_params(s: Setup, params: Any) -> TrainState:
+  """Step 0 from given params: params and EMA params equal them, a fresh optimizer state."""
+  return jax.jit(lambda p: TrainState.create(params=p, tx=s.tx),
+                 out_shardings=s.state_shardings)(params)
+
+
+def load_init_params(s: Setup, init_params: Any = None) -> Any:
+  """The params to start from: ``init_params`` (a tree) or ``training.init_from``'s EMA params.
+
+  Returns None when neither is given. Raises ValueError naming the first path whose name, shape
+  or dtype differs from the model's, before any array is placed.
+  """
+  init_from = s.config.training.init_from
+  if init_params is not None:
+    checkpointing.check_tree(s.abstract_params, init_params, name='init_params')
+    return sharding.put_params(init_params, s.mesh, min_size=s.config.mesh.fsdp_min_size)
+  if init_from:
+    return checkpointing.load_params(init_from, s.abstract_params, which='ema_params')
+  return None
+
+
+def restore_ema_params(config: ml_collections.ConfigDict, workdir: str | epath.Path
+                       ) -> tuple[Setup, Any, int]:
+  """``(setup, ema_params, step)`` of the workdir's newest good checkpoint, nothing else read.
+
+  Raises FileNotFoundError when the workdir has no checkpoint.
+  """
+  config_lib.validate_config(config)
+  shape = element_shape(config)
+  if shape is None:  # array data: the example shape comes from the file
+    shape = create_data(config).element_shape
+  s = setup(config, workdir, shape)
+  restored = s.checkpointer.restore_params(s.abstract_params, which='ema_params')
+  if restored is None:
+    s.checkpointer.close()
+    raise FileNotFoundError(f'No checkpoint in {s.checkpointer.directory}: train first with '
+                            f'--mode=train and the same --workdir.')
+  params, step = restored
+  return s, params, step

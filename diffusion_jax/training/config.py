@@ -1,0 +1,263 @@
+"""From the ConfigDict to typed objects: validation, process, network, optimizer, objective, sampler.
+
+The ConfigDict stops in this package: everything these functions return takes plain, typed
+arguments. ``validate_config`` checks every field against ``diffusion_jax/configs/default.py``
+(names, types, choices, consistency) and traces the configured sampler once, so a bad config stops
+the job before anything is compiled, with a message naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from diffusion_jax import (input_pipeline, losses, objectives, optim, preconditioning, processes,
+                           sampling)
+from diffusion_jax import models as models_lib
+from diffusion_jax.configs import default
+
+PROCESS_TYPES = ('discrete', 'vp', 'subvp', 've')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+# --- validation (before anything is compiled) -----------------------------------------------------
+
+
+def _check_against_default(config, reference, prefix: str = '') -> None:
+  """Every field must exist in the default config and have a compatible type."""
+  for key in config.keys():
+    name = f'{prefix}{key}'
+    if key not in reference:
+      raise ValueError(f'Unknown config field {name!r}. Known fields here: '
+                       f'{sorted(reference.keys())}. See diffusion_jax/configs/default.py '
+                       '(docs/config.md).')
+    value, ref = config[key], reference[key]
+    if isinstance(ref, ml_collections.ConfigDict):
+      if not isinstance(value, (ml_collections.ConfigDict, dict)):
+        raise ValueError(f'Config field {name!r} must be a group of fields, got {value!r}.')
+      _check_against_default(value, ref, name + '.')
+      continue
+    ok = (isinstance(value, type(ref))
+          or (isinstance(ref, float) and isinstance(value, int) and not isinstance(value, bool))
+          or (isinstance(ref, tuple) and isinstance(value, list)))
+    if isinstance(ref, int) and not isinstance(ref, bool) and isinstance(value, bool):
+      ok = False
+    if not ok:
+      raise ValueError(f'Config field {name!r} must be of type {type(ref).__name__} '
+                       f'(like its default {ref!r}), got {value!r} of type {type(value).__name__}.')
+
+
+def _choice(name: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f'Config field {name!r} = {value!r} is not one of {tuple(choices)}.')
+
+
+def _positive(name: str, value, *, allow_zero: bool = False) -> None:
+  if value < 0 or (value == 0 and not allow_zero):
+    raise ValueError(f'Config field {name!r} must be {">= 0" if allow_zero else "> 0"}, '
+                     f'got {value}.')
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks names, types and consistency of every field; raises ValueError naming the field."""
+  _check_against_default(config, default.get_config())
+  _choice('data.source', config.data.source, input_pipeline.SOURCES)
+  _choice('model.name', config.model.name, tuple(models_lib.MODELS))
+  _choice('model.parameterization', config.model.parameterization, processes.PREDICTIONS)
+  _choice('model.noise_input', config.model.noise_input, preconditioning.NOISE_INPUTS)
+  _choice('model.dtype', config.model.dtype, tuple(DTYPES))
+  _choice('process.type', config.process.type, PROCESS_TYPES)
+  _choice('process.schedule', config.process.schedule, ('linear', 'cosine'))
+  _choice('training.weighting', config.training.weighting, losses.WEIGHTINGS)
+  _choice('training.time_sampling', config.training.time_sampling, losses.TIME_SAMPLINGS)
+  _choice('optim.optimizer', config.optim.optimizer, optim.OPTIMIZERS)
+  _choice('optim.schedule', config.optim.schedule, optim.SCHEDULES)
+  _choice('sampling.method', config.sampling.method, tuple(sampling.METHODS))
+  _choice('sampling.grid', config.sampling.grid, ('',) + tuple(sampling.grids.GRIDS))
+  _choice('sampling.spacing', config.sampling.spacing, ('',) + sampling.grids.SPACINGS)
+  _choice('sampling.warm_start', config.sampling.warm_start, ('heun', 'ab'))
+  _positive('sampling.order', config.sampling.order, allow_zero=True)
+  if config.sampling.order and 'order' not in sampling.method_options(config.sampling.method):
+    raise ValueError(f"Config field 'sampling.order' = {config.sampling.order} is set but "
+                     f'sampling.method={config.sampling.method!r} takes no order; leave it 0.')
+  if config.sampling.analytic_first_step and config.sampling.method != 'plms':
+    raise ValueError("Config field 'sampling.analytic_first_step' = True needs "
+                     "sampling.method='plms' with sampling.warm_start='ab' (iPNDM); got "
+                     f'sampling.method={config.sampling.method!r}.')
+  _choice('eval.dequantize', config.eval.dequantize, ('uniform', 'none'))
+  for name in ('training.batch_size', 'training.num_train_steps', 'training.log_every',
+               'training.checkpoint_every', 'training.keep_checkpoints', 'training.steps_per_call',
+               'training.max_nonfinite_steps', 'sampling.num_steps', 'sampling.num_samples',
+               'sampling.batch_size', 'process.num_timesteps', 'eval.num_examples',
+               'eval.batch_size', 'eval.num_draws'):
+    group, field = name.split('.')
+    _positive(name, config[group][field])
+  _positive('training.sample_every', config.training.sample_every, allow_zero=True)
+  _positive('training.num_sample_images', config.training.num_sample_images, allow_zero=True)
+  if not 0.0 <= config.training.ema_decay < 1.0:
+    raise ValueError(f'training.ema_decay must be in [0, 1), got {config.training.ema_decay}.')
+  if not 0.0 <= config.training.label_dropout < 1.0:
+    raise ValueError('training.label_dropout must be in [0, 1), got '
+                     f'{config.training.label_dropout}.')
+  if config.model.num_classes > 0 and not config.data.use_labels:
+    raise ValueError(f'model.num_classes={config.model.num_classes} needs labels: set '
+                     '--config.data.use_labels=True (or model.num_classes=0 for unconditional).')
+  if config.sampling.guidance_scale != 1.0 and config.model.num_classes == 0:
+    raise ValueError('sampling.guidance_scale != 1 needs a class-conditional model '
+                     '(model.num_classes > 0, trained with training.label_dropout > 0).')
+  k = config.training.steps_per_call
+  for name in ('num_train_steps', 'log_every', 'checkpoint_every', 'sample_every'):
+    if config.training[name] % k:
+      raise ValueError(f'training.{name}={config.training[name]} must be a multiple of '
+                       f'training.steps_per_call={k}.')
+  if config.model.name == 'unet':
+    try:
+      models_lib.validate_unet_config(image_size=config.data.image_size,
+                                      ch_mult=tuple(config.model.unet.ch_mult),
+                                      attn_resolutions=tuple(config.model.unet.attn_resolutions))
+    except ValueError as e:  # name the config field, not the function's argument
+      text = str(e)
+      field = ('model.unet.attn_resolutions' if text.startswith('attn_resolutions') else
+               'model.unet.ch_mult' if text.startswith('ch_mult') else 'data.image_size')
+      raise ValueError(f'Config field {field!r}: {e}') from e
+  preconditioning.check_model_process(config.model.noise_input, config.model.parameterization,
+                                      build_process(config.process))
+  check_sampler_options(config)
+
+
+# --- builders ---------------------------------------------------------------------------------------
+
+
+def build_process(cfg: ml_collections.ConfigDict):
+  """The noise process of ``config.process``."""
+  if cfg.type == 'discrete':
+    if cfg.schedule == 'linear':
+      return processes.DiscreteVP.linear(cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
+    return processes.DiscreteVP.cosine(cfg.num_timesteps, cfg.cosine_s)
+  from diffusion_jax import sde  # pylint: disable=import-outside-toplevel
+  if cfg.type == 'vp':
+    return sde.VPSDE(beta_min=cfg.beta_min, beta_max=cfg.beta_max, eps=cfg.t_eps)
+  if cfg.type == 'subvp':
+    return sde.SubVPSDE(beta_min=cfg.beta_min, beta_max=cfg.beta_max, eps=cfg.t_eps)
+  return sde.VESDE(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, eps=cfg.t_eps)
+
+
+def build_network(model_cfg: ml_collections.ConfigDict):
+  """The Flax module and ``network_fn(params, x, c_noise, cond, *, train, rngs) -> F``.
+
+  ``cond`` is a dict whose keys are the module's conditioning keyword arguments (``{'label': [B]
+  int32}`` for class labels) or None; network_fn unpacks it into them.
+  """
+  dtype = DTYPES[model_cfg.dtype]
+  if model_cfg.name == 'unet':
+    fields = dict(model_cfg.unet)
+    fields['ch_mult'] = tuple(fields['ch_mult'])
+    fields['attn_resolutions'] = tuple(fields['attn_resolutions'])
+    fields['num_head_channels'] = fields['num_head_channels'] or None
+    module = models_lib.UNet(**fields, num_classes=model_cfg.num_classes, dtype=dtype)
+  else:
+    module = models_lib.MLP(**dict(model_cfg.mlp), num_classes=model_cfg.num_classes, dtype=dtype)
+
+  def network_fn(params, x, c_noise, cond=None, *, train: bool = False, rngs=None):
+    return module.apply({'params': params}, x, c_noise, **(cond or {}), train=train, rngs=rngs)
+
+  return module, network_fn
+
+
+def build_optimizer(config: ml_collections.ConfigDict, *, trainable: optim.Trainable = None
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optax transformation and its learning-rate schedule (the latter only for logging).
+
+  ``trainable``: which leaves of the params train (``optim.make_optimizer``); None for all.
+  """
+  o = config.optim
+  lr = dict(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
+            total_steps=config.training.num_train_steps)
+  tx = optim.make_optimizer(name=o.optimizer, schedule=o.schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+                            weight_decay=o.weight_decay, grad_clip=o.grad_clip,
+                            trainable=trainable, **lr)
+  return tx, optim.learning_rate_schedule(decay=o.schedule, **lr)
+
+
+def _label_cond(frozen, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  del frozen  # class labels come from the batch alone
+  return {'label': batch['label'].astype(jnp.int32)}
+
+
+def build_objective(config: ml_collections.ConfigDict, process, network_fn: Callable
+                    ) -> objectives.LossFn:
+  """The denoising objective of the config; class-conditional when ``model.num_classes > 0``.
+
+  Class labels travel as ``cond={'label': [B] int32}``; dropped labels (probability
+  ``training.label_dropout``, for classifier-free guidance) become the null label
+  ``num_classes``.
+  """
+  num_classes = config.model.num_classes
+  conditional = dict(cond_fn=_label_cond, null_cond={'label': num_classes},
+                     cond_dropout=config.training.label_dropout) if num_classes else {}
+  return objectives.denoising(
+      network_fn=network_fn, process=process, parameterization=config.model.parameterization,
+      noise_input=config.model.noise_input, weighting=config.training.weighting,
+      min_snr_gamma=config.training.min_snr_gamma, time_sampling=config.training.time_sampling,
+      **conditional)
+
+
+def sampler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The keyword options of ``sampling.sample`` that ``config.sampling`` sets (no guidance)."""
+  smp = config.sampling
+  options: dict[str, Any] = {}
+  if smp.grid:
+    options['grid'] = smp.grid
+  if smp.spacing:
+    options['spacing'] = smp.spacing
+  if smp.order:
+    options['order'] = smp.order
+  if smp.method == 'ddim':
+    options['eta'] = smp.eta
+  elif smp.method == 'plms':
+    options['warm_start'] = smp.warm_start
+    if smp.analytic_first_step:
+      options['analytic_first_step'] = True
+  elif smp.method == 'pc':
+    options.update(predictor=smp.predictor, corrector=smp.corrector, snr=smp.snr)
+  elif smp.method == 'ode':
+    options.update(rtol=smp.rtol, atol=smp.atol)
+  if smp.clip_x0:
+    options['clip_x0'] = True
+  return options
+
+
+def sampler_cond(config: ml_collections.ConfigDict, batch_size: int
+                 ) -> tuple[dict[str, jax.Array] | None, dict[str, jax.Array] | None]:
+  """``(cond, null_cond)`` of ``batch_size`` samples; ``(None, None)`` for unconditional models.
+
+  Class-conditional: ``cond = {'label': arange(B) % K}`` (every class in turn) and ``null_cond =
+  {'label': full(B, K)}``, the null label the model learned with ``training.label_dropout``.
+  """
+  k = config.model.num_classes
+  if not k:
+    return None, None
+  return ({'label': jnp.arange(batch_size, dtype=jnp.int32) % k},
+          {'label': jnp.full((batch_size,), k, jnp.int32)})
+
+
+def check_sampler_options(config: ml_collections.ConfigDict) -> None:
+  """Traces (does not compile) the configured sampler on a stand-in model, so that an option the
+  method rejects (an order above what it or num_steps allows, a grid it cannot use) stops the job
+  before training, with the method's message and the config fields to change."""
+  smp = config.sampling
+  process = build_process(config.process)
+  options = sampler_options(config)
+  try:
+    jax.eval_shape(lambda x: sampling.sample(
+        lambda x, t, cond=None: jnp.zeros_like(x), process, method=smp.method,
+        num_steps=smp.num_steps, key=jax.random.PRNGKey(0), x_T=x, **options),
+                   jax.ShapeDtypeStruct((1, 2), jnp.float32))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f'The sampling config (sampling.method={smp.method!r}, '
+                     f'sampling.num_steps={smp.num_steps}, options {options}) is not valid: '
+                     f'{e}') from e

@@ -1,0 +1,224 @@
+"""``train_and_evaluate``: the training job as a function (``--mode=train``, or a notebook).
+
+It builds everything from the config, restores the workdir's checkpoint (or starts from
+``training.init_from`` / ``init_params``, or from scratch), then runs the jitted step, logging
+metrics, saving checkpoints, writing sample grids and honouring preemption.
+
+Outputs in ``workdir`` (any path etils.epath and orbax support, ``gs://`` included):
+``checkpoints/`` (orbax), ``metrics.jsonl``, ``tensorboard/``, ``samples/*.png``.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
+
+from diffusion_jax import sharding, writers
+from diffusion_jax.training import builders, inference
+from diffusion_jax.training import config as config_lib
+from diffusion_jax.training import step as step_lib
+from diffusion_jax.training.preemption import Preemption
+from diffusion_jax.training.state import TrainState
+
+
+def _global_batches(batches: list[dict[str, np.ndarray]], mesh, stacked: bool):
+  """This process's batches as global arrays; ``stacked``: a leading axis of k steps."""
+  if not stacked:
+    return sharding.global_batch(batches[0], mesh)
+  spec = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
+  return {k: jax.make_array_from_process_local_data(spec, np.stack([b[k] for b in batches]))
+          for k in batches[0]}
+
+
+def _check_data(config: ml_collections.ConfigDict, data) -> None:
+  shape = data.element_shape
+  if config.model.name == 'unet' and len(shape) != 3:
+    raise ValueError(f'model.name="unet" needs images [H, W, C]; the data has examples of shape '
+                     f'{shape}. Use model.name="mlp" for vectors.')
+  if config.model.num_classes and data.num_classes and data.num_classes > config.model.num_classes:
+    raise ValueError(f'The data has {data.num_classes} classes but model.num_classes='
+                     f'{config.model.num_classes}; set --config.model.num_classes='
+                     f'{data.num_classes}.')
+
+
+def _initial_state(s: builders.Setup, data, init_params: Any) -> tuple[TrainState, int]:
+  """The workdir's checkpoint if there is one, else init params, else a fresh state.
+
+  Resume wins: with a checkpoint in the workdir, ``init_params`` / ``training.init_from`` are
+  not read at all (a warning says so). Otherwise they are checked against the model before
+  anything is placed or trained (a mismatch raises ValueError naming the first differing path).
+  """
+  init_from = s.config.training.init_from
+  restored = s.checkpointer.restore(s.abstract_state)
+  if restored is not None:
+    state, data_state, start_step = restored
+    if data_state is not None:
+      data.iterator.set_state(data_state)
+    logging.info('Resumed from step %d of %s.', start_step, s.checkpointer.directory)
+    if init_params is not None or init_from:
+      logging.warning('Resuming from the checkpoint of step %d in %s; %s is ignored (it only '
+                      'starts a fresh workdir).', start_step, s.checkpointer.directory,
+                      'init_params' if init_params is not None
+                      else f'training.init_from={init_from!r}')
+    return state, start_step
+  params = builders.load_init_params(s, init_params)
+  if params is None:
+    return builders.fresh_state(s), 0
+  logging.info('Starting from %s (their EMA params; fresh optimizer state).',
+               'init_params' if init_params is not None else init_from)
+  return builders.state_from_params(s, params), 0
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       init_params: Any = None) -> TrainState:
+  """Trains (resuming from ``workdir/checkpoints`` if there is one) and writes samples.
+
+  On a CPU, call ``cpu_runtime.configure()`` before the first JAX computation of the process, as
+  ``main`` does (see that module).
+
+  Args:
+    config: a config of the fields of ``diffusion_jax/configs/default.py``.
+    workdir: where checkpoints, metrics and samples go (local or ``gs://``).
+    init_params: params to start from when the workdir has no checkpoint (params and EMA params
+      both start there; the optimizer state is fresh); overrides ``training.init_from``. A tree
+      that does not match the model raises ValueError naming the first differing path.
+
+  Returns:
+    The final TrainState.
+  """
+  config_lib.validate_config(config)
+  is_chief = jax.process_index() == 0
+  data = builders.create_data(config)
+  _check_data(config, data)
+  element_shape = data.element_shape
+  s = builders.setup(config, workdir, element_shape)
+  task = builders.build_task(s)
+  state, start_step = _initial_state(s, data, init_params)
+  frozen = task.frozen
+  if frozen is not None:
+    frozen = sharding.put_params(frozen, s.mesh, min_size=config.mesh.fsdp_min_size)
+
+  writer = writers.MetricWriter(workdir, enabled=is_chief)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  if is_chief:
+    logging.info('Parameters: %s (%.2fM). Devices: %d, mesh %s.', f'{num_params:,}',
+                 num_params / 1e6, jax.device_count(), dict(s.mesh.shape))
+    logging.info('Config:\n%s', config)
+    if start_step == 0:
+      writer.write_text('config', str(config))
+      writer.write(0, {'num_params': num_params})
+    print(f'diffusion_jax: {num_params:,} parameters, {jax.device_count()} device(s), '
+          f'start at step {start_step} of {config.training.num_train_steps}.', flush=True)
+
+  k = config.training.steps_per_call
+  fn = step_lib.train_steps if k > 1 else step_lib.train_step
+  step_fn = jax.jit(functools.partial(fn, loss_fn=task.loss_fn,
+                                      ema_decay=config.training.ema_decay,
+                                      lr_schedule=s.lr_schedule),
+                    donate_argnums=(0,), out_shardings=(s.state_shardings,
+                                                        sharding.replicated(s.mesh)))
+  base_key = jax.random.PRNGKey(config.seed + 1)  # not the init key
+  sampler = None
+  num_grid = config.training.num_sample_images
+
+  def write_grid(st, step):
+    nonlocal sampler
+    if not num_grid or len(element_shape) != 3:
+      return
+    n = inference.devices_multiple(num_grid, s.mesh)
+    sampler = sampler or inference.make_sampler(config, s, n)
+    images = inference.to_host(sampler(st.ema_params, jax.random.PRNGKey(step)))
+    inference.write_png(workdir, f'step_{step:07d}.png', images[:num_grid])
+
+  def check_state(flags, step):
+    """Stops before the state is saved or sampled if an update overflowed it (see train_step)."""
+    if any(np.any(f) for f in flags):
+      bar.close()
+      s.checkpointer.wait_until_finished()
+      raise FloatingPointError(
+          f'An update before step {step} made the parameters Inf/NaN '
+          'although its loss and gradients were finite: the learning rate is far too high '
+          f'(optim.learning_rate={config.optim.learning_rate}). Training stopped without saving; '
+          f'the last good checkpoint is step {s.checkpointer.latest_step()} in '
+          f'{s.checkpointer.directory}. Lower optim.learning_rate and rerun.')
+
+  def check_pending(step):
+    check_state(jax.device_get([m['nonfinite_state'] for m in pending]), step)
+
+  def save(st, step):
+    check_pending(step)
+    extra = {'frozen': frozen} if task.save_frozen else {}
+    s.checkpointer.save(step, st, data_state=data.iterator.get_state(), **extra)
+
+  pending: list[dict[str, jax.Array]] = []
+  nonfinite_run = 0
+  t_last, step_last = time.time(), start_step
+  total = config.training.num_train_steps
+  bar = tqdm.tqdm(total=total, initial=start_step, disable=not is_chief, unit='step',
+                  dynamic_ncols=True, mininterval=1.0)
+  step = start_step
+  with Preemption() as preemption:
+    while step < total:
+      batches = [next(data.iterator) for _ in range(k)]
+      batch = _global_batches(batches, s.mesh, stacked=k > 1)
+      state, metrics = step_fn(state, batch, base_key, frozen)
+      step += k
+      pending.append(metrics)
+      bar.update(k)
+      if step % config.training.log_every == 0 or step == total:
+        fetched = jax.device_get(pending)
+        pending = []
+        rows = [{m: np.reshape(v, (-1,)) for m, v in f.items()} for f in fetched]
+        check_state([r['nonfinite_state'] for r in rows], step)
+        skipped = np.concatenate([r['skipped'] for r in rows])
+        for flag in skipped:
+          nonfinite_run = nonfinite_run + 1 if flag else 0
+        now = time.time()
+        steps_per_s = (step - step_last) / max(now - t_last, 1e-9)
+        t_last, step_last = now, step
+        summary = {m: float(np.mean(np.concatenate([r[m] for r in rows])))
+                   for m in rows[0] if m not in ('skipped', 'nonfinite_state')}
+        summary.update(skipped_steps=int(skipped.sum()), steps_per_sec=steps_per_s,
+                       images_per_sec=steps_per_s * config.training.batch_size,
+                       data_skipped_files=data.num_skipped())
+        writer.write(step, summary)
+        bar.set_postfix(loss=f'{summary["loss"]:.4f}', step_s=f'{steps_per_s:.2f}',
+                        img_s=f'{summary["images_per_sec"]:.0f}')
+        if nonfinite_run >= config.training.max_nonfinite_steps:
+          bar.close()
+          s.checkpointer.wait_until_finished()
+          raise FloatingPointError(
+              f'{nonfinite_run} consecutive training steps had a non-finite loss or gradient '
+              f'(up to step {step}); their updates were skipped and training stopped. The last '
+              f'good checkpoint is step {s.checkpointer.latest_step()} in '
+              f'{s.checkpointer.directory}. Lower optim.learning_rate, check the data for '
+              'NaN/Inf, or set model.dtype="float32".')
+      if step % config.training.checkpoint_every == 0 or step == total:
+        save(state, step)
+      if config.training.sample_every and step % config.training.sample_every == 0:
+        check_pending(step)
+        write_grid(state, step)
+      if preemption.reached(step):
+        if step % config.training.checkpoint_every and step != total:
+          save(state, step)
+        s.checkpointer.wait_until_finished()
+        logging.warning('Preemption signal: saved step %d and stopped; rerun the same command '
+                        'to continue.', step)
+        bar.close()
+        writer.close()
+        s.checkpointer.close()
+        return state
+  bar.close()
+  write_grid(state, step)
+  s.checkpointer.wait_until_finished()
+  s.checkpointer.close()
+  writer.close()
+  return state
