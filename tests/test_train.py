@@ -1,18 +1,25 @@
-"""The trainer end to end on tiny configs: every data source, resume, sampling, bad input."""
+"""The trainer end to end on tiny configs: every data source, resume, sampling, bad input, frozen
+trees, starting from other params (init_from, init_params), parameter-only restores."""
 
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
+from unittest import mock
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
 from configs import tiny
-from diffusion_jax import models, objectives, processes, training
+from diffusion_jax import checkpointing, models, objectives, processes, sharding, training
+from diffusion_jax.training import builders, loop
 from diffusion_jax.training import config as config_lib
 from diffusion_jax.training import step as step_lib
 from diffusion_jax.training.state import TrainState
@@ -248,3 +255,205 @@ def test_checkpoint_of_another_model(tmp_path):
   training.train_and_evaluate(_tiny(**{'training.num_train_steps': 2}), workdir)
   with pytest.raises(ValueError, match='fresh --workdir'):
     training.train_and_evaluate(_tiny(**{'model.unet.ch': 32}), workdir)
+
+
+# --- a smoke run of configs/tiny.py: the step is traced once ---------------------------------------
+
+
+def test_tiny_config_end_to_end_traces_the_step_once(tmp_path, monkeypatch):
+  traces = []
+  checked = chex.assert_max_traces(step_lib.train_step, n=1)
+
+  def train_step(*args, **kwargs):  # runs once per trace of the jitted step
+    traces.append(1)
+    return checked(*args, **kwargs)
+
+  monkeypatch.setattr(step_lib, 'train_step', train_step)
+  workdir = tmp_path / 'run'
+  state = training.train_and_evaluate(
+      _tiny(**{'training.num_train_steps': 2, 'training.log_every': 1,
+               'training.checkpoint_every': 1}), str(workdir))
+  assert int(state.step) == 2 and len(traces) == 1
+  assert [r['step'] for r in _metrics(workdir) if 'loss' in r] == [1, 2]
+  assert _steps_on_disk(workdir) == [1, 2]
+
+
+# --- frozen trees in the loop ------------------------------------------------------------------------
+
+
+def _vectors(tmp_path, **overrides):
+  """tiny.py with its MLP on 64 labelled 3-vectors (compiles in seconds)."""
+  path = tmp_path / 'vectors.npz'
+  if not path.exists():
+    x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+    np.savez(path, x=x, label=np.arange(64) % 3)
+  return _tiny(**{'data.source': 'array', 'data.path': str(path), 'model.name': 'mlp',
+                  'training.num_train_steps': 2, **overrides})
+
+
+def _steps_on_disk(workdir):
+  root = pathlib.Path(workdir) / 'checkpoints'
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+
+
+def _saved(workdir, step):
+  """A checkpoint's state item as nested dicts of arrays, read with orbax alone."""
+  return ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / 'checkpoints' / str(step) /
+                                            'state')
+
+
+def _bitwise_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(
+      np.asarray(x).shape == np.asarray(y).shape and np.asarray(x).dtype == np.asarray(y).dtype
+      and np.array_equal(np.asarray(x).reshape(-1).view(np.uint8),
+                         np.asarray(y).reshape(-1).view(np.uint8)) for x, y in zip(la, lb))
+
+
+def test_a_frozen_tree_is_read_by_the_loss_and_saved_only_when_asked(tmp_path, monkeypatch):
+  """A task whose labels go through a frozen table: identity table == no frozen tree (bitwise);
+  a permutation changes what trains; the table is checkpointed only with save_frozen."""
+  config = _vectors(tmp_path, **{'data.use_labels': True, 'model.num_classes': 3,
+                                 'training.label_dropout': 0.0})
+
+  def task_with(table, save):
+    def build_task(s):
+      loss_fn = objectives.denoising(
+          network_fn=s.network_fn, process=s.process,
+          cond_fn=lambda frozen, batch: {'label': frozen['table'][batch['label']]})
+      return builders.Task(loss_fn=loss_fn, frozen={'table': np.asarray(table, np.int32)},
+                           save_frozen=save)
+    return build_task
+
+  plain = training.train_and_evaluate(config, str(tmp_path / 'plain'))
+  with monkeypatch.context() as m:
+    m.setattr(builders, 'build_task', task_with([0, 1, 2], save=False))
+    identity = training.train_and_evaluate(config, str(tmp_path / 'identity'))
+    m.setattr(builders, 'build_task', task_with([2, 0, 1], save=True))
+    permuted = training.train_and_evaluate(config, str(tmp_path / 'permuted'))
+  assert _bitwise_equal(identity.params, plain.params)
+  assert not _bitwise_equal(permuted.params, plain.params)
+  assert not (tmp_path / 'identity' / 'checkpoints' / '2' / 'frozen').exists()
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'permuted' / 'checkpoints'))
+  mesh = sharding.make_mesh()
+  abstract = sharding.with_shardings({'table': jax.ShapeDtypeStruct((3,), jnp.int32)},
+                                     {'table': sharding.replicated(mesh)})
+  frozen, step = ckpt.restore_frozen(abstract)
+  ckpt.close()
+  assert step == 2 and np.asarray(frozen['table']).tolist() == [2, 0, 1]
+
+
+# --- starting points and parameter-only restores -----------------------------------------------------
+
+
+@pytest.fixture
+def source_run(tmp_path):
+  """A finished 2-step run of the MLP, checkpoints 2 (and the ema_params it holds)."""
+  workdir = tmp_path / 'source'
+  training.train_and_evaluate(_vectors(tmp_path), str(workdir))
+  return workdir
+
+
+def test_init_from_starts_from_the_ema_params_with_a_fresh_optimizer(tmp_path, source_run):
+  source_ema = _saved(source_run, 2)['ema_params']
+  config = _vectors(tmp_path, **{'training.init_from': str(source_run / 'checkpoints'),
+                                 'training.num_train_steps': 1, 'training.log_every': 1,
+                                 'training.checkpoint_every': 1, 'seed': 5})
+  workdir = tmp_path / 'run'
+  state = training.train_and_evaluate(config, str(workdir))
+  # The reference: one step of the same objective from TrainState.create(source EMA), on the
+  # run's first batch with the run's key.
+  s = builders.setup(config, str(tmp_path / 'reference'), (3,))
+  s.checkpointer.close()
+  start = TrainState.create(params=jax.tree.map(jnp.asarray, source_ema), tx=s.tx)
+  batch = next(builders.create_data(config).iterator)
+  loss_fn = config_lib.build_objective(config, s.process, s.network_fn)
+  want, _ = jax.jit(lambda st, b: step_lib.train_step(
+      st, b, jax.random.PRNGKey(config.seed + 1), loss_fn=loss_fn,
+      ema_decay=config.training.ema_decay, lr_schedule=s.lr_schedule))(start, batch)
+  assert int(state.step) == 1
+  for field in ('params', 'ema_params', 'opt_state'):
+    assert _bitwise_equal(getattr(state, field), getattr(want, field)), field
+  counts = [int(x) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) == 0]
+  assert counts and set(counts) == {1}  # fresh: one update, not the source's two
+
+
+def test_resume_wins_over_init_from(tmp_path, source_run, capsys):
+  config = _vectors(tmp_path, **{'training.num_train_steps': 1, 'training.checkpoint_every': 1,
+                                 'training.log_every': 1})
+  workdir = tmp_path / 'run'
+  training.train_and_evaluate(config, str(workdir))
+  config = _vectors(tmp_path, **{'training.init_from': str(source_run / 'checkpoints'),
+                                 'training.checkpoint_every': 1, 'training.log_every': 1})
+  with mock.patch.object(loop.logging, 'warning', wraps=loop.logging.warning) as warning:
+    state = training.train_and_evaluate(config, str(workdir))
+  assert 'start at step 1 of 2' in capsys.readouterr().out
+  assert int(state.step) == 2
+  warned = ' '.join(' '.join(map(str, c.args)) for c in warning.call_args_list)
+  assert 'training.init_from' in warned and 'ignored' in warned
+
+
+def _first_mismatch(abstract, saved):
+  """The first path (sorted) whose shape differs: the reference for the error messages."""
+  def flat(tree):
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {'/'.join(str(k.key) for k in path): np.shape(leaf) for path, leaf in leaves}
+  a, b = flat(abstract), flat(saved)
+  return next(k for k in sorted(a) if a[k] != b.get(k))
+
+
+def test_init_from_of_another_model_fails_before_training(tmp_path, source_run):
+  config = _vectors(tmp_path, **{'training.init_from': str(source_run / 'checkpoints'),
+                                 'model.mlp.hidden_dim': 48})
+  workdir = tmp_path / 'run'
+  s = builders.setup(config, str(tmp_path / 'shapes'), (3,))
+  s.checkpointer.close()
+  first = _first_mismatch(s.abstract_params, _saved(source_run, 2)['ema_params'])
+  with pytest.raises(ValueError, match=f'ema_params/{first}'):
+    training.train_and_evaluate(config, str(workdir))
+  assert _steps_on_disk(workdir) == [] and not (workdir / 'metrics.jsonl').exists()
+  # The same tree passed in memory: named as init_params/<path>.
+  tree = jax.tree.map(np.asarray, _saved(source_run, 2)['ema_params'])
+  with pytest.raises(ValueError, match=f'init_params/{first}'):
+    training.train_and_evaluate(_vectors(tmp_path, **{'model.mlp.hidden_dim': 48}),
+                                str(workdir), init_params=tree)
+  assert _steps_on_disk(workdir) == [] and not (workdir / 'metrics.jsonl').exists()
+
+
+def test_init_params_in_memory_start_like_init_from(tmp_path, source_run):
+  overrides = {'training.num_train_steps': 1, 'training.checkpoint_every': 1,
+               'training.log_every': 1}
+  tree = jax.tree.map(np.asarray, _saved(source_run, 2)['ema_params'])
+  a = training.train_and_evaluate(_vectors(tmp_path, **overrides), str(tmp_path / 'a'),
+                                  init_params=tree)
+  b = training.train_and_evaluate(
+      _vectors(tmp_path, **overrides, **{'training.init_from': str(source_run / 'checkpoints')}),
+      str(tmp_path / 'b'))
+  assert _bitwise_equal((a.params, a.ema_params, a.opt_state),
+                        (b.params, b.ema_params, b.opt_state))
+
+
+def _delete_arrays(step_dir: pathlib.Path, prefix: str) -> None:
+  """Deletes every array of a checkpoint's state item under `prefix` (headers and chunks)."""
+  import tensorstore as ts  # pylint: disable=import-outside-toplevel
+  kv = ts.KvStore.open({'driver': 'ocdbt', 'base': f'file://{step_dir / "state"}/'}).result()
+  kv.delete_range(ts.KvStore.KeyRange(f'{prefix}.'.encode(), f'{prefix}/'.encode())).result()
+  assert not [k for k in kv.list().result() if k.startswith(f'{prefix}.'.encode())]
+
+
+def test_sample_and_eval_read_only_the_ema_params(tmp_path, source_run):
+  config = _vectors(tmp_path, **{'eval.dequantize': 'none', 'eval.num_examples': 4,
+                                 'eval.rtol': 1e-3, 'eval.atol': 1e-3})
+  intact = np.load(training.sample(config, str(source_run)))['x']
+  workdir = tmp_path / 'damaged'
+  shutil.copytree(source_run, workdir)
+  for prefix in ('opt_state', 'params'):  # all that is left of the state is its EMA params
+    _delete_arrays(workdir / 'checkpoints' / '2', prefix)
+  s = builders.setup(config, str(workdir), (3,))
+  with pytest.raises(checkpointing.CheckpointCorruptedError):  # the deletion bites a full restore
+    s.checkpointer.restore(s.abstract_state, step=2)
+  s.checkpointer.close()
+  samples = np.load(training.sample(config, str(workdir)))['x']
+  assert _bitwise_equal(samples, intact)
+  metrics = training.evaluate(config, str(workdir))
+  assert metrics['eval_num_examples'] == 4 and np.isfinite(metrics['eval_bpd'])
