@@ -22,13 +22,13 @@ B = 64
 
 
 def mixture_model(mix, process, prediction='eps'):
-  """The exact ``model_fn(x, t, y=None)`` of a 2-D mixture, closed form."""
+  """The exact ``model_fn(x, t, cond=None)`` of a 2-D mixture, closed form."""
   logw = jnp.log(jnp.asarray(mix.weights, jnp.float32))
   mu = jnp.asarray(mix.means, jnp.float32)
   c = jnp.asarray(mix.covs, jnp.float32)
 
-  def fn(x, t, y=None):
-    del y
+  def fn(x, t, cond=None):
+    del cond
     alpha, sigma = process.alpha(t), process.sigma(t)
     a2, s2 = (alpha**2)[:, None], (sigma**2)[:, None]
     p, q, r = a2 * c[:, 0, 0] + s2, a2 * c[:, 0, 1], a2 * c[:, 1, 1] + s2
@@ -318,7 +318,7 @@ def test_ddim_is_euler_on_the_same_grid():
 
 def test_float32_integration_whatever_the_model_dtype():
   process, _, model, x_T, _ = setup()
-  bf16 = lambda x, t, y=None: model(x, t).astype(jnp.bfloat16)
+  bf16 = lambda x, t, cond: model(x, t).astype(jnp.bfloat16)
   x0 = sampling.sample(bf16, process, method='dpmpp_2m', num_steps=10, x_T=x_T)
   assert x0.dtype == jnp.float32
   np.testing.assert_allclose(x0, sampling.sample(model, process, method='dpmpp_2m', num_steps=10,
@@ -393,9 +393,9 @@ def _counting(model):
   """``model`` that counts its evaluations at run time (a traced call count would be 1)."""
   calls = [0]
 
-  def fn(x, t, y=None):
+  def fn(x, t, cond):
     jax.debug.callback(lambda: calls.__setitem__(0, calls[0] + 1))
-    return model(x, t, y)
+    return model(x, t, cond)
 
   return fn, calls
 
@@ -454,14 +454,17 @@ def test_ipndm_analytic_first_step_bad_input():
                                             ('unipc', {}), ('plms', {}),
                                             ('plms', {'warm_start': 'ab'}),
                                             ('plms', {'warm_start': 'ab',
-                                                      'analytic_first_step': True})])
+                                                      'analytic_first_step': True}),
+                                            ('plms', {'step_hook': lambda x, *_: x}),
+                                            ('unipc', {'step_hook': lambda x, *_: x}),
+                                            ('heun', {'step_hook': lambda x, *_: x})])
 def test_one_compilation_whatever_num_steps(method, options):
   process, _, model, x_T, _ = setup()
   traces = []
 
-  def counting_model(x, t, y=None):
+  def counting_model(x, t, cond):
     traces.append(x.shape)
-    return model(x, t, y)
+    return model(x, t, cond)
 
   sizes, counts = [], []
   for n in (20, 40):  # both above dpm_solver.LOWER_ORDER_FINAL_BELOW: the same program
@@ -516,16 +519,6 @@ def test_errors():
     s(method='ddim', num_steps=5, x_T=x_T, spacing='middle')
   with pytest.raises(ValueError, match='prediction'):
     s(method='ddim', num_steps=5, x_T=x_T, prediction='noise')
-  with pytest.raises(ValueError, match='no labels'):
-    s(method='ddim', num_steps=5, x_T=x_T, guidance_scale=3.0)
-  with pytest.raises(ValueError, match='null_label'):
-    s(method='ddim', num_steps=5, x_T=x_T, guidance_scale=3.0, labels=jnp.zeros(64, jnp.int32))
-  with pytest.raises(ValueError, match='takes no labels'):
-    sampling.sample(lambda x, t: x, process, method='ddim', num_steps=5, x_T=x_T,
-                    guidance_scale=3.0, labels=jnp.zeros(64, jnp.int32), null_label=3)
-  with pytest.raises(ValueError, match=r'labels must be integers of shape \[B\]'):
-    s(method='ddim', num_steps=5, x_T=x_T, guidance_scale=3.0, labels=jnp.zeros(3, jnp.int32),
-      null_label=3)
   with pytest.raises(TypeError):
     s(method='ddim', num_steps=5, x_T=x_T, order=2)
   with pytest.raises(ValueError, match="plms: order=5 .* use 1, 2, 3 or 4"):
@@ -546,28 +539,31 @@ def test_classifier_free_guidance():
   def record(n):
     batches.append(int(n))
 
-  def cond_model(x, t, y):
+  def cond_model(x, t, cond):
     jax.debug.callback(record, x.shape[0], ordered=True)
+    y = cond['label']
     shift = jnp.where(y == null, 0.0, 0.1 * (y.astype(jnp.float32) + 1.0))
     return model(x, t) + shift[:, None]
 
   n, w = 7, 2.5
+  cond, null_cond = {'label': labels}, {'label': jnp.full((1,), null, jnp.int32)}
   guided = sampling.sample(cond_model, process, method='dpmpp_2m', num_steps=n, x_T=x_T,
-                           guidance_scale=w, labels=labels, null_label=null)
+                           guidance_scale=w, cond=cond, null_cond=null_cond)
   jax.effects_barrier()
   assert batches == [2 * B] * n  # one call per step on the doubled batch
   # The same sampler on the hand-combined prediction: uncond + w (cond - uncond).
   shift = 0.1 * (labels.astype(jnp.float32) + 1.0)
-  want = sampling.sample(lambda x, t: model(x, t) + w * shift[:, None], process,
+  want = sampling.sample(lambda x, t, c: model(x, t) + w * shift[:, None], process,
                          method='dpmpp_2m', num_steps=n, x_T=x_T)
   np.testing.assert_allclose(guided, want, atol=1e-4)
   batches.clear()
   one = sampling.sample(cond_model, process, method='dpmpp_2m', num_steps=n, x_T=x_T,
-                        guidance_scale=1.0, labels=labels, null_label=null)
-  cond = sampling.sample(cond_model, process, method='dpmpp_2m', num_steps=n, x_T=x_T,
-                         labels=labels)
-  np.testing.assert_array_equal(one, cond)
-  want = sampling.sample(lambda x, t: model(x, t) + shift[:, None], process, method='dpmpp_2m',
+                        guidance_scale=1.0, cond=cond, null_cond=null_cond)
+  jax.effects_barrier()
+  assert batches == [B] * n  # w = 1: the plain conditional call
+  plain = sampling.sample(cond_model, process, method='dpmpp_2m', num_steps=n, x_T=x_T, cond=cond)
+  np.testing.assert_array_equal(one, plain)
+  want = sampling.sample(lambda x, t, c: model(x, t) + shift[:, None], process, method='dpmpp_2m',
                          num_steps=n, x_T=x_T)
   np.testing.assert_allclose(one, want, atol=1e-5)
 
@@ -582,3 +578,399 @@ def test_guidance_rescale():
   np.testing.assert_allclose(guidance.rescale_guidance(guided, cond, 0.0), guided)
   half = guidance.rescale_guidance(guided, cond, 0.5)
   np.testing.assert_allclose(half, 0.5 * (full + guided), rtol=1e-5, atol=1e-6)
+
+
+# --- conditioning is a pytree --------------------------------------------------------------------
+
+
+def affine_cond_model(process, calls=None):
+  """The exact eps of Gaussian data ``N(m(cond), S)``, ``m = M_a cond['a'] + M_b cond['b']``.
+
+  ``E[eps | x_t] = sigma (alpha^2 S + sigma^2)^-1 (x - alpha m)``: affine in cond at every (x, t),
+  so guidance with scale w is exactly the model at ``cond_u + w (cond_c - cond_u)``. ``calls``
+  records (batch of x, batch of each cond leaf) per evaluation at run time.
+  """
+  m_a = 0.5 * jnp.array([[1.0, 0.5], [-0.5, 0.75]])
+  m_b = 0.5 * jnp.array([[-0.25, 0.0], [0.5, 1.0]])
+  s = jnp.array([0.5, 0.5])
+
+  def fn(x, t, cond):
+    if calls is not None:
+      shapes = (x.shape[0], cond['a'].shape[0], cond['b'].shape[0])
+      jax.debug.callback(functools.partial(calls.append, shapes), ordered=True)
+    alpha, sigma = process.alpha(t)[:, None], process.sigma(t)[:, None]
+    m = cond['a'] @ m_a.T + cond['b'] @ m_b.T
+    return sigma * (x - alpha * m) / (alpha**2 * s + sigma**2)
+
+  return fn
+
+
+def _conds(batch_null=1):
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(11), 3)
+  cond = {'a': 0.5 * jax.random.normal(k1, (B, 2)), 'b': 0.5 * jax.random.normal(k2, (B, 2))}
+  null = {'a': jnp.broadcast_to(jnp.array([[0.3, -0.2]]), (batch_null, 2)),
+          'b': 0.2 * jax.random.normal(k3, (batch_null, 2))}
+  return cond, null
+
+
+# (method, t_start, batch of null_cond). From t_max, DDIM's and Heun's first steps divide eps by
+# alpha(T) = 0.006 (x0 = (x - sigma eps) / alpha), which turns the 1-ulp difference between the two
+# ways of combining the predictions into ~1e-6 of the samples (measured 1.2e-6, 4.5e-6 at 8 steps);
+# from t = 500 every method agrees to 2-3e-7, DPM-Solver++ and UniPC also from t_max (2.8e-7,
+# 4.5e-7).
+AFFINE_CASES = [('ddim', 500.0, 1), ('heun', 500.0, B), ('dpmpp_2m', None, B), ('unipc', None, 1)]
+
+
+@pytest.mark.parametrize('method,t_start,batch_null', AFFINE_CASES)
+def test_guidance_of_an_affine_model_is_the_model_at_the_guided_cond(method, t_start, batch_null):
+  """w-guidance of a model affine in cond equals the plain conditional model at
+  ``cond_u + w (cond_c - cond_u)`` (leaf by leaf) to float32 rounding: within 1e-6 of the samples'
+  scale. It costs one model call per evaluation, on the doubled batch 2B."""
+  process = PROCESSES['linear']
+  x_T = jax.random.normal(jax.random.PRNGKey(0), (B, 2))
+  cond, null = _conds(batch_null)
+  w, n = 2.0, 8
+  calls = []
+  guided, info = jax.jit(lambda x, c, u: sampling.sample(
+      affine_cond_model(process, calls), process, method=method, num_steps=n, x_T=x, cond=c,
+      null_cond=u, guidance_scale=w, t_start=t_start, return_info=True))(x_T, cond, null)
+  jax.effects_barrier()
+  assert calls == [(2 * B, 2 * B, 2 * B)] * int(info['nfe']), calls
+  mixed = jax.tree.map(lambda c, u: u + w * (c - u), cond, null)
+  want = sampling.sample(affine_cond_model(process), process, method=method, num_steps=n,
+                         x_T=x_T, cond=mixed, t_start=t_start)
+  scale = float(np.abs(want).max())
+  assert scale > 1.0  # samples of O(1), not a degenerate comparison
+  np.testing.assert_allclose(guided, want, rtol=1e-6, atol=1e-6 * scale)
+  # Guidance acts: the conditional samples differ.
+  plain = sampling.sample(affine_cond_model(process), process, method=method, num_steps=n,
+                          x_T=x_T, cond=cond, t_start=t_start)
+  assert float(np.abs(plain - want).max()) > 0.1
+  # w = 1 is the conditional model: one plain call per evaluation, the same program as without
+  # null_cond.
+  runs = []
+  for kw in ({'null_cond': null, 'guidance_scale': 1.0}, {}):
+    calls.clear()
+    runs.append(jax.jit(lambda x, kw=kw: sampling.sample(
+        affine_cond_model(process, calls), process, method=method, num_steps=n, x_T=x,
+        cond=cond, t_start=t_start, **kw))(x_T))
+    jax.effects_barrier()
+    assert calls == [(B, B, B)] * int(info['nfe'])
+  np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_cond_errors_name_the_shapes():
+  process = PROCESSES['linear']
+  x_T = jax.random.normal(jax.random.PRNGKey(0), (B, 2))
+  cond, null = _conds()
+  s = functools.partial(sampling.sample, affine_cond_model(process), process, method='ddim',
+                        num_steps=3, x_T=x_T)
+  with pytest.raises(ValueError, match=r"cond\['b'\] has shape \(3, 2\).* B = 64"):
+    s(cond={'a': cond['a'], 'b': cond['b'][:3]})
+  with pytest.raises(ValueError, match=r"cond\['a'\] has shape \(\).* B = 64"):
+    s(cond={'a': jnp.float32(1.0), 'b': cond['b']})
+  with pytest.raises(ValueError, match='guidance_scale=2.0.*needs null_cond'):
+    s(cond=cond, guidance_scale=2.0)
+  with pytest.raises(ValueError, match='guidance_rescale=0.5.*needs null_cond'):
+    s(cond=cond, guidance_rescale=0.5)
+  with pytest.raises(ValueError, match='tree structure of cond'):
+    s(cond=cond, null_cond={'a': null['a']}, guidance_scale=2.0)
+  with pytest.raises(ValueError, match=r"null_cond\['a'\] has shape \(5, 2\).* B = 64 \(or 1\)"):
+    s(cond=cond, null_cond={'a': jnp.zeros((5, 2)), 'b': null['b']}, guidance_scale=2.0)
+  with pytest.raises(ValueError, match=r"null_cond\['b'\] has shape \(1, 3\) but cond\['b'\] "
+                                       r'has shape \(64, 2\)'):
+    s(cond=cond, null_cond={'a': null['a'], 'b': jnp.zeros((1, 3))}, guidance_scale=2.0)
+  with pytest.raises(ValueError, match='guidance_rescale must lie in'):
+    s(cond=cond, null_cond=null, guidance_scale=2.0, guidance_rescale=1.5)
+  with pytest.raises(ValueError, match=r"cond\['a'\] has shape \(3, 2\)"):
+    sampling.invert(affine_cond_model(process), process, x_T, num_steps=3,
+                    cond={'a': cond['a'][:3], 'b': cond['b']})
+
+
+# --- explicit times -------------------------------------------------------------------------------
+
+
+GRID_CASES = [('ddpm', {}, 'uniform', 'trailing'), ('ddim', {}, 'quadratic', None),
+              ('ddim', {}, 'karras', 'trailing'), ('heun', {}, 'logsnr', None),
+              ('plms', {}, 'quadratic', None), ('plms', {'warm_start': 'ab'}, 'quadratic',
+                                                'trailing'),
+              ('dpmpp_3m', {}, 'quadratic', None), ('dpmpp_2m_sde', {}, 'logsnr', None),
+              ('unipc', {}, 'quadratic', None), ('euler', {'S_churn': 5.0}, 'karras', None)]
+
+
+@pytest.mark.parametrize('method,options,grid,spacing', GRID_CASES,
+                         ids=[f'{c[0]}-{c[2]}-{len(c[1])}' for c in GRID_CASES])
+def test_times_are_the_named_grid_bitwise(method, options, grid, spacing):
+  process, _, model, x_T, _ = setup()
+  n, key = 8, jax.random.PRNGKey(2)
+  named = sampling.sample(model, process, method=method, num_steps=n, x_T=x_T, key=key,
+                          grid=grid, spacing=spacing, **options)
+  times = np.asarray(grids.make_grid(process, n, grid, spacing=spacing))
+  given = sampling.sample(model, process, method=method, num_steps=n, x_T=x_T, key=key,
+                          times=times, **options)
+  np.testing.assert_array_equal(given, named)
+  other = sampling.sample(model, process, method=method, num_steps=n, x_T=x_T, key=key,
+                          times=1 + (times - 1) * np.float32(0.9), **options)
+  assert not np.array_equal(other, named)  # the times are used
+
+
+def test_pc_times_are_its_grid_bitwise():
+  process, _, model, x_T, _ = setup()
+  n, key = 6, jax.random.PRNGKey(2)
+  times = np.asarray(jnp.linspace(process.t_max, process.t_min, n + 1, dtype=jnp.float32))
+  np.testing.assert_array_equal(
+      sampling.sample(model, process, method='pc', num_steps=n, x_T=x_T, key=key, times=times),
+      sampling.sample(model, process, method='pc', num_steps=n, x_T=x_T, key=key))
+  with pytest.raises(ValueError, match=r'pc: times has 6 entries .* pass num_steps=5'):
+    sampling.sample(model, process, method='pc', num_steps=n, x_T=x_T, key=key, times=times[:6])
+
+
+def test_times_errors():
+  process, _, model, x_T, _ = setup()
+  s = functools.partial(sampling.sample, model, process, x_T=x_T)
+  good = np.array([900.0, 500.0, 100.0, 1.0], np.float32)
+  with pytest.raises(ValueError, match='strictly decreasing'):
+    s(method='ddim', num_steps=4, times=good[::-1])
+  with pytest.raises(ValueError, match='strictly decreasing'):
+    s(method='ddim', num_steps=4, times=np.array([900.0, 500.0, 500.0, 1.0]))
+  with pytest.raises(ValueError, match=r'ddim: times has 4 entries but num_steps=6.*'
+                                       r'pass num_steps=4'):
+    s(method='ddim', num_steps=6, times=good)
+  with pytest.raises(ValueError, match=r'\[t_min, t_max\] = \[1.0, 1000.0\]'):
+    s(method='heun', num_steps=4, times=np.array([1200.0, 500.0, 100.0, 1.0]))
+  with pytest.raises(ValueError, match=r'1-D.*shape \(2, 2\)'):
+    s(method='ddim', num_steps=4, times=good.reshape(2, 2))
+  with pytest.raises(ValueError, match='either grid/spacing or times'):
+    s(method='dpmpp_2m', num_steps=4, times=good, grid='karras')
+  with pytest.raises(ValueError, match='drop t_start'):
+    s(method='unipc', num_steps=4, times=good, t_start=900.0)
+  with pytest.raises(TypeError):
+    s(method='ode', num_steps=4, times=good)
+
+
+# --- starting at an intermediate time -------------------------------------------------------------
+
+
+@pytest.mark.parametrize('method', ['ddim', 'dpmpp_2m', 'heun', 'unipc', 'ode'])
+def test_t_start_follows_the_exact_map_from_t_start(method):
+  """x_T = alpha x_0 + sigma z at t_start (SDEdit): the sampler approximates the exact PF-ODE map
+  from (alpha, sigma) at t_start, and the run from t_max on the same x_T does not."""
+  process, mix = PROCESSES['linear'], MIXTURES[1.0]
+  model = mixture_model(mix, process)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(4))
+  x0, _ = mix.sample(k1, B)
+  t_s = 400.0
+  a, s = float(process.alpha(t_s)), float(process.sigma(t_s))
+  x_t = a * x0 + s * jax.random.normal(k2, x0.shape)
+  ref = mix.pf_ode_map(np.asarray(x_t, np.float64), a, s)
+  errs = [rms(run(model, process, x_t, method, n, t_start=t_s)[0], ref) for n in (10, 80)]
+  assert errs[1] < 0.01, errs
+  if method != 'ode':
+    assert errs[1] < 0.5 * errs[0], errs
+  assert rms(run(model, process, x_t, method, 80)[0], ref) > 0.1  # the full range is another map
+
+
+@pytest.mark.parametrize('method', sorted(sampling.METHODS))
+def test_t_start_at_t_max_is_the_default_run(method):
+  process, _, model, x_T, _ = setup()
+  key = jax.random.PRNGKey(3)
+  default = sampling.sample(model, process, method=method, num_steps=7, x_T=x_T, key=key)
+  at_t_max = sampling.sample(model, process, method=method, num_steps=7, x_T=x_T, key=key,
+                             t_start=process.t_max)
+  np.testing.assert_array_equal(at_t_max, default)
+  lower = sampling.sample(model, process, method=method, num_steps=7, x_T=x_T, key=key,
+                          t_start=600.0)
+  assert not np.array_equal(lower, default)
+
+
+def test_t_start_grids_span_t_min_to_t_start():
+  process = PROCESSES['linear']
+  for name in sorted(grids.GRIDS):
+    t = np.asarray(grids.make_grid(process, 6, name, t_start=500.0))
+    assert t[0] == 500.0 and np.all(np.diff(t) < 0) and t.min() >= 1.0, (name, t)
+    if name != 'uniform':
+      assert t[-1] == 1.0
+  np.testing.assert_array_equal(grids.uniform(process, 5, t_start=500.0), [500, 400, 300, 200, 100])
+
+
+def test_t_start_errors():
+  process, _, model, x_T, _ = setup()
+  s = functools.partial(sampling.sample, model, process, method='ddim', num_steps=4)
+  with pytest.raises(ValueError, match='t_start=500.0 needs x_T'):
+    s(key=jax.random.PRNGKey(0), shape=(4, 2), t_start=500.0)
+  for bad in (1.0, 0.5, 1001.0):
+    with pytest.raises(ValueError, match=r'must lie in \(t_min, t_max\] = \(1.0, 1000.0\]'):
+      s(x_T=x_T, t_start=bad)
+  with pytest.raises(ValueError, match='t_start=500.5 is not an integer step'):
+    s(x_T=x_T, t_start=500.5, method='ddpm', key=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match='too short a span'):
+    s(x_T=x_T, t_start=3.0, num_steps=10, grid='uniform')
+  with pytest.raises(ValueError, match=r'alpha / sigma = .* not close enough to pure noise'):
+    s(x_T=x_T, t_start=300.0, method='plms', warm_start='ab', analytic_first_step=True)
+
+
+# --- inversion ------------------------------------------------------------------------------------
+
+
+def _slope(errs, ns):
+  return -np.log(errs[-1] / errs[-2]) / np.log(ns[-1] / ns[-2])
+
+
+def _median_error(x, ref):
+  return float(np.median(np.sqrt(np.sum((np.asarray(x, np.float64) - ref)**2, -1))))
+
+
+@pytest.mark.parametrize('method,trip_bound,inv_bound', [('ddim', 0.03, 0.04),
+                                                         ('euler', 0.03, 0.04),
+                                                         ('dpmpp_2m', 2e-4, 3e-3)])
+def test_invert_round_trip_on_the_mixture(method, trip_bound, inv_bound):
+  """sample(invert(x_0)) = x_0 up to discretization error, shrinking with num_steps; invert alone
+  approximates the exact inverse PF-ODE map (the oracle's, from the data to t_end).
+
+  Per-sample medians: one of the 64 points lies where trajectories split between modes, and its
+  error (0.7-0.9 for DDIM) stays pre-asymptotic up to 160 steps. Measured medians at 10 / 20 / 40
+  / 80 steps, round trip: DDIM 0.18 / 0.091 / 0.045 / 0.023, DPM-Solver++(2M) 0.034 / 0.0048 /
+  5.4e-4 / 6.4e-5; inversion against the exact map: DDIM 0.27 / 0.13 / 0.067 / 0.033,
+  DPM-Solver++(2M) 0.075 / 0.021 / 0.0056 / 0.0015.
+  """
+  process, mix = PROCESSES['linear'], MIXTURES[1.0]
+  model = mixture_model(mix, process)
+  x0, _ = mix.sample(jax.random.PRNGKey(5), B)
+  x0_np = np.asarray(x0, np.float64)
+  t_end = 800.0  # below t_max: also checks that t_end and t_start lay out the same grid
+  a, s = float(process.alpha(t_end)), float(process.sigma(t_end))
+  exact = mix.pf_ode_map(x0_np, 1.0, 0.0, alpha_end=a, sigma_end=s)
+  trip, inv = [], []
+  for n in (10, 20, 40, 80):
+    x_T, info = jax.jit(lambda x, n=n: sampling.invert(
+        model, process, x, method=method, num_steps=n, t_end=t_end, return_info=True))(x0)
+    assert info['nfe'] == n
+    back = run(model, process, x_T, method, n, t_start=t_end)[0]
+    trip.append(_median_error(back, x0_np))
+    inv.append(_median_error(x_T, exact))
+  assert all(e1 > 1.5 * e2 for e1, e2 in zip(trip[:3], trip[1:3])), trip
+  assert all(e1 > 1.5 * e2 for e1, e2 in zip(inv, inv[1:])), inv
+  assert trip[-1] < trip[-2] and trip[-1] < trip_bound and inv[-1] < inv_bound, (trip, inv)
+
+
+# (method, steps, order of the inversion's error, order of the round trip), measured on the
+# Gaussian below, RMS at 10 / 20 / 40 / 80 / 160 / 320 steps: DDIM inversion 0.21 / 0.10 / 0.051 /
+# 0.026 / 0.013 / 0.0064 (slope 1.00), round trip 0.24 / 0.13 / 0.064 / 0.032 / 0.016 / 0.0082
+# (0.99); DPM-Solver++(2M) inversion 0.045 / 0.013 / 0.0035 / 9.2e-4 / 2.4e-4 / 5.9e-5 (1.96 from
+# 80 to 160), round trip 0.042 / 0.0072 / 8.0e-4 / 9.5e-5 / 1.2e-5 / 2.3e-6 (3.01 from 80 to 160:
+# the two directions' second-order errors cancel to leading order).
+INVERT_ORDERS = [('ddim', (40, 80), 1, 1), ('dpmpp_2m', (80, 160), 2, 3)]
+
+
+@pytest.mark.parametrize('method,steps,order,trip_order', INVERT_ORDERS)
+def test_invert_order_on_a_gaussian(method, steps, order, trip_order):
+  """For Gaussian data N(mu, diag(c)) the PF-ODE map is linear and known:
+  ``(y - mu) / sqrt(c + rho^2)`` is constant along it (y = x / alpha, rho = sigma / alpha)."""
+  process = PROCESSES['linear']
+  mu, c = np.array([0.5, -0.3]), np.array([0.6, 0.2])
+  gauss = oracles.GaussianMixture(weights=np.ones(1), means=mu[None], covs=np.diag(c)[None])
+  model = mixture_model(gauss, process)
+  x0 = mu + np.sqrt(c) * np.asarray(jax.random.normal(jax.random.PRNGKey(6), (B, 2)), np.float64)
+  a, s = float(process.alpha(process.t_max)), float(process.sigma(process.t_max))
+  rho = s / a
+  exact = a * (mu + np.sqrt((c + rho**2) / c) * (x0 - mu))
+  inv, trip = [], []
+  for n in steps:
+    x_T = jax.jit(lambda x, n=n: sampling.invert(model, process, x, method=method,
+                                                 num_steps=n))(jnp.asarray(x0, jnp.float32))
+    inv.append(rms(x_T, exact))
+    trip.append(rms(run(model, process, x_T, method, n)[0], x0))
+  assert abs(_slope(inv, steps) - order) <= 0.3, (inv, _slope(inv, steps))
+  assert abs(_slope(trip, steps) - trip_order) <= 0.3, (trip, _slope(trip, steps))
+
+
+def test_invert_errors_and_options():
+  process, _, model, x_T, _ = setup()
+  for method in ('ddpm', 'dpmpp_2m_sde', 'pc', 'ode', 'ddim2'):
+    with pytest.raises(ValueError, match=r"method='.*' has no inverse.*\['ddim', 'dpmpp_2m', "
+                                         r"'euler'\]"):
+      sampling.invert(model, process, x_T, method=method, num_steps=5)
+  with pytest.raises(TypeError):
+    sampling.invert(model, process, x_T, method='ddim', num_steps=5, eta=1.0)
+  with pytest.raises(ValueError, match='floating'):
+    sampling.invert(model, process, jnp.ones((4, 2), jnp.int32), num_steps=5)
+  # euler inverts as ddim; the trajectory runs from x_0 to x_T.
+  x_T_d, info = sampling.invert(model, process, x_T, method='ddim', num_steps=5,
+                                return_info=True, return_trajectory=True)
+  np.testing.assert_array_equal(sampling.invert(model, process, x_T, method='euler', num_steps=5),
+                                x_T_d)
+  assert info['trajectory'].shape == (6,) + x_T.shape
+  np.testing.assert_array_equal(info['trajectory'][0], x_T)
+  np.testing.assert_array_equal(info['trajectory'][-1], x_T_d)
+
+
+# --- the step hook --------------------------------------------------------------------------------
+
+
+HOOK_CASES = [('ddpm', {}), ('ddim', {}), ('ddim', {'eta': 1.0}), ('plms', {}),
+              ('plms', {'warm_start': 'ab'}), ('euler', {}), ('euler', {'S_churn': 10.0}),
+              ('heun', {}), ('dpmpp_2m', {}), ('dpmpp_3m', {}), ('dpmpp_2m_sde', {}),
+              ('unipc', {}), ('pc', {})]
+
+
+def _expected_times(process, method, n):
+  """(t, alpha, sigma) the hook must see after steps 0..n-1 (pc: 0..n, its denoising step)."""
+  if method == 'pc':
+    t = np.append(np.linspace(process.t_max, process.t_min, n + 1, dtype=np.float32)[1:], 0.0)
+  else:
+    grid = 'uniform' if method == 'ddpm' else 'quadratic'
+    t = np.append(np.asarray(grids.make_grid(process, n, grid))[1:], 0.0)
+  alpha = np.append(np.asarray(process.alpha(jnp.asarray(t[:-1]))), 1.0)
+  sigma = np.append(np.asarray(process.sigma(jnp.asarray(t[:-1]))), 0.0)
+  return t, alpha, sigma
+
+
+@pytest.mark.parametrize('method,options', HOOK_CASES,
+                         ids=['-'.join([c[0], *map(str, c[1].values())]) for c in HOOK_CASES])
+def test_step_hook(method, options):
+  process, _, model, x_T, _ = setup()
+  n, key = 6, jax.random.PRNGKey(8)
+
+  def go(**kw):
+    return jax.jit(lambda x: sampling.sample(model, process, method=method, num_steps=n, x_T=x,
+                                             key=key, return_info=True,
+                                             return_trajectory=True, **options, **kw))(x_T)
+
+  plain, info = go()
+  # The identity hook changes nothing, bit for bit.
+  same, info_same = go(step_hook=lambda x, i, t, alpha, sigma: x)
+  np.testing.assert_array_equal(same, plain)
+  np.testing.assert_array_equal(info_same['trajectory'], info['trajectory'])
+  # The hook sees every step: its index, the time reached and the noise levels there.
+  seen = []
+
+  def record(x, i, t, alpha, sigma):
+    jax.debug.callback(lambda *v: seen.append(tuple(float(u) for u in v)), i, t, alpha, sigma,
+                       ordered=True)
+    return x
+
+  go(step_hook=record)
+  jax.effects_barrier()
+  t, alpha, sigma = _expected_times(process, method, n)
+  assert [int(v[0]) for v in seen] == list(range(len(t))), seen
+  np.testing.assert_allclose([v[1] for v in seen], t, rtol=1e-6)
+  np.testing.assert_allclose([v[2] for v in seen], alpha, rtol=1e-5)
+  np.testing.assert_allclose([v[3] for v in seen], sigma, rtol=1e-5, atol=1e-7)
+  assert seen[-1][1:] == (0.0, 1.0, 0.0)
+  # Inpainting-like: x[:, 0] pinned to the known value v at every noise level (alpha v + sigma
+  # 0) ends exactly at v, and the trajectory carries the pinned states.
+  v = 0.375
+  pinned, info_pin = go(step_hook=lambda x, i, t, alpha, sigma: x.at[:, 0].set(alpha * v))
+  assert np.all(np.asarray(pinned)[:, 0] == np.float32(v))
+  assert np.all(np.isfinite(pinned)) and not np.array_equal(pinned[:, 1], plain[:, 1])
+  np.testing.assert_array_equal(info_pin['trajectory'][-1], pinned)
+
+
+def test_step_hook_errors_and_ode():
+  process, _, model, x_T, _ = setup()
+  with pytest.raises(TypeError):
+    sampling.sample(model, process, method='ode', num_steps=4, x_T=x_T,
+                    step_hook=lambda x, *_: x)
+  with pytest.raises(ValueError, match=r'step_hook must return the state, shape \(64, 2\)'):
+    sampling.sample(model, process, method='ddim', num_steps=4, x_T=x_T,
+                    step_hook=lambda x, *_: x[:, :1])

@@ -1,8 +1,16 @@
-"""Samplers: one entry point, ``sample``, over the methods of ``METHODS``.
+"""Samplers: one entry point, ``sample``, over the methods of ``METHODS``, and ``invert``.
 
 ```
 x_0 = sampling.sample(model_fn, process, method='dpmpp_2m', num_steps=20, key=key, shape=(16, 2))
+x_0 = sampling.sample(model_fn, process, method='ddim', num_steps=50, key=key, shape=(16, 2),
+                      cond={'label': labels}, null_cond={'label': jnp.full((1,), 10)},
+                      guidance_scale=4.0)
 ```
+
+``model_fn(x, t, cond)`` is always called with three arguments; ``cond`` is any pytree whose leaves
+have the batch as leading axis, or None, passed through untouched. Classifier-free guidance
+(``guidance.py``) concatenates ``[cond, null_cond]`` leaf by leaf and calls the model once per
+evaluation on the doubled batch.
 
 Every fixed-step method is one ``lax.scan`` over its steps (one compiled step body whatever
 ``num_steps`` is), its time grid made by a function of ``grids.py`` (``grid=``, with a default per
@@ -30,21 +38,45 @@ warm_start='ab', spacing='trailing'`` on the quadratic grid: 0.134 (order 3) / 0
 ``analytic_first_step=True`` (one more step for the same NFE, see ``plms``) 0.114 (order 3) /
 0.038 / 0.0060 (order 4).
 
+Composable options of every fixed-step method (ddpm, ddim, plms, euler, heun, dpmpp_*, unipc,
+pc), all inside the one scan:
+
+- ``times=``: the grid itself instead of ``grid`` / ``spacing``: 1-D, strictly decreasing, within
+  ``[t_min, t_max]``, concrete. It holds one time per step, the times the model is evaluated at
+  before the final step to the data, so ``num_steps`` must equal ``len(times)`` (``pc``: its
+  ``num_steps + 1`` times bound its predictor steps); a mismatch raises ValueError saying what
+  ``num_steps`` to pass. A named grid's own times give that grid's samples, bit for bit.
+- ``t_start`` (a keyword of ``sample``): ``x_T`` is the state at the intermediate time
+  ``t_start`` (img2img / SDEdit, Meng et al. 2022: ``x_T = alpha x_0 + sigma z`` there, not prior
+  noise), and the named grid is laid out over ``[t_min, t_start]``. ``t_start = t_max`` is the
+  default run, bit for bit. ``ode`` integrates from ``t_start``; ``plms``'s
+  ``analytic_first_step`` refuses starts not close to pure noise.
+- ``step_hook(x, i, t, alpha, sigma) -> x``: called after every step with the state reached, the
+  step index, the time reached and its alpha, sigma; the sampler continues from what it returns.
+  After the final step to the data ``t = 0``, ``alpha = 1``, ``sigma = 0``. An identity hook
+  leaves the samples unchanged, bit for bit. ``ode`` (adaptive) takes neither ``times`` nor
+  ``step_hook`` (TypeError, as for any option a method does not take).
+
+``invert`` runs ``ddim`` / ``euler`` / ``dpmpp_2m`` backwards on the same grid (``inversion.py``):
+``sample(..., t_start=t_end, x_T=invert(..., x_0, t_end=t_end))`` returns x_0 up to the methods'
+discretization error, which shrinks with ``num_steps``.
+
 The method signature (what a new entry of ``METHODS`` must follow)::
 
     fn(model_fn, process, x_T, *, num_steps: int, key: jax.Array | None, prediction: str,
-       **options) -> tuple[x_0, dict]
+       t_start: float | None, **options) -> tuple[x_0, dict]
 
-- ``model_fn(x, t) -> prediction``: guidance is already applied by ``sample`` (the method never
-  sees labels); ``x: [B, ...]``, ``t: [B]`` in the process's time domain.
+- ``model_fn(x, t) -> prediction``: conditioning and guidance are already applied by ``sample``
+  (the method never sees ``cond``); ``x: [B, ...]``, ``t: [B]`` in the process's time domain.
 - ``x_T: [B, ...]`` float32, the validated start.
 - the dict carries at least ``'nfe'`` (model evaluations, counted per batch) and, when the method
   was called with ``return_trajectory=True``, ``'trajectory'``: the states
   ``[num_steps + 1, B, ...]``.
 - options every method accepts: ``return_trajectory``, ``callback`` (``callback(step, num_steps)``
   under jit via an ordered ``jax.debug.callback``), ``clip_x0``, ``dynamic_threshold`` (see
-  ``core.make_denoiser``); each method documents its own (``grid``, ``spacing``, ``eta``,
-  ``order``, ...). An option a method does not take raises ``TypeError``.
+  ``core.make_denoiser``); every fixed-step method ``times`` and ``step_hook``; each method
+  documents its own (``grid``, ``spacing``, ``eta``, ``order``, ...). An option a method does not
+  take raises ``TypeError``.
 - invalid arguments (an order higher than ``num_steps`` allows, a stochastic method without a
   key) raise ``ValueError`` naming the problem.
 """
@@ -62,6 +94,7 @@ from diffusion_jax.sampling import grids
 from diffusion_jax.sampling.ddim import ddim, ddpm
 from diffusion_jax.sampling.dpm_solver import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m
 from diffusion_jax.sampling.guidance import classifier_free_guidance
+from diffusion_jax.sampling.inversion import INVERSIONS
 from diffusion_jax.sampling.karras import euler, heun
 from diffusion_jax.sampling.ode import ode
 from diffusion_jax.sampling.pc import pc
@@ -82,72 +115,139 @@ METHODS: dict[str, Callable[..., tuple[jax.Array, dict]]] = {
     'ode': ode,
 }
 
-__all__ = ['METHODS', 'sample', 'grids']
+__all__ = ['METHODS', 'INVERSIONS', 'sample', 'invert', 'grids']
 
 
-def _start(process, key, x_T, shape) -> jax.Array:
+def _start(process, key, x_T, shape, t_start) -> jax.Array:
   """Validates the start arguments and returns x_T as float32."""
   if x_T is None:
+    if t_start is not None:
+      raise ValueError(f't_start={t_start} needs x_T, the noisy state at t_start (e.g. '
+                       'alpha x_0 + sigma z there, processes.q_sample); it is not drawn from the '
+                       'prior.')
     if shape is None or key is None:
       raise ValueError('give either x_T (the start noise) or both shape and key '
                        '(to draw x_T = process.prior_sample(key, shape)).')
     return process.prior_sample(key, tuple(shape)).astype(jnp.float32)
-  if not hasattr(x_T, 'dtype') or not jnp.issubdtype(x_T.dtype, jnp.floating):
-    raise ValueError(f'x_T must be a floating-point array, got '
-                     f'{getattr(x_T, "dtype", type(x_T).__name__)}.')
-  if x_T.ndim < 1:
-    raise ValueError(f'x_T must have a batch axis [B, ...], got shape {x_T.shape}.')
+  _check_batch_array(x_T, 'x_T')
   if shape is not None and tuple(shape) != tuple(x_T.shape):
     raise ValueError(f'x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)} was given.')
   return jnp.asarray(x_T, jnp.float32)
 
 
+def _check_batch_array(x, name: str) -> None:
+  if not hasattr(x, 'dtype') or not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f'{name} must be a floating-point array, got '
+                     f'{getattr(x, "dtype", type(x).__name__)}.')
+  if x.ndim < 1:
+    raise ValueError(f'{name} must have a batch axis [B, ...], got shape {x.shape}.')
+
+
+def _check_common(num_steps, prediction) -> int:
+  if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
+    raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}.')
+  if prediction not in processes.PREDICTIONS:
+    raise ValueError(f'prediction={prediction!r} is not known; use one of {processes.PREDICTIONS}.')
+  return int(num_steps)
+
+
 def sample(model_fn: Callable[..., jax.Array], process, *, method: str, num_steps: int,
            key: jax.Array | None = None, x_T: jax.Array | None = None,
-           shape: tuple[int, ...] | None = None, prediction: str = 'eps',
-           guidance_scale: float | None = None, labels: jax.Array | None = None,
-           null_label: int | None = None, guidance_rescale: float = 0.0,
+           shape: tuple[int, ...] | None = None, prediction: str = 'eps', cond: Any = None,
+           null_cond: Any = None, guidance_scale: float | jax.Array = 1.0,
+           guidance_rescale: float = 0.0, t_start: float | None = None,
            return_info: bool = False, **options: Any):
   """Draws samples by the named method (DESIGN.md's sampling contract).
 
   Args:
-    model_fn: ``model_fn(x: [B, ...], t: [B], y=None) -> prediction``, t in the process's time
-      domain (DiscreteVP: DDPM steps in [1, N]; SDEs: [eps, 1]).
+    model_fn: ``model_fn(x: [B, ...], t: [B], cond) -> prediction``, t in the process's time
+      domain (DiscreteVP: DDPM steps in [1, N]; SDEs: [eps, 1]); always called with 3 arguments.
     process: any process of the contract.
     method: a key of ``METHODS``.
     num_steps: the number of steps (>= 1); see each method for its NFE.
     key: PRNG key: draws ``x_T = process.prior_sample(key, shape)`` when x_T is not given, and
       the noise of stochastic methods (step i from ``fold_in(key, i)``).
-    x_T: [B, ...] explicit start noise at the prior's scale.
+    x_T: [B, ...] explicit start: noise at the prior's scale, or the noisy state at ``t_start``.
     shape: the shape of x_T to draw (with ``key``), or checked against ``x_T``.
     prediction: what ``model_fn`` predicts: 'eps', 'x0', 'v' or 'score'.
+    cond: the conditioning, any pytree whose leaves are ``[B, ...]`` (B = x_T's batch), or None.
+    null_cond: the unconditional conditioning for guidance: cond's tree structure, each leaf with
+      batch B or 1 (broadcast), cast to cond's leaf dtype (``guidance.py``).
     guidance_scale: classifier-free guidance scale w (Ho & Salimans 2022), ``uncond +
-      w (cond - uncond)``; 1.0 is the plain conditional model. Needs ``labels`` and ``null_label``.
-    labels: [B] int class labels. Without ``guidance_scale`` the model is called conditionally.
-    null_label: the label of the unconditional model.
-    guidance_rescale: phi of Lin et al. (2024), eq. 16 (see ``guidance.py``).
+      w (cond - uncond)`` in float32; 1.0 (a Python number) is the plain conditional model, one
+      call per evaluation on the plain batch. Other values need ``null_cond``.
+    guidance_rescale: phi of Lin et al. (2024), eq. 16 (see ``guidance.py``); needs ``null_cond``.
+    t_start: the time of ``x_T``, in ``(t_min, t_max]``: start at an intermediate time (img2img,
+      SDEdit); the grid is laid out over ``[t_min, t_start]``. Needs ``x_T``.
     return_info: also return the method's info dict ('nfe', 'trajectory').
     **options: the method's options (``return_trajectory``, ``callback``, ``clip_x0``,
-      ``dynamic_threshold``, ``grid``, ``spacing``, ``eta``, ``order``, ...).
+      ``dynamic_threshold``, ``grid``, ``spacing``, ``times``, ``step_hook``, ``eta``,
+      ``order``, ...; module docstring).
 
   Returns:
     x_0 [B, ...] float32, or ``(x_0, info)`` when ``return_info``.
+
+  Raises:
+    ValueError: an unknown method or prediction, a bad start, a cond leaf whose batch is not
+      x_T's, guidance without ``null_cond``, or a method's invalid option (naming it).
   """
   if method not in METHODS:
     raise ValueError(f'method={method!r} is not known; use one of {sorted(METHODS)}.')
-  if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
-    raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}.')
-  if prediction not in processes.PREDICTIONS:
-    raise ValueError(f'prediction={prediction!r} is not known; use one of {processes.PREDICTIONS}.')
+  num_steps = _check_common(num_steps, prediction)
   # x_T = prior_sample(key, shape) as the contract says; a stochastic method draws its step noise
   # from fold_in(key, i), a different stream.
-  x_T = _start(process, key, x_T, shape)
-  fn = classifier_free_guidance(model_fn, batch_size=x_T.shape[0], guidance_scale=guidance_scale,
-                                labels=labels, null_label=null_label,
+  x_T = _start(process, key, x_T, shape, t_start)
+  fn = classifier_free_guidance(model_fn, batch_size=x_T.shape[0], cond=cond,
+                                null_cond=null_cond, guidance_scale=guidance_scale,
                                 guidance_rescale=guidance_rescale)
-  x_0, info = METHODS[method](fn, process, x_T, num_steps=int(num_steps), key=key,
-                              prediction=prediction, **options)
+  x_0, info = METHODS[method](fn, process, x_T, num_steps=num_steps, key=key,
+                              prediction=prediction, t_start=t_start, **options)
   return (x_0, info) if return_info else x_0
+
+
+def invert(model_fn: Callable[..., jax.Array], process, x_0: jax.Array, *, method: str = 'ddim',
+           num_steps: int, prediction: str = 'eps', cond: Any = None, null_cond: Any = None,
+           guidance_scale: float | jax.Array = 1.0, guidance_rescale: float = 0.0,
+           t_end: float | None = None, return_info: bool = False, **options: Any):
+  """The start ``x_T`` at ``t_end`` that the deterministic sampler ``method`` maps to ``x_0``.
+
+  Integrates the probability-flow ODE from the data up to ``t_end`` with the method's update on
+  its own grid, reversed (``inversion.py``); ``sample(..., method=method, num_steps=num_steps,
+  t_start=t_end, x_T=x_T)`` with the same grid options returns x_0 up to the discretization
+  errors of both directions. Traceable, one ``lax.scan``.
+
+  Args:
+    model_fn, process, prediction, cond, null_cond, guidance_scale, guidance_rescale: as
+      ``sample`` (guidance inverts the guided ODE).
+    x_0: [B, ...] float data.
+    method: a key of ``INVERSIONS``: 'ddim', 'euler' (DDIM when deterministic) or 'dpmpp_2m'.
+    num_steps: grid times (model evaluations), as for ``sample``.
+    t_end: the time to invert to, in ``(t_min, t_max]`` (default ``t_max``): the ``t_start`` of
+      the sampler that maps x_T back.
+    return_info: also return the info dict ('nfe', 'trajectory' from x_0 to x_T).
+    **options: ``grid``, ``spacing``, ``times``, ``step_hook``, ``return_trajectory``,
+      ``callback``; ``order`` (1 or 2) for 'dpmpp_2m'. Others raise TypeError.
+
+  Returns:
+    x_T [B, ...] float32, the state at the grid's first time (``t_end``, or ``t_max``, on every
+    grid but the uniform one with 'leading' spacing), or ``(x_T, info)`` when ``return_info``.
+
+  Raises:
+    ValueError: a method that has no inverse here (stochastic or unknown), listing those that do.
+  """
+  if method not in INVERSIONS:
+    raise ValueError(f'invert: method={method!r} has no inverse here; use one of '
+                     f'{sorted(INVERSIONS)} (deterministic samplers whose update runs backwards; '
+                     'a stochastic sampler has no inverse map).')
+  num_steps = _check_common(num_steps, prediction)
+  _check_batch_array(x_0, 'x_0')
+  x_0 = jnp.asarray(x_0, jnp.float32)
+  fn = classifier_free_guidance(model_fn, batch_size=x_0.shape[0], cond=cond,
+                                null_cond=null_cond, guidance_scale=guidance_scale,
+                                guidance_rescale=guidance_rescale)
+  x_T, info = INVERSIONS[method](fn, process, x_0, num_steps=num_steps, prediction=prediction,
+                                 t_end=t_end, **options)
+  return (x_T, info) if return_info else x_T
 
 
 def method_options(method: str) -> list[str]:
@@ -156,4 +256,4 @@ def method_options(method: str) -> list[str]:
     raise ValueError(f'method={method!r} is not known; use one of {sorted(METHODS)}.')
   params = inspect.signature(METHODS[method]).parameters
   return [p for p in params if p not in ('model_fn', 'process', 'x_T', 'num_steps', 'key',
-                                         'prediction')]
+                                         'prediction', 't_start')]

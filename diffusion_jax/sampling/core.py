@@ -1,4 +1,4 @@
-"""What every fixed-step sampler shares: the schedule, the denoiser, the final step and the scan.
+"""What every fixed-step sampler shares: schedule, denoiser, final step, scan and step hook.
 
 A sampler sees the model only through a *denoiser* ``denoise(x, t) -> (x0, eps)`` in float32,
 built here from a ``model_fn`` of any prediction type, with the optional clipping or dynamic
@@ -6,7 +6,16 @@ thresholding of the predicted x0 (Saharia et al. 2022, Sec. 2.3).
 
 The schedule holds the grid times ``t: [n]`` and ``alpha, sigma: [n + 1]`` whose last entry is the
 data (alpha = 1, sigma = 0): step ``i`` goes from ``t[i]`` to ``t[i + 1]`` and the last step from
-``t[n - 1]`` to the data ("denoise to zero").
+``t[n - 1]`` to the data ("denoise to zero"). ``make_schedule`` lays the times out on a named grid
+(``grids.py``), over ``[t_min, t_start]`` for a start at an intermediate time, or takes them as
+given (``times=``).
+
+A ``step_hook(x, i, t, alpha, sigma) -> x`` (``apply_hook``) sees the state every step reaches and
+returns the state the sampler continues from: step ``i`` in ``0 .. n - 1``, the time ``t`` it
+reached and the noise levels there; after the final step to the data ``t = 0``, ``alpha = 1``,
+``sigma = 0`` (0 marks the data, which is no time of the process's grid). Inpainting (RePaint's
+replacement, Lugmayr et al. 2022), for instance, puts ``alpha v + sigma z`` into the known
+coordinates.
 
 The data is the limit of the data prediction along the probability-flow ODE as
 ``s = (sigma / alpha)^2 -> 0``, and both the scaled state ``y = x / alpha`` and the data
@@ -25,6 +34,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax import processes
 from diffusion_jax.sampling import grids as grids_lib
@@ -73,19 +83,93 @@ class Schedule(NamedTuple):
     """[n] the time each step ends at; the last step (to data) repeats its own time as a dummy."""
     return jnp.concatenate([self.t[1:], self.t[-1:]])
 
+  def reached_t(self) -> jax.Array:
+    """[n] the time each step ends at, 0 for the last step (the data): what ``step_hook`` sees."""
+    return jnp.concatenate([self.t[1:], jnp.zeros((1,), jnp.float32)])
+
   def is_last(self) -> jax.Array:
     return jnp.arange(self.num_steps) == self.num_steps - 1
 
 
-def make_schedule(process, num_steps: int, *, grid: str,
-                  spacing: str | None = None) -> Schedule:
-  """The schedule on the named grid (``grids.GRIDS``) plus the final step to the data.
+def check_times(process, times, *, num_steps: int, num_points: int | None = None,
+                method: str = 'the sampler', per_step: str = 'one model-evaluation time per '
+                'step') -> jax.Array:
+  """An explicit grid of times, validated: float32 ``[num_points]``.
+
+  Args:
+    process: the process whose ``[t_min, t_max]`` bounds the times.
+    times: 1-D, strictly decreasing, concrete (NumPy or a constant array; the schedule is made
+      while tracing).
+    num_steps: the ``num_steps`` the caller was given, for the message.
+    num_points: how many times the method takes (default ``num_steps``).
+    method, per_step: name the method and what its times are, for the message.
+
+  Raises:
+    ValueError: naming the shape, the values or the count to pass.
+  """
+  num_points = num_steps if num_points is None else num_points
+  try:
+    t_np = np.asarray(times, np.float32)
+  except (TypeError, ValueError, jax.errors.ConcretizationTypeError,
+          jax.errors.TracerArrayConversionError):
+    raise ValueError(f'times must be a concrete 1-D array of times (NumPy, or a constant), got '
+                     f'{type(times).__name__}.') from None
+  if t_np.ndim != 1 or t_np.size < 1:
+    raise ValueError(f'times must be 1-D with at least one time, got shape {t_np.shape}.')
+  if not np.all(np.isfinite(t_np)):
+    raise ValueError(f'times must be finite, got {t_np}.')
+  if t_np.size > 1 and not np.all(np.diff(t_np) < 0):
+    raise ValueError(f'times must be strictly decreasing (from noise to data), got {t_np}.')
+  lo, hi = np.float32(process.t_min), np.float32(process.t_max)
+  if t_np.min() < lo or t_np.max() > hi:
+    raise ValueError(f'times must lie in [t_min, t_max] = [{float(lo)}, {float(hi)}] of '
+                     f'{type(process).__name__}; got values in [{t_np.min()}, {t_np.max()}].')
+  if t_np.size != num_points:
+    want = t_np.size - (num_points - num_steps)
+    raise ValueError(f'{method}: times has {t_np.size} entries but num_steps={num_steps} needs '
+                     f'{num_points} ({per_step}); pass num_steps={want}.')
+  return jnp.asarray(t_np)
+
+
+def make_schedule(process, num_steps: int, *, grid: str | None = None,
+                  spacing: str | None = None, times=None, t_start: float | None = None,
+                  default_grid: str = 'quadratic', method: str = 'the sampler') -> Schedule:
+  """The schedule: the grid times plus the final step to the data.
+
+  Args:
+    process: any process of the contract.
+    num_steps: n, the number of grid times.
+    grid: a key of ``grids.GRIDS``; None: ``default_grid``.
+    spacing: the grid's spacing (``grids.make_grid``).
+    times: instead of ``grid`` and ``spacing``, the grid itself: ``[n]`` strictly decreasing
+      times in ``[t_min, t_max]`` (``check_times``); ``num_steps`` must equal ``len(times)``.
+      The named grid's own times give the named grid's schedule, bit for bit.
+    t_start: lay the named grid out over ``[t_min, t_start]`` (``grids.check_t_start``).
+    default_grid: the method's default grid.
+    method: the method's name, for messages.
 
   With a concrete process (closed over, not a jit argument) the schedule is computed at trace time
   and enters the program as constants: nothing of it is compiled.
   """
+  if times is not None:
+    if grid is not None or spacing is not None:
+      raise ValueError(f'{method}: give either grid/spacing or times (the grid itself), not '
+                       f'both; got grid={grid!r}, spacing={spacing!r} and times.')
+    if t_start is not None:
+      raise ValueError(f'{method}: times and t_start were both given; explicit times start at '
+                       'times[0], the time of x_T: drop t_start.')
+    t = check_times(process, times, num_steps=num_steps, method=method)
+  else:
+    with jax.ensure_compile_time_eval():
+      t = grids_lib.make_grid(process, num_steps, grid or default_grid, spacing=spacing,
+                              t_start=t_start)
+    if t_start is not None and not isinstance(t, jax.core.Tracer):
+      t_np = np.asarray(t)
+      if t_np.size > 1 and not np.all(np.diff(t_np) < 0):
+        raise ValueError(f'{method}: t_start={t_start} leaves too short a span for {num_steps} '
+                         f'distinct times on the {grid or default_grid!r} grid (got {t_np}); '
+                         'take fewer steps or a larger t_start.')
   with jax.ensure_compile_time_eval():
-    t = grids_lib.make_grid(process, num_steps, grid, spacing=spacing)
     alpha = jnp.concatenate([process.alpha(t).astype(jnp.float32), jnp.ones((1,), jnp.float32)])
     sigma = jnp.concatenate([process.sigma(t).astype(jnp.float32), jnp.zeros((1,), jnp.float32)])
   return Schedule(t=t, alpha=alpha, sigma=sigma)
@@ -202,6 +286,41 @@ def push(hist: jax.Array, value: jax.Array) -> jax.Array:
   return jnp.concatenate([value[None].astype(hist.dtype), hist[:-1]], axis=0)
 
 
+# --- the step hook --------------------------------------------------------------------------------
+
+# step_hook(x, i, t, alpha, sigma) -> x, see the module docstring.
+StepHook = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def apply_hook(step_hook: StepHook | None, x: jax.Array, i, t, alpha, sigma, *,
+               skip: jax.Array | None = None) -> jax.Array:
+  """``step_hook(x, i, t, alpha, sigma)`` as float32 of x's shape; x itself without a hook.
+
+  Args:
+    step_hook: the hook, or None.
+    x: [B, ...] the state a step reached.
+    i: the step's index (int32 scalar); t: the time it reached (0 for the data); alpha, sigma:
+      the noise levels there (float32 scalars).
+    skip: a traced bool: when true (an iteration that takes no step, e.g. a multistep method's
+      last one, whose final step follows the scan) the hook is not run (``lax.cond``).
+  """
+  if step_hook is None:
+    return x
+  args = (jnp.asarray(i, jnp.int32), jnp.asarray(t, jnp.float32),
+          jnp.asarray(alpha, jnp.float32), jnp.asarray(sigma, jnp.float32))
+
+  def run(x):
+    out = step_hook(x, *args)
+    if jnp.shape(out) != x.shape:
+      raise ValueError(f'step_hook must return the state, shape {x.shape}; got shape '
+                       f'{jnp.shape(out)}.')
+    return jnp.asarray(out).astype(jnp.float32)
+
+  if skip is None:
+    return run(x)
+  return jax.lax.cond(skip, lambda x: x, run, x)
+
+
 # --- the scan -------------------------------------------------------------------------------------
 
 
@@ -230,8 +349,7 @@ def scan_steps(body: Callable[[Any, Any], tuple[Any, jax.Array]], carry: Any, xs
   # The per-step float scalars (the schedule's coefficients) reach the step as one row of a
   # [L, K] table that the previous iteration fetched into the carry, not as slices of xs:
   # XLA:CPU fuses a dynamic slice of a constant into every elementwise consumer and recomputes
-  # its index per element. DDIM on the oracle's [256, 2] batch: 5.4 -> 4.7 us per step (diffusers'
-  # Flax loop: 4.7-4.8), DPM-Solver++(2M) 5.1 -> 5.0, UniPC 8.0 -> 7.3; results bitwise equal.
+  # its index per element (results bitwise equal either way).
   length = jax.tree.leaves(xs)[0].shape[0]
   names = sorted(k for k, v in xs.items()
                  if v.ndim == 1 and jnp.issubdtype(v.dtype, jnp.floating))

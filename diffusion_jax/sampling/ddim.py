@@ -22,9 +22,10 @@ def _require_key(key, method: str):
 
 
 def ddpm(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
-         key: jax.Array | None, prediction: str = 'eps',
-         variance: Literal['small', 'large'] = 'small', grid: str = 'uniform',
-         spacing: str | None = None, clip_x0: bool = False, dynamic_threshold: float | None = None,
+         key: jax.Array | None, prediction: str = 'eps', t_start: float | None = None,
+         variance: Literal['small', 'large'] = 'small', grid: str | None = None,
+         spacing: str | None = None, times=None, step_hook: core.StepHook | None = None,
+         clip_x0: bool = False, dynamic_threshold: float | None = None,
          return_trajectory: bool = False, callback=None) -> tuple[jax.Array, dict]:
   """Ancestral sampling: Algorithm 2 of Ho et al. (2020), on any grid of any process.
 
@@ -36,13 +37,17 @@ def ddpm(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   Args:
     model_fn: ``model_fn(x: [B, ...], t: [B]) -> prediction``.
     process: any process of the contract.
-    x_T: [B, ...] start noise at the prior's scale.
+    x_T: [B, ...] start noise at the prior's scale (the state at ``t_start`` when given).
     num_steps: model evaluations.
     key: PRNG key; step i draws its noise from ``fold_in(key, i)``.
     prediction: the model's prediction type.
+    t_start: the time of x_T; the grid is laid out over [t_min, t_start] (default t_max).
     variance: 'small', the posterior variance beta_tilde (Ho et al. eq. 7), or 'large', beta
       (generalized to skipped steps as the variance of q(x_t | x_s), Ho et al. Sec. 3.2).
-    grid, spacing: the time grid (``grids.make_grid``).
+    grid, spacing: the time grid (``grids.make_grid``); 'uniform' by default.
+    times: instead of grid/spacing, the grid itself: ``[num_steps]`` decreasing times
+      (``core.make_schedule``).
+    step_hook: ``step_hook(x, i, t, alpha, sigma) -> x`` after each step (``core.apply_hook``).
     clip_x0, dynamic_threshold: see ``core.make_denoiser``.
     return_trajectory, callback: see ``core.scan_steps``.
 
@@ -52,7 +57,8 @@ def ddpm(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   key = _require_key(key, 'ddpm')
   if variance not in ('small', 'large'):
     raise ValueError(f"variance={variance!r} is not known; use 'small' or 'large'.")
-  sched = core.make_schedule(process, num_steps, grid=grid, spacing=spacing)
+  sched = core.make_schedule(process, num_steps, grid=grid, spacing=spacing, times=times,
+                             t_start=t_start, default_grid='uniform', method='ddpm')
   denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
                                dynamic_threshold=dynamic_threshold)
 
@@ -64,18 +70,25 @@ def ddpm(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
     z = core.noise(key, xs['i'], x)
     x_next = mean + jnp.sqrt(var) * z
     x_next = jnp.where(xs['last'], x0, x_next)
+    if step_hook is not None:
+      x_next = core.apply_hook(step_hook, x_next, xs['i'], xs['t_reached'], xs['alpha_next'],
+                               xs['sigma_next'])
     return x_next, x_next
 
   xs = {'i': jnp.arange(num_steps), 't': sched.t, 't_next': sched.next_t(), 'last': sched.is_last(),
         'alpha': sched.alpha[:-1], 'sigma': sched.sigma[:-1]}
+  if step_hook is not None:
+    xs.update(t_reached=sched.reached_t(), alpha_next=sched.alpha[1:],
+              sigma_next=sched.sigma[1:])
   x, info = core.scan_steps(step, x_T, xs, x_T=x_T, num_steps=num_steps,
                             return_trajectory=return_trajectory, callback=callback)
   return x, {'nfe': num_steps, **info}
 
 
 def ddim(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
-         key: jax.Array | None = None, prediction: str = 'eps', eta: float = 0.0,
-         grid: str = 'quadratic', spacing: str | None = None, clip_x0: bool = False,
+         key: jax.Array | None = None, prediction: str = 'eps', t_start: float | None = None,
+         eta: float = 0.0, grid: str | None = None, spacing: str | None = None, times=None,
+         step_hook: core.StepHook | None = None, clip_x0: bool = False,
          dynamic_threshold: float | None = None, return_trajectory: bool = False,
          callback=None) -> tuple[jax.Array, dict]:
   """DDIM: Song et al. (2021a), eq. 12, written for any alpha, sigma.
@@ -87,6 +100,7 @@ def ddim(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
 
   Args:
     eta: >= 0; needs ``key`` when > 0 (noise of step i from ``fold_in(key, i)``).
+    grid: the quadratic grid by default.
     Others as ``ddpm``.
 
   Returns:
@@ -97,7 +111,8 @@ def ddim(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   stochastic = isinstance(eta, jax.Array) or eta > 0
   if stochastic:
     key = _require_key(key, 'ddim with eta > 0')
-  sched = core.make_schedule(process, num_steps, grid=grid, spacing=spacing)
+  sched = core.make_schedule(process, num_steps, grid=grid, spacing=spacing, times=times,
+                             t_start=t_start, method='ddim')
   denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
                                dynamic_threshold=dynamic_threshold)
 
@@ -111,10 +126,14 @@ def ddim(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
                 + jnp.sqrt(c2) * core.noise(key, xs['i'], x))
     else:
       x_next = x_next + s_s * eps
+    if step_hook is not None:
+      x_next = core.apply_hook(step_hook, x_next, xs['i'], xs['t_reached'], a_s, s_s)
     return x_next, x_next
 
   xs = {'i': jnp.arange(num_steps), 't': sched.t, 'alpha': sched.alpha[:-1],
         'sigma': sched.sigma[:-1], 'alpha_next': sched.alpha[1:], 'sigma_next': sched.sigma[1:]}
+  if step_hook is not None:
+    xs['t_reached'] = sched.reached_t()
   x, info = core.scan_steps(step, x_T, xs, x_T=x_T, num_steps=num_steps,
                             return_trajectory=return_trajectory, callback=callback)
   return x, {'nfe': num_steps, **info}

@@ -69,11 +69,12 @@ def _dpmpp_update(x, m, lam_hist, lam_next, alpha_next, sigma_next, sigma, order
   return jnp.where(order >= 3, third, jnp.where(order == 2, second, base))
 
 
-def _multistep(model_fn, process, x_T, *, num_steps, prediction, order, grid, spacing,
-               clip_x0, dynamic_threshold, return_trajectory, callback, lower_order_final,
-               sde_key=None):
+def _multistep(model_fn, process, x_T, *, num_steps, prediction, order, grid, spacing, times,
+               t_start, step_hook, clip_x0, dynamic_threshold, return_trajectory, callback,
+               lower_order_final, method, sde_key=None):
   n = num_steps
-  sched = core.make_schedule(process, n, grid=grid, spacing=spacing)
+  sched = core.make_schedule(process, n, grid=grid, spacing=spacing, times=times, t_start=t_start,
+                             method=method)
   denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
                                dynamic_threshold=dynamic_threshold)
   if lower_order_final is None:
@@ -97,6 +98,8 @@ def _multistep(model_fn, process, x_T, *, num_steps, prediction, order, grid, sp
         'alpha': sched.alpha[:-1],
         'alpha_next': alpha_next, 'sigma_next': sigma_next,
         'order': orders, 'last': sched.is_last()}
+  if step_hook is not None:
+    xs['t_reached'] = sched.reached_t()
   hist = max(order, 2)
   carry = (x_T, jnp.zeros((hist,) + x_T.shape, jnp.float32), jnp.zeros((hist,), jnp.float32))
 
@@ -122,6 +125,9 @@ def _multistep(model_fn, process, x_T, *, num_steps, prediction, order, grid, sp
                + jnp.where(s['order'] >= 2, 0.5 * s['alpha_next'] * decay, 0.0) * d1
                + s['sigma_next'] * jnp.sqrt(decay) * core.noise(sde_key, s['i'], x))
     # The last iteration only evaluates the model; the final step follows the scan.
+    if step_hook is not None:
+      x_reg = core.apply_hook(step_hook, x_reg, s['i'], s['t_reached'], s['alpha_next'],
+                              s['sigma_next'], skip=s['last'])
     x_next = jnp.where(s['last'], x, x_reg)
     return (x_next, m, lam_hist), x_next
 
@@ -135,6 +141,7 @@ def _multistep(model_fn, process, x_T, *, num_steps, prediction, order, grid, sp
                                    y=x / sched.alpha[-2])
   else:
     x = m[0]
+  x = core.apply_hook(step_hook, x, n - 1, 0.0, 1.0, 0.0)  # the step to the data
   if return_trajectory:
     info['trajectory'] = info['trajectory'].at[-1].set(x)
   return x, {'nfe': n, **info}
@@ -150,8 +157,9 @@ def _check_order(order: int, allowed: tuple[int, ...], num_steps: int, method: s
 
 
 def dpmpp_2m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
-             key: jax.Array | None = None, prediction: str = 'eps', order: int = 2,
-             grid: str = 'quadratic', spacing: str | None = None,
+             key: jax.Array | None = None, prediction: str = 'eps',
+             t_start: float | None = None, order: int = 2, grid: str | None = None,
+             spacing: str | None = None, times=None, step_hook: core.StepHook | None = None,
              lower_order_final: bool | None = None, clip_x0: bool = False,
              dynamic_threshold: float | None = None, return_trajectory: bool = False,
              callback=None) -> tuple[jax.Array, dict]:
@@ -160,13 +168,17 @@ def dpmpp_2m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num
   Args:
     model_fn: ``model_fn(x: [B, ...], t: [B]) -> prediction``.
     process: any process of the contract.
-    x_T: [B, ...] start noise.
+    x_T: [B, ...] start noise (the state at ``t_start`` when given).
     num_steps: model evaluations (one per grid time).
     key: unused (deterministic).
     prediction: the model's prediction type.
+    t_start: the time of x_T; the grid is laid out over [t_min, t_start] (default t_max).
     order: 1 (DDIM) or 2.
     grid, spacing: the time grid (``grids.make_grid``); quadratic by default (the best of the
       grids on the oracle at 10-50 NFE: see ``sampling/__init__.py``).
+    times: instead of grid/spacing, the grid itself: ``[num_steps]`` decreasing times
+      (``core.make_schedule``).
+    step_hook: ``step_hook(x, i, t, alpha, sigma) -> x`` after each step (``core.apply_hook``).
     lower_order_final: use first order for the final step to the data; default: only when
       ``num_steps < LOWER_ORDER_FINAL_BELOW`` (measured).
     clip_x0, dynamic_threshold: see ``core.make_denoiser``.
@@ -178,14 +190,16 @@ def dpmpp_2m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num
   del key
   order = _check_order(order, (1, 2), num_steps, 'dpmpp_2m')
   return _multistep(model_fn, process, x_T, num_steps=num_steps, prediction=prediction,
-                    order=order, grid=grid, spacing=spacing, clip_x0=clip_x0,
-                    dynamic_threshold=dynamic_threshold, return_trajectory=return_trajectory,
-                    callback=callback, lower_order_final=lower_order_final)
+                    order=order, grid=grid, spacing=spacing, times=times, t_start=t_start,
+                    step_hook=step_hook, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold,
+                    return_trajectory=return_trajectory, callback=callback,
+                    lower_order_final=lower_order_final, method='dpmpp_2m')
 
 
 def dpmpp_3m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
-             key: jax.Array | None = None, prediction: str = 'eps', order: int = 3,
-             grid: str = 'quadratic', spacing: str | None = None,
+             key: jax.Array | None = None, prediction: str = 'eps',
+             t_start: float | None = None, order: int = 3, grid: str | None = None,
+             spacing: str | None = None, times=None, step_hook: core.StepHook | None = None,
              lower_order_final: bool | None = None, clip_x0: bool = False,
              dynamic_threshold: float | None = None, return_trajectory: bool = False,
              callback=None) -> tuple[jax.Array, dict]:
@@ -196,14 +210,16 @@ def dpmpp_3m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num
   del key
   order = _check_order(order, (1, 2, 3), num_steps, 'dpmpp_3m')
   return _multistep(model_fn, process, x_T, num_steps=num_steps, prediction=prediction,
-                    order=order, grid=grid, spacing=spacing, clip_x0=clip_x0,
-                    dynamic_threshold=dynamic_threshold, return_trajectory=return_trajectory,
-                    callback=callback, lower_order_final=lower_order_final)
+                    order=order, grid=grid, spacing=spacing, times=times, t_start=t_start,
+                    step_hook=step_hook, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold,
+                    return_trajectory=return_trajectory, callback=callback,
+                    lower_order_final=lower_order_final, method='dpmpp_3m')
 
 
 def dpmpp_2m_sde(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
-                 key: jax.Array | None, prediction: str = 'eps', order: int = 2,
-                 grid: str = 'quadratic', spacing: str | None = None, clip_x0: bool = False,
+                 key: jax.Array | None, prediction: str = 'eps', t_start: float | None = None,
+                 order: int = 2, grid: str | None = None, spacing: str | None = None, times=None,
+                 step_hook: core.StepHook | None = None, clip_x0: bool = False,
                  dynamic_threshold: float | None = None, return_trajectory: bool = False,
                  callback=None) -> tuple[jax.Array, dict]:
   """DPM-Solver++(2M) SDE (Lu et al. 2022b, Sec. 5; midpoint variant), stochastic.
@@ -216,6 +232,7 @@ def dpmpp_2m_sde(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *,
     raise ValueError("method 'dpmpp_2m_sde' is stochastic and needs a PRNG `key`.")
   order = _check_order(order, (1, 2), num_steps, 'dpmpp_2m_sde')
   return _multistep(model_fn, process, x_T, num_steps=num_steps, prediction=prediction,
-                    order=order, grid=grid, spacing=spacing, clip_x0=clip_x0,
-                    dynamic_threshold=dynamic_threshold, return_trajectory=return_trajectory,
-                    callback=callback, lower_order_final=True, sde_key=key)
+                    order=order, grid=grid, spacing=spacing, times=times, t_start=t_start,
+                    step_hook=step_hook, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold,
+                    return_trajectory=return_trajectory, callback=callback,
+                    lower_order_final=True, method='dpmpp_2m_sde', sde_key=key)

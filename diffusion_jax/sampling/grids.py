@@ -29,12 +29,17 @@ evaluation is worth having: on the mixture oracle at 5 NFE, DPM-Solver++(2M) on 
 has RMS error 0.275 with 'linspace' and 0.155 with 'trailing' (``experiments/bench_samplers.py``).
 As n grows 'linspace' converges with the solver's full order; 'trailing' ends its last step at a
 noise level that shrinks with n, so it is for few steps. 'leading' is for 'uniform' only.
+
+``t_start`` (every grid): lay the grid out over ``[t_min, t_start]`` instead of ``[t_min, t_max]``,
+for a sampler that starts from a state at an intermediate time (img2img, SDEdit: Meng et al.
+2022). ``t_start = t_max`` gives the same times as ``None``, bit for bit.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -53,6 +58,31 @@ def _check_num_steps(num_steps: int) -> int:
   return int(num_steps)
 
 
+def _t_hi(process, t_start: float | None) -> float:
+  """The grid's upper end: ``t_max``, or ``t_start`` (checked by ``check_t_start``)."""
+  return float(process.t_max) if t_start is None else float(t_start)
+
+
+def check_t_start(process, t_start, *, name: str = 't_start') -> float | None:
+  """``t_start`` as a float in ``(t_min, t_max]``, or None; ValueError naming the domain.
+
+  It must be concrete (a Python or NumPy number, not a traced value): the grid is laid out while
+  tracing.
+  """
+  if t_start is None:
+    return None
+  try:
+    value = float(t_start)
+  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    raise ValueError(f'{name} must be a concrete number (the grid is laid out while tracing), '
+                     f'got {t_start!r}.') from None
+  lo, hi = float(process.t_min), float(process.t_max)
+  if not lo < value <= hi:
+    raise ValueError(f'{name}={value} must lie in (t_min, t_max] = ({lo}, {hi}] of '
+                     f'{type(process).__name__}.')
+  return value
+
+
 def _open_or_closed(num_steps: int, spacing: Spacing | None) -> tuple[int, int]:
   """(points to lay out, points to keep) for a non-uniform grid's ``spacing``."""
   n = _check_num_steps(num_steps)
@@ -65,13 +95,15 @@ def _open_or_closed(num_steps: int, spacing: Spacing | None) -> tuple[int, int]:
                    "and quadratic grids take 'linspace' or 'trailing'.")
 
 
-def uniform(process, num_steps: int, *, spacing: Spacing | None = 'trailing') -> jnp.ndarray:
+def uniform(process, num_steps: int, *, spacing: Spacing | None = 'trailing',
+            t_start: float | None = None) -> jnp.ndarray:
   """Times uniform in t (Ho et al. 2020; Song et al. 2021a), with a ``timestep_spacing`` convention.
 
   Args:
     process: any process of the contract.
     num_steps: n, the number of model evaluations of a one-evaluation-per-step sampler.
     spacing: 'trailing', 'linspace' or 'leading' (see the module docstring).
+    t_start: the upper end instead of ``t_max`` (module docstring).
 
   Returns:
     float32 ``[n]``, decreasing.
@@ -80,8 +112,12 @@ def uniform(process, num_steps: int, *, spacing: Spacing | None = 'trailing') ->
   spacing = spacing or 'trailing'
   if spacing not in SPACINGS:
     raise ValueError(f'spacing={spacing!r} is not known; use one of {SPACINGS}.')
-  t_min, t_max = float(process.t_min), float(process.t_max)
+  t_min, t_max = float(process.t_min), _t_hi(process, t_start)
   discrete = _is_discrete(process)
+  if discrete and t_max != round(t_max):
+    raise ValueError(f"t_start={t_max} is not an integer step: the 'uniform' grid of "
+                     f'{type(process).__name__} rounds its times to integer steps, so it would '
+                     'not start at the time of x_T. Pass an integer t_start.')
   if spacing == 'linspace':
     t = np.linspace(t_max, t_min, n) if n > 1 else np.array([t_max])
   elif spacing == 'trailing':
@@ -97,54 +133,60 @@ def uniform(process, num_steps: int, *, spacing: Spacing | None = 'trailing') ->
   return jnp.asarray(np.clip(t, t_min, t_max), jnp.float32)
 
 
-def _times_from_log_snr(process, lam: jnp.ndarray, n: int) -> jnp.ndarray:
-  """The first ``n`` of the times at log-SNRs ``lam`` (laid out from t_max to t_min), float32.
+def _times_from_log_snr(process, lam: jnp.ndarray, n: int, t_hi: float) -> jnp.ndarray:
+  """The first ``n`` of the times at log-SNRs ``lam`` (laid out from t_hi to t_min), float32.
 
-  The ends are pinned to t_max and t_min: the inverse's interpolation error must not leave the
+  The ends are pinned to t_hi and t_min: the inverse's interpolation error must not leave the
   domain.
   """
   t = process.t_from_log_snr(lam)
-  t = t.at[0].set(process.t_max)
+  t = t.at[0].set(t_hi)
   if lam.shape[0] > 1:
     t = t.at[-1].set(process.t_min)
-  return jnp.clip(t[:n], process.t_min, process.t_max).astype(jnp.float32)
+  return jnp.clip(t[:n], process.t_min, t_hi).astype(jnp.float32)
 
 
-def logsnr(process, num_steps: int, *, spacing: Spacing | None = None) -> jnp.ndarray:
-  """Times uniform in log-SNR between ``t_max`` and ``t_min`` (Lu et al. 2022, Sec. 3.4).
+def logsnr(process, num_steps: int, *, spacing: Spacing | None = None,
+           t_start: float | None = None) -> jnp.ndarray:
+  """Times uniform in log-SNR between ``t_max`` (or ``t_start``) and ``t_min`` (Lu et al. 2022,
+  Sec. 3.4).
 
   ``spacing``: 'linspace' (default) or 'trailing' (see the module docstring).
   """
   m, n = _open_or_closed(num_steps, spacing)
+  t_hi = _t_hi(process, t_start)
   lam_hi = process.log_snr(jnp.float32(process.t_min))
-  lam_lo = process.log_snr(jnp.float32(process.t_max))
+  lam_lo = process.log_snr(jnp.float32(t_hi))
   lam = jnp.linspace(lam_lo, lam_hi, m) if m > 1 else lam_lo[None]
-  return _times_from_log_snr(process, lam, n)
+  return _times_from_log_snr(process, lam, n, t_hi)
 
 
-def karras(process, num_steps: int, *, rho: float = 7.0,
-           spacing: Spacing | None = None) -> jnp.ndarray:
+def karras(process, num_steps: int, *, rho: float = 7.0, spacing: Spacing | None = None,
+           t_start: float | None = None) -> jnp.ndarray:
   """The schedule of Karras et al. (2022), eq. 5, in the scaled noise level sigma / alpha.
 
   ``s_i = (s_max^(1/rho) + i / (n - 1) (s_min^(1/rho) - s_max^(1/rho)))^rho`` with
-  ``s = sigma / alpha`` at ``t_max`` and ``t_min``, mapped back to times through log-SNR = -2 log s.
-  ``spacing``: 'linspace' (default) or 'trailing' (see the module docstring).
+  ``s = sigma / alpha`` at ``t_max`` (or ``t_start``) and ``t_min``, mapped back to times through
+  log-SNR = -2 log s. ``spacing``: 'linspace' (default) or 'trailing' (see the module docstring).
   """
   m, n = _open_or_closed(num_steps, spacing)
+  t_hi = _t_hi(process, t_start)
   s_min = jnp.exp(-0.5 * process.log_snr(jnp.float32(process.t_min)))
-  s_max = jnp.exp(-0.5 * process.log_snr(jnp.float32(process.t_max)))
+  s_max = jnp.exp(-0.5 * process.log_snr(jnp.float32(t_hi)))
   u = jnp.linspace(0.0, 1.0, m) if m > 1 else jnp.zeros((1,))
   s = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-  return _times_from_log_snr(process, -2.0 * jnp.log(s), n)
+  return _times_from_log_snr(process, -2.0 * jnp.log(s), n, t_hi)
 
 
-def quadratic(process, num_steps: int, *, spacing: Spacing | None = None) -> jnp.ndarray:
+def quadratic(process, num_steps: int, *, spacing: Spacing | None = None,
+              t_start: float | None = None) -> jnp.ndarray:
   """Times quadratic in the step index, dense near the data (Song et al. 2021a, App. D.2).
 
-  ``spacing``: 'linspace' (default) or 'trailing' (see the module docstring).
+  ``spacing``: 'linspace' (default) or 'trailing' (see the module docstring); ``t_start``: the
+  upper end instead of ``t_max``.
   """
   m, n = _open_or_closed(num_steps, spacing)
-  t_min, t_max = float(process.t_min), float(process.t_max)
+  t_min, t_max = float(process.t_min), _t_hi(process, t_start)
   u = (np.linspace(1.0, 0.0, m) if m > 1 else np.ones((1,)))[:n]
   # Not rounded for DiscreteVP: rounding would repeat times near t_min once n is large.
   t = t_min + (t_max - t_min) * u**2
@@ -159,12 +201,14 @@ GRIDS: dict[str, Callable[..., jnp.ndarray]] = {
 }
 
 
-def make_grid(process, num_steps: int, grid: str, *,
-              spacing: Spacing | None = None) -> jnp.ndarray:
+def make_grid(process, num_steps: int, grid: str, *, spacing: Spacing | None = None,
+              t_start: float | None = None) -> jnp.ndarray:
   """The grid named ``grid`` (a key of ``GRIDS``) with ``spacing`` (None: the grid's default,
-  'trailing' for 'uniform' and 'linspace' for the others)."""
+  'trailing' for 'uniform' and 'linspace' for the others), over ``[t_min, t_start]`` when
+  ``t_start`` is given (``check_t_start``), else over ``[t_min, t_max]``."""
   if grid not in GRIDS:
     raise ValueError(f'grid={grid!r} is not known; use one of {sorted(GRIDS)}.')
   if spacing is not None and spacing not in SPACINGS:
     raise ValueError(f'spacing={spacing!r} is not known; use one of {SPACINGS}.')
-  return GRIDS[grid](process, num_steps, spacing=spacing)
+  t_start = check_t_start(process, t_start)
+  return GRIDS[grid](process, num_steps, spacing=spacing, t_start=t_start)

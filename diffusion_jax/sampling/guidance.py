@@ -1,31 +1,56 @@
-"""Classifier-free guidance (Ho & Salimans 2022) and its rescaling (Lin et al. 2024).
+"""Conditioning and classifier-free guidance (Ho & Salimans 2022), rescaled (Lin et al. 2024).
 
-``classifier_free_guidance`` turns a conditional ``model_fn(x, t, y)`` into the ``model_fn(x, t)``
-the methods integrate. The conditional and unconditional predictions come from ONE model call on
-the doubled batch ``[x, x]`` with labels ``[labels, null_label]``, which keeps the network's batch
-large and its cost one evaluation per step.
+``classifier_free_guidance`` turns a ``model_fn(x, t, cond)`` (DESIGN.md's contract: ``cond`` any
+pytree whose leaves have the batch as leading axis, or None) into the ``fn(x, t)`` the methods
+integrate. The conditioning is opaque (STYLE.md 15): it is checked and concatenated leaf by leaf,
+never looked into. With guidance, the conditional and unconditional predictions come from ONE model
+call on the doubled batch ``[x, x]`` with ``cond`` and ``null_cond`` concatenated leaf by leaf,
+which keeps the network's batch large and its cost one evaluation per step.
 """
 
 from __future__ import annotations
 
-import inspect
 import numbers
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 
-def _accepts_labels(model_fn: Callable[..., jax.Array]) -> bool:
-  """Whether ``model_fn`` can take a third argument ``y`` (a conditional model)."""
-  try:
-    params = list(inspect.signature(model_fn).parameters.values())
-  except (TypeError, ValueError):  # builtins, some wrappers: assume it does
-    return True
-  if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
-    return True
-  positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-  return len(positional) >= 3
+def _leaves(tree: Any) -> list[tuple[str, tuple[int, ...]]]:
+  """``(path, shape)`` of every leaf of ``tree`` (None has none)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [(jax.tree_util.keystr(path), tuple(jnp.shape(leaf))) for path, leaf in flat]
+
+
+def check_cond(cond: Any, batch_size: int, *, name: str = 'cond',
+               allow_one: bool = False) -> None:
+  """Raises ValueError unless every leaf of ``cond`` has leading axis ``batch_size``.
+
+  Args:
+    cond: a pytree of arrays, or None (nothing to check).
+    batch_size: B, the batch of x.
+    name: how the message calls the tree.
+    allow_one: also accept a leading axis of 1 (broadcast over the batch).
+  """
+  for path, shape in _leaves(cond):
+    if not shape or not (shape[0] == batch_size or (allow_one and shape[0] == 1)):
+      want = f'{batch_size} (or 1)' if allow_one else f'{batch_size}'
+      raise ValueError(f'{name}{path} has shape {shape}: every leaf of {name} needs the batch of '
+                       f'x as its leading axis, B = {want}.')
+
+
+def _check_null_cond(cond: Any, null_cond: Any, batch_size: int) -> None:
+  """null_cond must have cond's tree structure, its leaves cond's shapes with batch B or 1."""
+  cond_def, null_def = jax.tree.structure(cond), jax.tree.structure(null_cond)
+  if cond_def != null_def:
+    raise ValueError(f'null_cond must have the tree structure of cond: cond is {cond_def}, '
+                     f'null_cond is {null_def}.')
+  check_cond(null_cond, batch_size, name='null_cond', allow_one=True)
+  for (path, c_shape), (_, u_shape) in zip(_leaves(cond), _leaves(null_cond)):
+    if c_shape[1:] != u_shape[1:]:
+      raise ValueError(f'null_cond{path} has shape {u_shape} but cond{path} has shape '
+                       f'{c_shape}: they may differ only in the batch axis.')
 
 
 def rescale_guidance(guided: jax.Array, cond: jax.Array, phi: float) -> jax.Array:
@@ -44,57 +69,64 @@ def rescale_guidance(guided: jax.Array, cond: jax.Array, phi: float) -> jax.Arra
 
 
 def classifier_free_guidance(model_fn: Callable[..., jax.Array], *, batch_size: int,
-                             guidance_scale: float | None = None, labels: jax.Array | None = None,
-                             null_label: int | None = None, guidance_rescale: float = 0.0
+                             cond: Any = None, null_cond: Any = None,
+                             guidance_scale: float | jax.Array = 1.0,
+                             guidance_rescale: float = 0.0
                              ) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """The ``model_fn(x, t)`` a sampler integrates, with guidance or conditioning applied.
+  """The ``fn(x, t)`` a sampler integrates: the model with its conditioning and guidance applied.
 
   Args:
-    model_fn: ``model_fn(x, t, y=None) -> prediction``.
-    batch_size: B, the batch of x_T (to check ``labels``).
+    model_fn: ``model_fn(x: [B, ...], t: [B], cond) -> prediction``, always called with three
+      positional arguments (``cond`` None for an unconditional model).
+    batch_size: B, the batch of x_T (every leaf of ``cond`` must have it as leading axis).
+    cond: the conditioning, any pytree of arrays ``[B, ...]``, or None.
+    null_cond: the unconditional conditioning, with cond's tree structure; each leaf has cond's
+      shape with batch B, or batch 1 (broadcast to B, e.g. one null label or one empty-prompt
+      embedding for every example), and is cast to cond's leaf dtype. Needed for guidance.
     guidance_scale: w; ``uncond + w (cond - uncond)``, computed in float32 in the model's
-      prediction space. ``None``: no guidance. ``1.0`` (a Python number) is the conditional model,
-      called on the plain batch.
-    labels: [B] integer labels; needed with ``guidance_scale``; alone, they condition the model.
-    null_label: the unconditional label; needed with ``guidance_scale``.
+      prediction space. ``1.0`` as a Python number (without rescale) is the plain conditional
+      model: one call on the plain batch, ``null_cond`` unused. A traced w always guides.
     guidance_rescale: phi in [0, 1] of Lin et al. (2024), applied to the guided prediction.
 
   Returns:
     ``fn(x: [B, ...], t: [B]) -> prediction [B, ...]`` float32.
+
+  Raises:
+    ValueError: a leaf of cond or null_cond without the batch B (the message names its path and
+      shape), null_cond of another structure or leaf shape, guidance without null_cond, phi
+      outside [0, 1].
   """
   if guidance_scale is None:
-    if guidance_rescale:
-      raise ValueError('guidance_rescale needs guidance_scale (classifier-free guidance).')
-    if labels is None:
-      return lambda x, t: jnp.asarray(model_fn(x, t)).astype(jnp.float32)
-  if labels is None:
-    raise ValueError('guidance_scale was given but no labels: classifier-free guidance needs '
-                     '`labels` [B] and `null_label`.')
-  if not _accepts_labels(model_fn):
-    raise ValueError('labels were given but model_fn takes no labels: it must be '
-                     'model_fn(x, t, y) for conditioning or guidance.')
-  labels = jnp.asarray(labels)
-  if labels.shape != (batch_size,) or not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f'labels must be integers of shape [B] = ({batch_size},), got '
-                     f'{labels.dtype} {labels.shape}.')
-  if guidance_scale is None:
-    return lambda x, t: jnp.asarray(model_fn(x, t, labels)).astype(jnp.float32)
-  if null_label is None:
-    raise ValueError('guidance_scale needs null_label, the label of the unconditional model.')
-  if not 0.0 <= float(guidance_rescale) <= 1.0:
+    raise ValueError('guidance_scale must be a number (1.0: no guidance), got None.')
+  check_cond(cond, batch_size)
+  if null_cond is not None:
+    _check_null_cond(cond, null_cond, batch_size)
+  if isinstance(guidance_rescale, numbers.Number) and not 0.0 <= guidance_rescale <= 1.0:
     raise ValueError(f'guidance_rescale must lie in [0, 1], got {guidance_rescale}.')
-  if (isinstance(guidance_scale, numbers.Number) and guidance_scale == 1.0
-      and not guidance_rescale):
-    # w = 1 is exactly the conditional prediction: skip the unconditional half.
-    return lambda x, t: jnp.asarray(model_fn(x, t, labels)).astype(jnp.float32)
-  y = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
+  plain = (isinstance(guidance_scale, numbers.Number) and guidance_scale == 1.0
+           and isinstance(guidance_rescale, numbers.Number) and guidance_rescale == 0.0)
+  if plain:
+    return lambda x, t: jnp.asarray(model_fn(x, t, cond)).astype(jnp.float32)
+  if null_cond is None:
+    raise ValueError(f'guidance_scale={guidance_scale}, guidance_rescale={guidance_rescale}: '
+                     'classifier-free guidance needs null_cond, the conditioning of the '
+                     "unconditional model (cond's tree, e.g. {'label': [num_classes]}).")
+  if cond is None:
+    raise ValueError('classifier-free guidance needs cond (the conditioning to guide towards); '
+                     'got cond=None.')
+
+  def double(c, u):
+    u = jnp.broadcast_to(jnp.asarray(u), jnp.shape(c)).astype(jnp.asarray(c).dtype)
+    return jnp.concatenate([c, u])
+
+  both = jax.tree.map(double, cond, null_cond)
 
   def guided_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-    out = jnp.asarray(model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), y))
-    cond, uncond = jnp.split(out.astype(jnp.float32), 2)
-    guided = uncond + guidance_scale * (cond - uncond)
-    if guidance_rescale:
-      guided = rescale_guidance(guided, cond, guidance_rescale)
+    out = jnp.asarray(model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both))
+    cond_out, uncond_out = jnp.split(out.astype(jnp.float32), 2)
+    guided = uncond_out + guidance_scale * (cond_out - uncond_out)
+    if not (isinstance(guidance_rescale, numbers.Number) and guidance_rescale == 0.0):
+      guided = rescale_guidance(guided, cond_out, guidance_rescale)
     return guided
 
   return guided_fn

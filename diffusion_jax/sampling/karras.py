@@ -22,15 +22,16 @@ from diffusion_jax.sampling import core
 
 
 def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order, grid, spacing,
-            S_churn, S_tmin, S_tmax, S_noise, clip_x0, dynamic_threshold, return_trajectory,
-            callback, method):
+            times, t_start, step_hook, S_churn, S_tmin, S_tmax, S_noise, clip_x0,
+            dynamic_threshold, return_trajectory, callback, method):
   n = num_steps
   if S_churn < 0:
     raise ValueError(f'{method}: S_churn must be >= 0, got {S_churn}.')
   churn = S_churn > 0
   if churn and key is None:
     raise ValueError(f'{method} with S_churn > 0 is stochastic and needs a PRNG `key`.')
-  sched = core.make_schedule(process, n, grid=grid, spacing=spacing)
+  sched = core.make_schedule(process, n, grid=grid, spacing=spacing, times=times, t_start=t_start,
+                             method=method)
   denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
                                dynamic_threshold=dynamic_threshold)
   rho = sched.rho
@@ -41,6 +42,8 @@ def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order,
         'rho_next': rho[1:], 'alpha': sched.alpha[:-1], 'sigma': sched.sigma[:-1],
         'alpha_next': sched.alpha[1:], 'sigma_next': sched.sigma[1:], 'gamma': gamma,
         'last': sched.is_last()}
+  if step_hook is not None:
+    xs['t_reached'] = sched.reached_t()
   # Data predictions at the trajectory's grid points, for the final step (core module docstring).
   carry = (x_T / sched.alpha[0], jnp.zeros((2,) + x_T.shape, jnp.float32),
            jnp.ones((2,), jnp.float32))
@@ -77,7 +80,15 @@ def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order,
         return core.extrapolate_to_data(m, rho_hist, k, y=y)
 
       y_next = jax.lax.cond(s['last'], final, correct, None)
-    return (y_next, m, rho_hist), y_next * s['alpha_next']
+    x_next = y_next * s['alpha_next']
+    if step_hook is not None:
+      # The hook sees x = alpha y; the carry stays y. Entries the hook leaves alone keep their
+      # exact y (an identity hook changes nothing, bit for bit); at the data alpha = 1, y = x.
+      x_hooked = core.apply_hook(step_hook, x_next, s['i'], s['t_reached'], s['alpha_next'],
+                                 s['sigma_next'])
+      y_next = jnp.where(x_hooked == x_next, y_next, x_hooked / s['alpha_next'])
+      x_next = x_hooked
+    return (y_next, m, rho_hist), x_next
 
   (y, *_), info = core.scan_steps(step, carry, xs, x_T=x_T, num_steps=n,
                                   return_trajectory=return_trajectory, callback=callback)
@@ -85,8 +96,9 @@ def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order,
 
 
 def euler(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
-          key: jax.Array | None = None, prediction: str = 'eps', grid: str = 'quadratic',
-          spacing: str | None = None, S_churn: float = 0.0, S_tmin: float = 0.0,
+          key: jax.Array | None = None, prediction: str = 'eps', t_start: float | None = None,
+          grid: str | None = None, spacing: str | None = None, times=None,
+          step_hook: core.StepHook | None = None, S_churn: float = 0.0, S_tmin: float = 0.0,
           S_tmax: float = float('inf'), S_noise: float = 1.0, clip_x0: bool = False,
           dynamic_threshold: float | None = None, return_trajectory: bool = False,
           callback=None) -> tuple[jax.Array, dict]:
@@ -97,12 +109,17 @@ def euler(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
   Args:
     model_fn: ``model_fn(x: [B, ...], t: [B]) -> prediction``.
     process: any process of the contract.
-    x_T: [B, ...] start noise.
+    x_T: [B, ...] start noise (the state at ``t_start`` when given).
     num_steps: grid times (model evaluations).
     key: PRNG key, needed when S_churn > 0 (noise of step i from ``fold_in(key, i)``).
     prediction: the model's prediction type.
+    t_start: the time of x_T; the grid is laid out over [t_min, t_start] (default t_max).
     grid, spacing: the time grid (``grids.make_grid``); quadratic by default (measured better
       than Karras' rho = 7 grid on the oracle: see ``sampling/__init__.py``).
+    times: instead of grid/spacing, the grid itself: ``[num_steps]`` decreasing times
+      (``core.make_schedule``).
+    step_hook: ``step_hook(x, i, t, alpha, sigma) -> x`` after each step (``core.apply_hook``),
+      on ``x = alpha y``; the method's scaled state y follows the entries the hook changes.
     S_churn, S_tmin, S_tmax, S_noise: Karras et al.'s churn (S_tmin, S_tmax in sigma / alpha).
     clip_x0, dynamic_threshold: see ``core.make_denoiser``.
     return_trajectory, callback: see ``core.scan_steps``.
@@ -111,15 +128,17 @@ def euler(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
     x_0 [B, ...] float32 and an info dict with 'nfe'.
   """
   return _karras(model_fn, process, x_T, num_steps=num_steps, key=key, prediction=prediction,
-                 second_order=False, grid=grid, spacing=spacing, S_churn=S_churn, S_tmin=S_tmin,
+                 second_order=False, grid=grid, spacing=spacing, times=times, t_start=t_start,
+                 step_hook=step_hook, S_churn=S_churn, S_tmin=S_tmin,
                  S_tmax=S_tmax, S_noise=S_noise, clip_x0=clip_x0,
                  dynamic_threshold=dynamic_threshold, return_trajectory=return_trajectory,
                  callback=callback, method='euler')
 
 
 def heun(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
-         key: jax.Array | None = None, prediction: str = 'eps', grid: str = 'quadratic',
-         spacing: str | None = None, S_churn: float = 0.0, S_tmin: float = 0.0,
+         key: jax.Array | None = None, prediction: str = 'eps', t_start: float | None = None,
+         grid: str | None = None, spacing: str | None = None, times=None,
+         step_hook: core.StepHook | None = None, S_churn: float = 0.0, S_tmin: float = 0.0,
          S_tmax: float = float('inf'), S_noise: float = 1.0, clip_x0: bool = False,
          dynamic_threshold: float | None = None, return_trajectory: bool = False,
          callback=None) -> tuple[jax.Array, dict]:
@@ -131,7 +150,8 @@ def heun(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   NFE = 2 num_steps - 1. Arguments as ``euler``.
   """
   return _karras(model_fn, process, x_T, num_steps=num_steps, key=key, prediction=prediction,
-                 second_order=True, grid=grid, spacing=spacing, S_churn=S_churn, S_tmin=S_tmin,
+                 second_order=True, grid=grid, spacing=spacing, times=times, t_start=t_start,
+                 step_hook=step_hook, S_churn=S_churn, S_tmin=S_tmin,
                  S_tmax=S_tmax, S_noise=S_noise, clip_x0=clip_x0,
                  dynamic_threshold=dynamic_threshold, return_trajectory=return_trajectory,
                  callback=callback, method='heun')

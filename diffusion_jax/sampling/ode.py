@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from diffusion_jax import processes
 from diffusion_jax import sde as sde_lib
 from diffusion_jax.sampling import core
+from diffusion_jax.sampling import grids
 
 SOLVERS = ('dopri5',)
 
@@ -187,26 +188,31 @@ def score_fn_from_model(model_fn: Callable[..., jax.Array], process, *,
 
 def ode(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *,
         num_steps: int | None = None, key: jax.Array | None = None,
-        prediction: processes.Prediction = 'eps', rtol: float = 1e-5, atol: float = 1e-5,
+        prediction: processes.Prediction = 'eps', t_start: float | None = None,
+        rtol: float = 1e-5, atol: float = 1e-5,
         solver: str = 'dopri5', max_steps: int = 4096, denoise: bool = True,
         return_trajectory: bool = False, callback: Callable[[int, int], Any] | None = None,
         clip_x0: bool = False, dynamic_threshold: float | None = None
         ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Samples by the probability-flow ODE with adaptive steps (Song et al. 2021, Sec. 4.3).
 
-  ``dx/dt = f(t) x - g(t)^2/2 score(x, t)`` (eq. 13) from ``t_max`` to ``t_min`` by ``solve_ode``
+  ``dx/dt = f(t) x - g(t)^2/2 score(x, t)`` (eq. 13) from ``t_max`` (or ``t_start``) to ``t_min``
+  by ``solve_ode``
   (Dormand-Prince 5(4), the RK45 of score_sde's ODE sampler, rtol = atol = 1e-5 as there), for any
   process: for an SDE ``f`` and ``g`` are its own, for ``DiscreteVP`` they follow from its alpha and
   sigma (``sde.linear_sde_coefficients``). Deterministic: the same ``x_T`` gives the same ``x0``.
+  Adaptive, it has no grid: ``times`` and ``step_hook`` (options of the fixed-step methods) are
+  not accepted (TypeError).
 
   Args:
-    model_fn: ``model_fn(x, t, y=None) -> prediction``, x: [B, ...], t: [B]; already guided.
+    model_fn: ``model_fn(x, t) -> prediction``, x: [B, ...], t: [B]; already guided.
     process: any process of the contract.
-    x_T: [B, ...] start noise at the prior's scale.
+    x_T: [B, ...] start noise at the prior's scale (the state at ``t_start`` when given).
     num_steps: the solver picks its own steps; ``num_steps`` only sets how many equal pieces of
       ``[t_min, t_max]`` the trajectory is reported at when ``return_trajectory`` (else ignored).
     key: ignored (deterministic sampler).
     prediction: what model_fn returns: 'eps', 'x0', 'v' or 'score'.
+    t_start: the time of x_T, in ``(t_min, t_max]``; the ODE is solved from there.
     rtol, atol: the solver's tolerances.
     solver: 'dopri5' (named ``solver``, not ``method``: ``sampling.sample`` takes ``method='ode'``).
     max_steps: the most step attempts; ``info['success']`` is False when they ran out.
@@ -248,7 +254,9 @@ def ode(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *,
       return -eps / processes._bcast(process.sigma(t), x)  # pylint: disable=protected-access
     return sde_lib.probability_flow_drift(process, score_fn, x, t)
 
-  times = jnp.linspace(process.t_max, process.t_min, pieces + 1, dtype=jnp.float32)
+  t_start = grids.check_t_start(process, t_start)
+  t_hi = process.t_max if t_start is None else t_start
+  times = jnp.linspace(t_hi, process.t_min, pieces + 1, dtype=jnp.float32)
 
   def piece(carry, xs):
     x, nfe, n_acc, n_rej, success = carry

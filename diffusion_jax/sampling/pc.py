@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from diffusion_jax import processes
 from diffusion_jax import sde as sde_lib
 from diffusion_jax.sampling import core
+from diffusion_jax.sampling import grids
 
 PREDICTORS = ('reverse_diffusion', 'euler_maruyama', 'ancestral', 'none')
 CORRECTORS = ('langevin', 'ald', 'none')
@@ -51,7 +52,8 @@ def _norm(a: jax.Array) -> jax.Array:
 
 
 def pc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
-       key: jax.Array, prediction: processes.Prediction = 'eps',
+       key: jax.Array, prediction: processes.Prediction = 'eps', t_start: float | None = None,
+       times=None, step_hook: core.StepHook | None = None,
        predictor: str = 'reverse_diffusion', corrector: str = 'langevin', snr: float = 0.16,
        n_corrector_steps: int = 1, denoise: bool = True, return_trajectory: bool = False,
        callback: Callable[[int, int], Any] | None = None, clip_x0: bool = False,
@@ -59,12 +61,20 @@ def pc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps
   """Predictor-corrector sampler (Song et al. 2021, Algorithms 2 and 3), one ``lax.scan``.
 
   Args:
-    model_fn: ``model_fn(x, t, y=None) -> prediction``, x: [B, ...], t: [B]; already guided.
+    model_fn: ``model_fn(x, t) -> prediction``, x: [B, ...], t: [B]; already guided.
     process: an SDE of ``sde.py`` or a ``DiscreteVP`` (not with ``'euler_maruyama'``).
-    x_T: [B, ...] start noise at the prior's scale.
-    num_steps: N, predictor steps from ``t_max`` to ``t_min``.
+    x_T: [B, ...] start noise at the prior's scale (the state at ``t_start`` or ``times[0]``
+      when given).
+    num_steps: N, predictor steps from ``t_max`` to ``t_min`` (on a uniform grid of N + 1 times).
     key: PRNG key; step i draws its noise from ``fold_in(key, i)``.
     prediction: what model_fn returns: 'eps', 'x0', 'v' or 'score'.
+    t_start: the time of x_T: the uniform grid runs from ``t_start`` to ``t_min``.
+    times: instead, the grid itself: ``[N + 1]`` strictly decreasing times in
+      ``[t_min, t_max]``; predictor step i runs from ``times[i]`` to ``times[i + 1]`` and the
+      denoising step evaluates at ``times[-1]`` (``core.check_times``).
+    step_hook: ``step_hook(x, i, t, alpha, sigma) -> x`` after each predictor step (i in
+      0..N-1, t = the time reached) and, with ``denoise``, once more after the denoising step
+      (i = N, t = 0, alpha = 1, sigma = 0); ``core.apply_hook``.
     predictor: one of ``PREDICTORS`` (module docstring).
     corrector: one of ``CORRECTORS``.
     snr: the corrector's target signal-to-noise ratio (0.16: score_sde's CIFAR-10 configs).
@@ -105,7 +115,16 @@ def pc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps
   x_T = jnp.asarray(x_T, jnp.float32)
   batch = x_T.shape[0]
   n_corr = n_corrector_steps if corrector != 'none' else 0
-  times = jnp.linspace(process.t_max, process.t_min, num_steps + 1, dtype=jnp.float32)
+  t_start = grids.check_t_start(process, t_start)
+  if times is None:
+    t_hi = process.t_max if t_start is None else t_start
+    times = jnp.linspace(t_hi, process.t_min, num_steps + 1, dtype=jnp.float32)
+  elif t_start is not None:
+    raise ValueError('pc: times and t_start were both given; explicit times start at times[0], '
+                     'the time of x_T: drop t_start.')
+  else:
+    times = core.check_times(process, times, num_steps=num_steps, num_points=num_steps + 1,
+                             method='pc', per_step='N + 1 times bound its N predictor steps')
 
   def corrector_step(x, t, alpha_i, k):
     score = score_fn(x, t)
@@ -149,6 +168,9 @@ def pc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps
       for j in range(n_corr):
         x = corrector_step(x, t, alpha_i, jax.random.fold_in(k_corr, j))
     x = predictor_step(x, t, s, k_pred)
+    if step_hook is not None:
+      t_s = times[i + 1]
+      x = core.apply_hook(step_hook, x, i, t_s, process.alpha(t_s), process.sigma(t_s))
     return x, x
 
   x, info = core.scan_steps(step, x_T, {'i': jnp.arange(num_steps)}, x_T=x_T,
@@ -156,7 +178,8 @@ def pc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps
                             callback=callback)
   nfe = num_steps * (n_corr + (predictor != 'none'))
   if denoise:
-    x, _ = denoiser(x, jnp.full((batch,), process.t_min, jnp.float32))
+    x, _ = denoiser(x, jnp.full((batch,), times[-1], jnp.float32))
+    x = core.apply_hook(step_hook, x, num_steps, 0.0, 1.0, 0.0)
     nfe += 1
     if return_trajectory:
       info['trajectory'] = info['trajectory'].at[-1].set(x)

@@ -68,8 +68,9 @@ _AB[4, :4] = [55 / 24, -59 / 24, 37 / 24, -9 / 24]
 
 
 def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
-         key: jax.Array | None = None, prediction: str = 'eps', grid: str = 'quadratic',
-         spacing: str | None = None, order: int = 4, warm_start: str = 'heun',
+         key: jax.Array | None = None, prediction: str = 'eps', t_start: float | None = None,
+         grid: str | None = None, spacing: str | None = None, times=None,
+         step_hook: core.StepHook | None = None, order: int = 4, warm_start: str = 'heun',
          analytic_first_step: bool = False, clip_x0: bool = False,
          dynamic_threshold: float | None = None,
          return_trajectory: bool = False, callback=None) -> tuple[jax.Array, dict]:
@@ -78,12 +79,17 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   Args:
     model_fn: ``model_fn(x: [B, ...], t: [B]) -> prediction``.
     process: any process of the contract.
-    x_T: [B, ...] start noise.
+    x_T: [B, ...] start noise (the state at ``t_start`` when given).
     num_steps: steps n; with ``warm_start='heun'`` the first step takes two evaluations, so
       NFE = n + 1 (n = 1 or order = 1: DDIM, NFE = 1); with 'ab', NFE = n.
     key: unused (deterministic).
     prediction: the model's prediction type.
+    t_start: the time of x_T; the grid is laid out over [t_min, t_start] (default t_max).
     grid, spacing: the time grid (``grids.make_grid``), quadratic by default.
+    times: instead of grid/spacing, the grid itself: ``[num_steps]`` decreasing times, one per
+      step (``core.make_schedule``).
+    step_hook: ``step_hook(x, i, t, alpha, sigma) -> x`` after each step (``core.apply_hook``);
+      with the Heun start, after the corrected first step (not after its Euler predictor).
     order: the Adams-Bashforth order, 1 to 4 (4: PNDM; 1 is DDIM).
     warm_start: 'heun' (PNDM's S-PNDM start: a pseudo improved Euler first step, then AB2, AB3)
       or 'ab' (iPNDM: Euler first step, then AB of rising order; the more accurate at <= 20 NFE
@@ -108,15 +114,17 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
                      'start evaluates the model twice at the first step.')
   if warm_start == 'ab':
     return _ipndm(model_fn, process, x_T, num_steps=n, prediction=prediction, grid=grid,
-                  spacing=spacing, order=order, analytic_first_step=bool(analytic_first_step),
-                  clip_x0=clip_x0,
+                  spacing=spacing, times=times, t_start=t_start, step_hook=step_hook,
+                  order=order, analytic_first_step=bool(analytic_first_step), clip_x0=clip_x0,
                   dynamic_threshold=dynamic_threshold, return_trajectory=return_trajectory,
                   callback=callback)
   if n == 1 or order == 1:
-    return ddim(model_fn, process, x_T, num_steps=n, prediction=prediction, grid=grid,
-                spacing=spacing, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold,
-                return_trajectory=return_trajectory, callback=callback)
-  sched = core.make_schedule(process, n, grid=grid, spacing=spacing)
+    return ddim(model_fn, process, x_T, num_steps=n, prediction=prediction, t_start=t_start,
+                grid=grid, spacing=spacing, times=times, step_hook=step_hook, clip_x0=clip_x0,
+                dynamic_threshold=dynamic_threshold, return_trajectory=return_trajectory,
+                callback=callback)
+  sched = core.make_schedule(process, n, grid=grid, spacing=spacing, times=times, t_start=t_start,
+                             method='plms')
   denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
                                dynamic_threshold=dynamic_threshold)
   # n + 1 iterations, one evaluation each: j = 0 predicts step 0 (Euler), j = 1 corrects it at
@@ -130,6 +138,9 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
         'sigma_next': sched.sigma[start + 1], 'ab': jnp.asarray(_AB[ab_order]),
         'alpha_eval': sched.alpha[t_eval], 'sigma_eval': sched.sigma[t_eval],
         'last': jnp.asarray(j == n)}
+  if step_hook is not None:  # iteration j >= 1 completes step j - 1, at t_j
+    xs['t_reached'] = sched.reached_t()[start]
+    xs['no_step'] = jnp.asarray((j == 0) | (j == n))
   carry = (x_T, x_T, jnp.zeros((4,) + x_T.shape, jnp.float32),
            jnp.zeros((2,) + x_T.shape, jnp.float32))
 
@@ -146,6 +157,9 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
     # The last iteration only evaluates the model: it keeps the state it evaluated at, and the
     # final step to the data follows the scan.
     x_new = jnp.where(s['last'], x_eval, x_new)
+    if step_hook is not None:
+      x_new = core.apply_hook(step_hook, x_new, s['i'] - 1, s['t_reached'], s['alpha_next'],
+                              s['sigma_next'], skip=s['no_step'])
     x_next = jnp.where(first, x, x_new)
     return (x_next, x_new, e_hist, m), x_next
 
@@ -158,6 +172,7 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   # the weights are computed while tracing.
   with jax.ensure_compile_time_eval():
     x = core.extrapolate_to_data(m, sched.rho_history(2), 2, y=x / sched.alpha[-2])
+  x = core.apply_hook(step_hook, x, n - 1, 0.0, 1.0, 0.0)  # the step to the data
   if return_trajectory:
     info['trajectory'] = info['trajectory'].at[-1].set(x)
   return x, {'nfe': n + 1, **info}
@@ -167,14 +182,16 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
 AFS_MAX_SNR_RATIO = 0.1
 
 
-def _ipndm(model_fn, process, x_T, *, num_steps, prediction, grid, spacing, order,
-           analytic_first_step, clip_x0, dynamic_threshold, return_trajectory, callback):
+def _ipndm(model_fn, process, x_T, *, num_steps, prediction, grid, spacing, times, t_start,
+           step_hook, order, analytic_first_step, clip_x0, dynamic_threshold, return_trajectory,
+           callback):
   """iPNDM (``plms(..., warm_start='ab')``): AB of order ``min(i + 1, order)`` at step i."""
   n = num_steps
   if analytic_first_step and n < 2:
     raise ValueError(f'plms: analytic_first_step=True needs num_steps >= 2 (NFE = num_steps - 1), '
                      f'got num_steps={n}.')
-  sched = core.make_schedule(process, n, grid=grid, spacing=spacing)
+  sched = core.make_schedule(process, n, grid=grid, spacing=spacing, times=times, t_start=t_start,
+                             method='plms')
   if analytic_first_step:
     with jax.ensure_compile_time_eval():
       ratio = sched.alpha[0] / sched.sigma[0]
@@ -184,7 +201,7 @@ def _ipndm(model_fn, process, x_T, *, num_steps, prediction, grid, spacing, orde
           f'plms: analytic_first_step=True replaces the model at the first grid time by its value '
           f'for pure noise, but alpha / sigma = {float(ratio):.3g} there (> {AFS_MAX_SNR_RATIO}): '
           'the start is not close enough to pure noise. Start the grid at the end of the process '
-          'or leave analytic_first_step off.')
+          '(no t_start, or times starting at t_max) or leave analytic_first_step off.')
   denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
                                dynamic_threshold=dynamic_threshold)
   i = np.arange(n)
@@ -194,6 +211,8 @@ def _ipndm(model_fn, process, x_T, *, num_steps, prediction, grid, spacing, orde
         # sigma / alpha of the previous evaluation (the first step has none: twice its own).
         'rho_prev': jnp.concatenate([2.0 * sched.rho[:1], sched.rho[:-2]]),
         'last': jnp.asarray(i == n - 1)}
+  if step_hook is not None:
+    xs['t_reached'] = sched.reached_t()
 
   def model_eps(x, s):
     return denoise(x, s['t'], s['alpha'], s['sigma'])[1]
@@ -217,6 +236,9 @@ def _ipndm(model_fn, process, x_T, *, num_steps, prediction, grid, spacing, orde
     # its mean over [0, s_0] is e / 2 (the same step as core.extrapolate_to_data's).
     close = s['last'] & (s['rho_prev']**2 < 2.0 * s['rho']**2)
     x_next = jnp.where(close, (x - 0.5 * s['sigma'] * e) / s['alpha'], x_next)
+    if step_hook is not None:
+      x_next = core.apply_hook(step_hook, x_next, s['i'], s['t_reached'], s['alpha_next'],
+                               s['sigma_next'])
     return (x_next, e_hist), x_next
 
   carry = (x_T, jnp.zeros((4,) + x_T.shape, jnp.float32))

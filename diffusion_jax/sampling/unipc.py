@@ -86,26 +86,34 @@ def _unipc_update(x_s, m, lam_hist, lam_s, lam_t, sigma_s, alpha_t, sigma_t, ord
 
 
 def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
-          key: jax.Array | None = None, prediction: str = 'eps', order: int = 2,
-          variant: Literal['bh1', 'bh2'] = 'bh2', corrector: bool = True, grid: str = 'quadratic',
-          spacing: str | None = None, lower_order_final: bool | None = None, clip_x0: bool = False,
-          dynamic_threshold: float | None = None, return_trajectory: bool = False,
-          callback=None) -> tuple[jax.Array, dict]:
+          key: jax.Array | None = None, prediction: str = 'eps', t_start: float | None = None,
+          order: int = 2, variant: Literal['bh1', 'bh2'] = 'bh2', corrector: bool = True,
+          grid: str | None = None, spacing: str | None = None, times=None,
+          step_hook: core.StepHook | None = None, lower_order_final: bool | None = None,
+          clip_x0: bool = False, dynamic_threshold: float | None = None,
+          return_trajectory: bool = False, callback=None) -> tuple[jax.Array, dict]:
   """UniPC (Zhao et al. 2023): multistep UniP-p predictor with the UniC corrector.
 
   Args:
     model_fn: ``model_fn(x: [B, ...], t: [B]) -> prediction``.
     process: any process of the contract.
-    x_T: [B, ...] start noise.
+    x_T: [B, ...] start noise (the state at ``t_start`` when given).
     num_steps: model evaluations (one per grid time).
     key: unused (deterministic).
     prediction: the model's prediction type.
+    t_start: the time of x_T; the grid is laid out over [t_min, t_start] (default t_max).
     order: p in {1, 2, 3}, the predictor's order (the corrector adds one); warm start
       ``min(p, i + 1)``.
     variant: 'bh1' or 'bh2' (the paper recommends bh1 unconditionally with few steps, bh2 with
       guidance).
     corrector: apply UniC after every evaluation (no extra NFE).
     grid, spacing: the time grid (``grids.make_grid``), quadratic by default.
+    times: instead of grid/spacing, the grid itself: ``[num_steps]`` decreasing times
+      (``core.make_schedule``).
+    step_hook: ``step_hook(x, i, t, alpha, sigma) -> x`` after each step (``core.apply_hook``),
+      on the predicted state, where the model is evaluated next; the corrector then refines that
+      state from the previous (corrected) one, as diffusers' UniPC does with a pipeline's
+      replacement of its output.
     lower_order_final: first-order final step to the data; default: only below
       ``dpm_solver.LOWER_ORDER_FINAL_BELOW`` steps.
     clip_x0, dynamic_threshold: see ``core.make_denoiser``.
@@ -125,7 +133,8 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
     raise ValueError(f"unipc: variant={variant!r} is not known; use 'bh1' or 'bh2'.")
   if lower_order_final is None:
     lower_order_final = n < dpm_solver.LOWER_ORDER_FINAL_BELOW
-  sched = core.make_schedule(process, n, grid=grid, spacing=spacing)
+  sched = core.make_schedule(process, n, grid=grid, spacing=spacing, times=times, t_start=t_start,
+                             method='unipc')
   denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
                                dynamic_threshold=dynamic_threshold)
   lam = sched.log_snr
@@ -143,6 +152,8 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
         'alpha_next': jnp.concatenate([sched.alpha[1:-1], sched.alpha[-2:-1]]),
         'sigma_next': jnp.concatenate([sched.sigma[1:-1], sched.sigma[-2:-1]]),
         'order': orders, 'prev_order': jnp.concatenate([orders[:1], orders[:-1]])}
+  if step_hook is not None:
+    xs.update(t_reached=sched.reached_t(), last=sched.is_last())
   # carry: the (corrected) previous state, the predicted current state, the histories.
   carry = (x_T, x_T, jnp.zeros((_K,) + x_T.shape, jnp.float32), jnp.zeros((_K,), jnp.float32))
 
@@ -159,6 +170,9 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
     # data follows the scan.
     x_pred = _unipc_update(x, m, lam_hist, s['lam'], s['lam_next'], s['sigma'], s['alpha_next'],
                            s['sigma_next'], s['order'], variant)
+    if step_hook is not None:
+      x_pred = core.apply_hook(step_hook, x_pred, s['i'], s['t_reached'], s['alpha_next'],
+                               s['sigma_next'], skip=s['last'])
     return (x, x_pred, m, lam_hist), x_pred
 
   (x, _, m, _), info = core.scan_steps(step, carry, xs, x_T=x_T, num_steps=n,
@@ -167,6 +181,7 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
   # computed while tracing).
   with jax.ensure_compile_time_eval():
     x = core.extrapolate_to_data(m, sched.rho_history(_K), final_order, y=x / sched.alpha[-2])
+  x = core.apply_hook(step_hook, x, n - 1, 0.0, 1.0, 0.0)  # the step to the data
   if return_trajectory:
     info['trajectory'] = info['trajectory'].at[-1].set(x)
   return x, {'nfe': n, **info}

@@ -1,0 +1,148 @@
+"""Deterministic samplers run backwards, data -> noise (DDIM inversion: Song et al. 2021a, 4.3).
+
+``sampling.invert`` integrates the probability-flow ODE from the data up to ``t_end`` on the
+sampler's own grid (the same ``grid`` / ``spacing`` / ``times`` / ``t_start = t_end``) taken in
+reverse, ``u = [t_{n-1}, ..., t_0]``, inside the same ``core.scan_steps`` loop, so that sampling
+with the same method, steps and grid maps its output back to the data up to the two
+discretization errors (tests/test_sampling.py measures the round trip).
+
+The step from ``u_{j-1}`` to ``u_j`` evaluates the model where the state is, ``(x_{u_{j-1}},
+u_{j-1})``, and applies the method's own update with the roles of start and end exchanged (the
+updates are written for any pair of noise levels, so they run backwards unchanged):
+
+- ``'ddim'`` / ``'euler'`` (equal when deterministic): ``x_u = alpha_u x0_hat + sigma_u eps_hat``,
+  Euler's method in ``y = x / alpha`` against ``sigma / alpha`` (first order);
+- ``'dpmpp_2m'``: DPM-Solver++(2M)'s multistep update (Lu et al. 2022b, Algorithm 2) with ``h < 0``,
+  first order at its first step from a grid time, second order after (second order).
+
+The first step leaves the data, where the model cannot be evaluated (sigma = 0 is no time of the
+process). In ``y = x / alpha`` against ``rho = sigma / alpha`` the ODE is ``dy/drho = eps`` and eps
+is odd in rho at the data (``eps = rho g(y, rho^2)``, core.py's module docstring), so its mean over
+``[0, rho]`` is half its value at rho: the step takes ``x_{u_0} = alpha_{u_0} x_0 +
+sigma_{u_0} eps_hat / 2`` with ``eps_hat`` evaluated at the data scaled to that time,
+``(alpha_{u_0} x_0, u_0)``, an error ``O(rho_{u_0}^4)``. It is the inverse of the final step the
+multistep samplers take when their last noise levels are close, ``x_0 = (y + x0_hat) / 2``
+(``core.extrapolate_to_data``). (The full ``sigma eps_hat``, as diffusers' ``DDIMInverseScheduler``
+takes, leaves an error ``rho_{u_0}^2 g / 2`` that no number of steps removes: 1e-4 in x_T on a
+Gaussian with ``DiscreteVP.linear()``, where ``rho(t_min) = 0.01``.) NFE = num_steps.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.sampling import core
+from diffusion_jax.sampling.dpm_solver import _dpmpp_update  # pylint: disable=protected-access
+
+
+def _reversed(process, num_steps, *, grid, spacing, times, t_end, method):
+  """xs of the reversed schedule: iteration j steps from level j - 1 (the data for j = 0) to u_j."""
+  sched = core.make_schedule(process, num_steps, grid=grid, spacing=spacing, times=times,
+                             t_start=t_end, method=f'invert({method!r})')
+  with jax.ensure_compile_time_eval():
+    u = sched.t[::-1]
+    alpha_u, sigma_u = sched.alpha[-2::-1], sched.sigma[-2::-1]
+    j = np.arange(num_steps)
+    prev = np.maximum(j - 1, 0)
+    first = jnp.asarray(j == 0)
+    xs = {'i': jnp.asarray(j), 'first': first, 't_reached': u,
+          'alpha_next': alpha_u, 'sigma_next': sigma_u,
+          # where the model is evaluated: the start state at u_{j-1}; for j = 0 the data scaled to
+          # u_0 (module docstring).
+          't': u[prev], 'alpha': alpha_u[prev], 'sigma': sigma_u[prev],
+          'lam': jnp.log(alpha_u[prev]) - jnp.log(sigma_u[prev]),
+          'lam_next': jnp.log(alpha_u) - jnp.log(sigma_u),
+          'scale_in': jnp.where(first, alpha_u[0], 1.0),
+          'eps_weight': jnp.where(first, 0.5, 1.0)}
+  return sched, xs
+
+
+def invert_ddim(model_fn: Callable[..., jax.Array], process, x_0: jax.Array, *, num_steps: int,
+                prediction: str = 'eps', t_end: float | None = None, grid: str | None = None,
+                spacing: str | None = None, times=None, step_hook: core.StepHook | None = None,
+                return_trajectory: bool = False, callback=None) -> tuple[jax.Array, dict]:
+  """DDIM (eta = 0) inversion: the state at ``t_end`` whose DDIM sample is ``x_0``.
+
+  Args:
+    model_fn: ``model_fn(x: [B, ...], t: [B]) -> prediction`` (guidance applied).
+    process: any process of the contract.
+    x_0: [B, ...] float32 data.
+    num_steps: grid times (model evaluations), as for ``ddim``.
+    prediction: the model's prediction type.
+    t_end: the time to invert to (default ``t_max``); the grid is laid out over
+      ``[t_min, t_end]``, as ``sample(..., t_start=t_end)`` lays it out.
+    grid, spacing, times: the sampler's grid (``core.make_schedule``), quadratic by default.
+    step_hook: ``step_hook(x, i, t, alpha, sigma) -> x`` after each step, t the time reached.
+    return_trajectory, callback: see ``core.scan_steps`` (the trajectory runs from x_0 to x_T).
+
+  Returns:
+    x_T [B, ...] float32 and an info dict with 'nfe'.
+  """
+  _, xs = _reversed(process, num_steps, grid=grid, spacing=spacing, times=times, t_end=t_end,
+                    method='ddim')
+  denoise = core.make_denoiser(model_fn, process, prediction=prediction)
+
+  def step(x, s):
+    x0_hat, eps = denoise(s['scale_in'] * x, s['t'], s['alpha'], s['sigma'])
+    x0_start = jnp.where(s['first'], x, x0_hat)  # at the data, x is x_0 itself
+    x_next = s['alpha_next'] * x0_start + (s['eps_weight'] * s['sigma_next']) * eps
+    x_next = core.apply_hook(step_hook, x_next, s['i'], s['t_reached'], s['alpha_next'],
+                             s['sigma_next'])
+    return x_next, x_next
+
+  x, info = core.scan_steps(step, x_0, xs, x_T=x_0, num_steps=num_steps,
+                            return_trajectory=return_trajectory, callback=callback)
+  return x, {'nfe': num_steps, **info}
+
+
+def invert_dpmpp_2m(model_fn: Callable[..., jax.Array], process, x_0: jax.Array, *,
+                    num_steps: int, prediction: str = 'eps', t_end: float | None = None,
+                    order: int = 2, grid: str | None = None, spacing: str | None = None,
+                    times=None, step_hook: core.StepHook | None = None,
+                    return_trajectory: bool = False, callback=None) -> tuple[jax.Array, dict]:
+  """DPM-Solver++(2M) inversion: the 2M update with the noise levels exchanged.
+
+  After the first step off the data (module docstring), step j >= 1 evaluates the model at
+  ``(x_{u_{j-1}}, u_{j-1})`` and takes the update of order ``min(order, j)``: first order (DDIM)
+  at the first grid time, then second order with the previous evaluation's data prediction.
+  Arguments as ``invert_ddim``; ``order``: 1 or 2.
+  """
+  if order not in (1, 2):
+    raise ValueError(f'invert(dpmpp_2m): order={order!r} is not supported; use 1 or 2.')
+  _, xs = _reversed(process, num_steps, grid=grid, spacing=spacing, times=times, t_end=t_end,
+                    method='dpmpp_2m')
+  xs['order'] = jnp.asarray(np.minimum(np.arange(num_steps), order))
+  denoise = core.make_denoiser(model_fn, process, prediction=prediction)
+
+  def step(c, s):
+    x, m, lam_hist = c
+    x0_hat, eps = denoise(s['scale_in'] * x, s['t'], s['alpha'], s['sigma'])
+    # The first evaluation is off the trajectory: it enters the history at u_0, where the next
+    # one (order 1) follows, and is never used in a difference (order 2 from j = 2 on).
+    m = core.push(m, x0_hat)
+    lam_hist = core.push(lam_hist, s['lam'])
+    x_off_data = s['alpha_next'] * x + (0.5 * s['sigma_next']) * eps
+    x_step = _dpmpp_update(x, m, lam_hist, s['lam_next'], s['alpha_next'], s['sigma_next'],
+                           s['sigma'], jnp.maximum(s['order'], 1), 2)
+    x_next = jnp.where(s['first'], x_off_data, x_step)
+    x_next = core.apply_hook(step_hook, x_next, s['i'], s['t_reached'], s['alpha_next'],
+                             s['sigma_next'])
+    return (x_next, m, lam_hist), x_next
+
+  carry = (x_0, jnp.zeros((2,) + x_0.shape, jnp.float32), jnp.zeros((2,), jnp.float32))
+  (x, _, _), info = core.scan_steps(step, carry, xs, x_T=x_0, num_steps=num_steps,
+                                    return_trajectory=return_trajectory, callback=callback)
+  return x, {'nfe': num_steps, **info}
+
+
+# The methods ``sampling.invert`` accepts: deterministic ones whose update runs backwards. Euler
+# without churn is DDIM on the same grid (karras.py), so it inverts as DDIM.
+INVERSIONS: dict[str, Callable[..., tuple[jax.Array, dict]]] = {
+    'ddim': invert_ddim,
+    'euler': invert_ddim,
+    'dpmpp_2m': invert_dpmpp_2m,
+}
