@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,7 @@ from diffusion_jax import sde as sde_lib
 # sampling/__init__.py has run (`from .ode import ode`), so `from diffusion_jax.sampling import ode`
 # returns the function whenever the package was imported first (as by the trainer).
 ode_lib = importlib.import_module('diffusion_jax.sampling.ode')
+guidance = importlib.import_module('diffusion_jax.sampling.guidance')
 
 DIVERGENCES = ('hutchinson', 'exact')
 NOISES = ('rademacher', 'gaussian')
@@ -77,18 +78,20 @@ def _divergence_hutchinson(fn: Callable[[jax.Array], jax.Array], x: jax.Array, n
 
 def log_likelihood(model_fn: Callable[..., jax.Array], process, x: jax.Array, *,
                    key: jax.Array | None, prediction: processes.Prediction = 'eps',
-                   divergence: str = 'hutchinson', noise: str = 'rademacher',
+                   cond: Any = None, divergence: str = 'hutchinson', noise: str = 'rademacher',
                    rtol: float = 1e-5, atol: float = 1e-5, t_start: float | None = None,
                    max_steps: int = 4096, return_info: bool = False):
   """log p(x) in nats under the model's probability-flow ODE (Song et al. 2021, Sec. 4.3).
 
   Args:
-    model_fn: ``model_fn(x, t, y=None) -> prediction``, x: [B, ...], t: [B]; it must treat the
+    model_fn: ``model_fn(x, t, cond) -> prediction``, x: [B, ...], t: [B]; it must treat the
       examples of a batch independently (the divergence is taken through it).
     process: any process of the contract (the SDEs of ``sde.py`` or a ``DiscreteVP``).
     x: [B, ...] data, in the range and scale the model was trained on.
     key: PRNG key for the Hutchinson noise (unused, may be None, with ``divergence='exact'``).
     prediction: what model_fn returns: 'eps', 'x0', 'v' or 'score'.
+    cond: the conditioning passed to every model call: a pytree whose leaves have the batch B of
+      x as leading axis, or None (an unconditional model); log p(x | cond).
     divergence: 'exact' (D JVPs per evaluation; small D) or 'hutchinson' (one JVP, unbiased).
     noise: the Hutchinson probe, 'rademacher' (lower variance) or 'gaussian'.
     rtol, atol: the ODE solver's tolerances (1e-5 as score_sde).
@@ -119,13 +122,14 @@ def log_likelihood(model_fn: Callable[..., jax.Array], process, x: jax.Array, *,
   if x.ndim < 2:
     raise ValueError(f'x must be a batch [B, ...] with at least one data axis; got shape '
                      f'{x.shape}.')
+  guidance.check_cond(cond, x.shape[0])
   if divergence == 'exact':
     probe = None
   elif noise == 'rademacher':
     probe = jax.random.rademacher(key, x.shape, jnp.float32)
   else:
     probe = jax.random.normal(key, x.shape, jnp.float32)
-  logp, info = _solve(model_fn, process, x, probe, jnp.float32(t0), prediction=prediction,
+  logp, info = _solve(model_fn, process, x, probe, jnp.float32(t0), cond, prediction=prediction,
                       divergence=divergence, rtol=rtol, atol=atol, max_steps=max_steps)
   return (logp, info) if return_info else logp
 
@@ -135,9 +139,11 @@ def log_likelihood(model_fn: Callable[..., jax.Array], process, x: jax.Array, *,
 # refused by the process's check of concrete times (which guards the public API, not the solver).
 @functools.partial(jax.jit, static_argnames=('model_fn', 'prediction', 'divergence', 'rtol',
                                              'atol', 'max_steps'))
-def _solve(model_fn, process, x, probe, t0, *, prediction, divergence, rtol, atol, max_steps):
+def _solve(model_fn, process, x, probe, t0, cond, *, prediction, divergence, rtol, atol,
+           max_steps):
   """The augmented PF-ODE from t0 to t_max: logp [B] and the info dict of ``log_likelihood``."""
-  score_fn = ode_lib.score_fn_from_model(model_fn, process, prediction=prediction)
+  score_fn = ode_lib.score_fn_from_model(lambda x, t: model_fn(x, t, cond), process,
+                                         prediction=prediction)
 
   def vector_field(t, state):
     x_t, _ = state
@@ -183,7 +189,8 @@ def _dequantize(levels: jax.Array, key: jax.Array) -> jax.Array:
 
 def bits_per_dim(model_fn: Callable[..., jax.Array], process, x, *, key: jax.Array,
                  num_draws: int = 4, dequantize: str | None = 'uniform',
-                 prediction: processes.Prediction = 'eps', divergence: str = 'hutchinson',
+                 prediction: processes.Prediction = 'eps', cond: Any = None,
+                 divergence: str = 'hutchinson',
                  noise: str = 'rademacher', rtol: float = 1e-5, atol: float = 1e-5,
                  t_start: float | None = None) -> tuple[float, float]:
   """Bits per dimension of 8-bit data (or of continuous data), with its standard error.
@@ -205,14 +212,14 @@ def bits_per_dim(model_fn: Callable[..., jax.Array], process, x, *, key: jax.Arr
   data needs ``dequantize=None`` and then gets ``-log2 p(x)/D`` without offset.
 
   Args:
-    model_fn: ``model_fn(x, t, y=None) -> prediction`` on data in [-1, 1].
+    model_fn: ``model_fn(x, t, cond) -> prediction`` on data in [-1, 1].
     process: any process of the contract.
     x: [B, ...] 8-bit data as integer levels in [0, 255] or floats ``k/127.5 - 1``; or, with
       ``dequantize=None``, continuous data in the model's range.
     key: PRNG key: draw d uses ``fold_in(key, d)`` for its dequantization and Hutchinson noise.
     num_draws: draws averaged per example (dequantization noise and Hutchinson probes).
     dequantize: 'uniform' or None (continuous data).
-    prediction, divergence, noise, rtol, atol, t_start: as ``log_likelihood``.
+    prediction, cond, divergence, noise, rtol, atol, t_start: as ``log_likelihood``.
 
   Returns:
     ``(bpd_mean, bpd_stderr)`` as floats: the mean over examples of each example's mean over the
@@ -242,7 +249,7 @@ def bits_per_dim(model_fn: Callable[..., jax.Array], process, x, *, key: jax.Arr
   def one_draw(k):
     k_deq, k_div = jax.random.split(k)
     z = data if dequantize is None else _dequantize(data, k_deq)
-    logp = log_likelihood(model_fn, process, z, key=k_div, prediction=prediction,
+    logp = log_likelihood(model_fn, process, z, key=k_div, prediction=prediction, cond=cond,
                           divergence=divergence, noise=noise, rtol=rtol, atol=atol,
                           t_start=t_start)
     return -logp / (d * math.log(2.0)) + offset

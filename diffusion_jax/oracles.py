@@ -100,11 +100,12 @@ class GaussianMixture(NamedTuple):
     return jax.nn.softmax(logp, axis=-1)
 
   def model_fn(self, process, *, prediction: str = 'eps'):
-    """The exact ``model_fn(x, t, y=None) -> prediction`` for ``process`` (DESIGN.md contract)."""
+    """The exact ``model_fn(x, t, cond=None) -> prediction`` for ``process`` (DESIGN.md contract;
+    the mixture is unconditional: ``cond`` is ignored)."""
     from diffusion_jax import processes  # pylint: disable=import-outside-toplevel
 
-    def fn(x, t, y=None):
-      del y
+    def fn(x, t, cond=None):
+      del cond
       t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
       alpha, sigma = process.alpha(t), process.sigma(t)
       score = self.score(x, alpha, sigma)

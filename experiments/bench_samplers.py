@@ -74,10 +74,11 @@ def mixture_eps_2d(weights, means, covs):
 
 
 def oracle_model(eps_fn, process):
-  """``model(x, t)``: the eps-prediction at our process's time t (alpha, sigma from ``process``)."""
+  """``model(x, t, cond=None)``: the eps-prediction at our process's time t (alpha, sigma from
+  ``process``); the oracle is unconditional, cond is ignored."""
 
-  def model(x, t, y=None):
-    del y
+  def model(x, t, cond=None):
+    del cond
     return eps_fn(x, process.alpha(t), process.sigma(t))
 
   return model
