@@ -48,7 +48,8 @@ def learning_rate_schedule(*, learning_rate: float, warmup_steps: int = 0, decay
                                               end_value=end_factor * learning_rate)
   return optax.join_schedules(
       [optax.linear_schedule(0.0, learning_rate, warmup_steps),
-       optax.linear_schedule(learning_rate, end_factor * learning_rate, total_steps - warmup_steps)],
+       optax.linear_schedule(learning_rate, end_factor * learning_rate,
+                             total_steps - warmup_steps)],
       [warmup_steps])
 
 
@@ -68,7 +69,8 @@ def _labels(trainable: Any) -> Callable[[Any], Any]:
 
   def labels(params):
     if callable(trainable):
-      mask = jax.tree_util.tree_map_with_path(lambda path, leaf: bool(trainable(path, leaf)), params)
+      mask = jax.tree_util.tree_map_with_path(lambda path, leaf: bool(trainable(path, leaf)),
+                                              params)
     else:
       mask = trainable
     return jax.tree.map(lambda m: 'train' if m else 'freeze', mask)

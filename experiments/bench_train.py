@@ -9,9 +9,10 @@ google/ddpm-cifar10-32 (the same architecture and parameter count), on this mach
 Both sides run the same step: DDPM eps-loss (uniform t, Gaussian noise, q_sample), forward and
 backward with dropout 0.1 active, global-norm gradient clipping at 1.0, Adam (lr 2e-4) and an EMA
 (0.9999) of the parameters. Ours is ``training.step.train_step`` on ``objectives.denoising``,
-jitted exactly as ``training.loop`` does (state donated), in a process set up by ``cpu_runtime.configure()`` as ``main`` sets up its own;
-the torch step uses foreach Adam and foreach EMA updates, its fastest plain form (glibc's mallopt
-settings of ``cpu_runtime`` did not change its step time: 1.81-1.84 s with, 1.84-1.85 s without).
+jitted exactly as ``training.loop`` does (state donated), in a process set up by
+``cpu_runtime.configure()`` as ``main`` sets up its own; the torch step uses foreach Adam and
+foreach EMA updates, its fastest plain form (glibc's mallopt settings of ``cpu_runtime`` do not
+change its step time; figures in docs/benchmarks.md).
 
 Each framework runs in its own worker subprocess (so that peak RSS is its own); the parent starts a
 JAX and a torch worker per batch size, lets each warm up, then alternates blocks of timed steps

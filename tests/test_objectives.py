@@ -89,7 +89,7 @@ def test_denoising_reads_cond_from_frozen_and_batch():
   np.testing.assert_array_equal(seen[-1]['label'], [2, 0, 1])
 
 
-# --- frozen trees ----------------------------------------------------------------------------------
+# --- frozen trees ---------------------------------------------------------------------------------
 
 
 def _projection_problem(dim=4, n=64):
@@ -132,7 +132,7 @@ def test_frozen_tree_stays_bitwise_and_has_no_optimizer_state():
   assert sum(s for s in sizes if s > 1) == 2 * num_params
 
 
-# --- partial training of one tree --------------------------------------------------------------------
+# --- partial training of one tree -----------------------------------------------------------------
 
 
 def _two_part_problem():

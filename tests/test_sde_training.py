@@ -1,4 +1,5 @@
-"""The trainer on continuous-time SDEs: likelihood-weighted training, --mode=eval, model/process checks."""
+"""The trainer on continuous-time SDEs: likelihood-weighted training, --mode=eval, model/process
+checks."""
 
 import json
 import os

@@ -257,7 +257,7 @@ def test_checkpoint_of_another_model(tmp_path):
     training.train_and_evaluate(_tiny(**{'model.unet.ch': 32}), workdir)
 
 
-# --- a smoke run of configs/tiny.py: the step is traced once ---------------------------------------
+# --- a smoke run of configs/tiny.py: the step is traced once --------------------------------------
 
 
 def test_tiny_config_end_to_end_traces_the_step_once(tmp_path, monkeypatch):
@@ -278,7 +278,7 @@ def test_tiny_config_end_to_end_traces_the_step_once(tmp_path, monkeypatch):
   assert _steps_on_disk(workdir) == [1, 2]
 
 
-# --- frozen trees in the loop ------------------------------------------------------------------------
+# --- frozen trees in the loop ---------------------------------------------------------------------
 
 
 def _vectors(tmp_path, **overrides):
@@ -343,7 +343,7 @@ def test_a_frozen_tree_is_read_by_the_loss_and_saved_only_when_asked(tmp_path, m
   assert step == 2 and np.asarray(frozen['table']).tolist() == [2, 0, 1]
 
 
-# --- starting points and parameter-only restores -----------------------------------------------------
+# --- starting points and parameter-only restores --------------------------------------------------
 
 
 @pytest.fixture

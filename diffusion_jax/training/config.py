@@ -1,4 +1,4 @@
-"""From the ConfigDict to typed objects: validation, process, network, optimizer, objective, sampler.
+"""The config, validated and turned into typed objects: process, network, optimizer, objective.
 
 The ConfigDict stops in this package: everything these functions return takes plain, typed
 arguments. ``validate_config`` checks every field against ``diffusion_jax/configs/default.py``
@@ -129,7 +129,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check_sampler_options(config)
 
 
-# --- builders ---------------------------------------------------------------------------------------
+# --- builders -------------------------------------------------------------------------------------
 
 
 def build_process(cfg: ml_collections.ConfigDict):
