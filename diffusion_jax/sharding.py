@@ -202,6 +202,8 @@ def put_params(tree: PyTree, mesh: Mesh, *, min_size: int = 2**14) -> PyTree:
     if isinstance(x, jax.Array):
       if x.sharding == target:
         return x
+      if not x.is_fully_addressable:  # already global: reshard on the devices
+        return jax.device_put(x, target)
       x = jax.device_get(x)
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, target, lambda index: x[index])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -87,14 +88,20 @@ class Setup:
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str | epath.Path,
-          element_shape_: tuple[int, ...]) -> Setup:
-  """Mesh, process, network, optimizer, the state's shapes and shardings, the checkpointer."""
+          example_shape: tuple[int, ...]) -> Setup:
+  """Mesh, process, network, optimizer, the state's shapes and shardings, the checkpointer.
+
+  Args:
+    config: a validated config.
+    workdir: the run's directory (its ``checkpoints/`` is opened, not read).
+    example_shape: the shape of one example, e.g. ``[H, W, C]`` (``element_shape`` or the data's).
+  """
   mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
   sharding.check_batch_size(config.training.batch_size, mesh)
   process = config_lib.build_process(config.process)
   module, network_fn = config_lib.build_network(config.model)
   tx, lr_schedule = config_lib.build_optimizer(config)
-  x = jnp.zeros((1,) + tuple(element_shape_), jnp.float32)
+  x = jnp.zeros((1,) + tuple(example_shape), jnp.float32)
   cond, _ = config_lib.sampler_cond(config, 1)
 
   def init_fn(key):
@@ -105,7 +112,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | epath.Path,
   shardings = sharding.param_sharding(shapes, mesh, min_size=config.mesh.fsdp_min_size)
   ckpt = checkpointing.Checkpointer(str(epath.Path(workdir) / 'checkpoints'),
                                     max_to_keep=config.training.keep_checkpoints)
-  return Setup(config, mesh, process, module, network_fn, tx, lr_schedule, tuple(element_shape_),
+  return Setup(config, mesh, process, module, network_fn, tx, lr_schedule, tuple(example_shape),
                init_fn, sharding.with_shardings(shapes, shardings), shardings, ckpt)
 
 
@@ -135,7 +142,10 @@ def load_init_params(s: Setup, init_params: Any = None) -> Any:
   init_from = s.config.training.init_from
   if init_params is not None:
     checkpointing.check_tree(s.abstract_params, init_params, name='init_params')
-    return sharding.put_params(init_params, s.mesh, min_size=s.config.mesh.fsdp_min_size)
+    # The model's own containers (a FrozenDict or another mapping in, plain dicts out).
+    tree = flax.serialization.from_state_dict(s.abstract_params,
+                                              flax.serialization.to_state_dict(init_params))
+    return sharding.put_params(tree, s.mesh, min_size=s.config.mesh.fsdp_min_size)
   if init_from:
     return checkpointing.load_params(init_from, s.abstract_params, which='ema_params')
   return None

@@ -72,8 +72,9 @@ def _initial_state(s: builders.Setup, data, init_params: Any) -> tuple[TrainStat
   params = builders.load_init_params(s, init_params)
   if params is None:
     return builders.fresh_state(s), 0
-  logging.info('Starting from %s (their EMA params; fresh optimizer state).',
-               'init_params' if init_params is not None else init_from)
+  logging.info('Starting from %s: params and EMA params from it, a fresh optimizer state.',
+               'init_params' if init_params is not None
+               else f'the EMA params of training.init_from={init_from!r}')
   return builders.state_from_params(s, params), 0
 
 
