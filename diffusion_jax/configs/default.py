@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.random_flip = False  # random horizontal flips (images only).
   data.use_labels = False  # read labels (needed for class conditioning, model.num_classes > 0).
   data.worker_count = 0  # grain worker processes for decoding (0: in the main process).
+  data.background = (255, 255, 255)  # RGB that transparent pixels are composited onto.
 
   # --- network and its parameterization ---------------------------------------------------------
   model = config.model = ml_collections.ConfigDict()
