@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- network and its parameterization ---------------------------------------------------------
   model = config.model = ml_collections.ConfigDict()
   model.name = 'unet'  # 'unet' (images [B, H, W, C]) | 'mlp' (vectors [B, D]).
-  model.parameterization = 'eps'  # the network predicts 'eps' | 'x0' | 'v' | 'score' (F/sigma).
+  model.parameterization = 'eps'  # the network predicts 'eps' | 'x0' | 'v' | 'score' (F/sigma) | 'flow' (eps - x0).
   model.noise_input = 't'  # network input: 't' (DDPM step) | 't999' (999 t, VP SDEs) | 'log_sigma' (VE).
   model.num_classes = 0  # classes for class conditioning; 0 = unconditional.
   model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params stay float32).
@@ -68,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- noise process ----------------------------------------------------------------------------
   process = config.process = ml_collections.ConfigDict()
-  process.type = 'discrete'  # 'discrete' (DDPM) | 'vp' | 'subvp' | 've' (score SDEs).
+  process.type = 'discrete'  # 'discrete' (DDPM) | 'vp' | 'subvp' | 've' (score SDEs) | 'rectified_flow'.
   process.schedule = 'linear'  # discrete: 'linear' | 'cosine'.
   process.num_timesteps = 1000  # discrete: number of steps N.
   process.beta_start = 1e-4  # discrete linear: first beta.
@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
   process.beta_max = 20.0  # vp/subvp: beta(1).
   process.sigma_min = 0.01  # ve: sigma(0).
   process.sigma_max = 50.0  # ve: sigma(1).
-  process.t_eps = 1e-3  # vp/subvp/ve: smallest time t_min (score_sde: 1e-3 VP, 1e-5 VE).
+  process.t_eps = 1e-3  # vp/subvp/ve: smallest time t_min (score_sde: 1e-3 VP, 1e-5 VE); rectified_flow: t in [t_eps, 1 - t_eps].
 
   # --- training ---------------------------------------------------------------------------------
   training = config.training = ml_collections.ConfigDict()
@@ -92,7 +92,9 @@ def get_config() -> ml_collections.ConfigDict:
   training.ema_decay = 0.999  # EMA decay per step.
   training.weighting = 'uniform'  # loss weighting: 'uniform' | 'snr' | 'min_snr' | 'likelihood'.
   training.min_snr_gamma = 5.0  # gamma of 'min_snr'.
-  training.time_sampling = 'uniform'  # 'uniform' | 'importance'.
+  training.time_sampling = 'uniform'  # 'uniform' | 'importance' | 'logit_normal' (SD3: t = sigmoid(N(mean, std^2))).
+  training.logit_normal_mean = 0.0  # 'logit_normal': mean m of the logit of t (Esser et al. 2024: 0).
+  training.logit_normal_std = 1.0  # 'logit_normal': std s of the logit of t (Esser et al. 2024: 1).
   training.label_dropout = 0.1  # P(label -> null) for classifier-free guidance (class models).
   training.steps_per_call = 1  # train steps per jitted call (lax.scan), for host-bound runs.
   training.max_nonfinite_steps = 20  # stop after this many consecutive non-finite (skipped) steps.
@@ -122,6 +124,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.guidance_scale = 1.0  # classifier-free guidance scale (1 = plain conditional).
   sampling.grid = ''  # time grid: '' (the method's default) | 'uniform' | 'logsnr' | 'karras' | 'quadratic'.
   sampling.spacing = ''  # grid ends: '' (the grid's default) | 'trailing' (last step to data as long as the others; best at <= 10 steps) | 'linspace' | 'leading' (uniform only).
+  sampling.shift = 1.0  # time shift of every grid, t' = shift t / (1 + (shift - 1) t) on [t_min, t_max] rescaled to [0, 1] (SD3: 3.0; 1 = none).
   sampling.eta = 0.0  # ddim: stochasticity (0 = deterministic DDIM, 1 = DDPM-like).
   sampling.order = 0  # multistep order, 0 = the method's default: plms 1-4 (4), unipc 1-3 (2), dpmpp_* 1 up to their own.
   sampling.warm_start = 'heun'  # plms: 'heun' (PNDM, NFE = num_steps + 1) | 'ab' (iPNDM: Euler first step, NFE = num_steps; the more accurate at <= 20 NFE).
