@@ -59,6 +59,7 @@ def ddpm(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
     raise ValueError(f"variance={variance!r} is not known; use 'small' or 'large'.")
   sched = core.make_schedule(process, num_steps, grid=grid, spacing=spacing, times=times,
                              t_start=t_start, default_grid='uniform', method='ddpm')
+  num_steps = sched.num_steps  # repeated grid times dropped (core.make_schedule)
   denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
                                dynamic_threshold=dynamic_threshold)
 
@@ -113,6 +114,7 @@ def ddim(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
     key = _require_key(key, 'ddim with eta > 0')
   sched = core.make_schedule(process, num_steps, grid=grid, spacing=spacing, times=times,
                              t_start=t_start, method='ddim')
+  num_steps = sched.num_steps  # repeated grid times dropped (core.make_schedule)
   denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
                                dynamic_threshold=dynamic_threshold)
 

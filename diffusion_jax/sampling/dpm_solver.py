@@ -75,6 +75,7 @@ def _multistep(model_fn, process, x_T, *, num_steps, prediction, order, grid, sp
   n = num_steps
   sched = core.make_schedule(process, n, grid=grid, spacing=spacing, times=times, t_start=t_start,
                              method=method)
+  n = sched.num_steps  # repeated grid times dropped (core.make_schedule)
   denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
                                dynamic_threshold=dynamic_threshold)
   if lower_order_final is None:

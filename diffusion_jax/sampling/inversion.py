@@ -43,6 +43,7 @@ def _reversed(process, num_steps, *, grid, spacing, times, t_end, method):
   """xs of the reversed schedule: iteration j steps from level j - 1 (the data for j = 0) to u_j."""
   sched = core.make_schedule(process, num_steps, grid=grid, spacing=spacing, times=times,
                              t_start=t_end, method=f'invert({method!r})')
+  num_steps = sched.num_steps  # repeated grid times dropped (core.make_schedule)
   with jax.ensure_compile_time_eval():
     u = sched.t[::-1]
     alpha_u, sigma_u = sched.alpha[-2::-1], sched.sigma[-2::-1]
@@ -82,8 +83,9 @@ def invert_ddim(model_fn: Callable[..., jax.Array], process, x_0: jax.Array, *, 
   Returns:
     x_T [B, ...] float32 and an info dict with 'nfe'.
   """
-  _, xs = _reversed(process, num_steps, grid=grid, spacing=spacing, times=times, t_end=t_end,
-                    method='ddim')
+  sched, xs = _reversed(process, num_steps, grid=grid, spacing=spacing, times=times, t_end=t_end,
+                        method='ddim')
+  num_steps = sched.num_steps
   denoise = core.make_denoiser(model_fn, process, prediction=prediction)
 
   def step(x, s):
@@ -113,8 +115,9 @@ def invert_dpmpp_2m(model_fn: Callable[..., jax.Array], process, x_0: jax.Array,
   """
   if order not in (1, 2):
     raise ValueError(f'invert(dpmpp_2m): order={order!r} is not supported; use 1 or 2.')
-  _, xs = _reversed(process, num_steps, grid=grid, spacing=spacing, times=times, t_end=t_end,
-                    method='dpmpp_2m')
+  sched, xs = _reversed(process, num_steps, grid=grid, spacing=spacing, times=times, t_end=t_end,
+                        method='dpmpp_2m')
+  num_steps = sched.num_steps
   xs['order'] = jnp.asarray(np.minimum(np.arange(num_steps), order))
   denoise = core.make_denoiser(model_fn, process, prediction=prediction)
 

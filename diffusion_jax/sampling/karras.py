@@ -32,6 +32,7 @@ def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order,
     raise ValueError(f'{method} with S_churn > 0 is stochastic and needs a PRNG `key`.')
   sched = core.make_schedule(process, n, grid=grid, spacing=spacing, times=times, t_start=t_start,
                              method=method)
+  n = sched.num_steps  # repeated grid times dropped (core.make_schedule)
   denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
                                dynamic_threshold=dynamic_threshold)
   rho = sched.rho
@@ -42,6 +43,12 @@ def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order,
         'rho_next': rho[1:], 'alpha': sched.alpha[:-1], 'sigma': sched.sigma[:-1],
         'alpha_next': sched.alpha[1:], 'sigma_next': sched.sigma[1:], 'gamma': gamma,
         'last': sched.is_last()}
+  # Heun's corrector only on steps that shrink the noise level by at most core.MAX_CORRECTED_RATIO; longer
+  # steps are Euler's (DDIM's), with one evaluation (module docstring).
+  with jax.ensure_compile_time_eval():
+    xs['correct'] = rho[1:] * core.MAX_CORRECTED_RATIO >= rho[:-1]
+    corrected = jnp.sum(xs['correct'][:-1])
+  nfe = n + (corrected if isinstance(corrected, jax.core.Tracer) else int(corrected))
   if step_hook is not None:
     xs['t_reached'] = sched.reached_t()
   # Data predictions at the trajectory's grid points, for the final step (core module docstring).
@@ -58,20 +65,25 @@ def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order,
       t_hat = jnp.where(s['gamma'] > 0, process.t_from_log_snr(-2.0 * jnp.log(rho_hat)), s['t'])
     if churn:
       a_hat = process.alpha(t_hat)
-      x0, _ = denoise(a_hat * y, t_hat, a_hat, process.sigma(t_hat))
+      x0, eps = denoise(a_hat * y, t_hat, a_hat, process.sigma(t_hat))
     else:
-      x0, _ = denoise(s['alpha'] * y, t_hat, s['alpha'], s['sigma'])
+      x0, eps = denoise(s['alpha'] * y, t_hat, s['alpha'], s['sigma'])
     m = core.push(m, x0)
     rho_hist = core.push(rho_hist, rho_hat)
-    d = (y - x0) / rho_hat
-    dt = s['rho_next'] - rho_hat
-    y_next = y + dt * d  # Euler; at the last step (rho_next = 0) this is x0_hat
+    # Euler's step y + (rho_next - rho_hat) d, d = (y - x0) / rho_hat, written as DDIM's
+    # x0 + rho_next eps: equal in exact arithmetic, but y = x / alpha is huge where alpha is ~0
+    # (a zero terminal SNR schedule) and y - x0 there loses x0 to float32 cancellation. At the
+    # last step (rho_next = 0) this is x0_hat.
+    y_next = x0 + s['rho_next'] * eps
     if second_order:
       def correct(_):
         x0_2, _ = denoise(s['alpha_next'] * y_next, s['t_next'], s['alpha_next'],
                           s['sigma_next'])
         d2 = (y_next - x0_2) / s['rho_next']
-        return y + dt * 0.5 * (d + d2)
+        return y + (s['rho_next'] - rho_hat) * 0.5 * ((y - x0) / rho_hat + d2)
+
+      def euler_step(_):
+        return y_next
 
       def final(_):
         # Deterministic: extrapolate the last two data predictions (second order); with churn
@@ -79,7 +91,8 @@ def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order,
         k = jnp.minimum(s['i'] + 1, 1 if churn else 2)
         return core.extrapolate_to_data(m, rho_hist, k, y=y)
 
-      y_next = jax.lax.cond(s['last'], final, correct, None)
+      y_next = jax.lax.switch(jnp.where(s['last'], 2, s['correct'].astype(jnp.int32)),
+                              (euler_step, correct, final), None)
     x_next = y_next * s['alpha_next']
     if step_hook is not None:
       # The hook sees x = alpha y; the carry stays y. Entries the hook leaves alone keep their
@@ -92,7 +105,7 @@ def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order,
 
   (y, *_), info = core.scan_steps(step, carry, xs, x_T=x_T, num_steps=n,
                                   return_trajectory=return_trajectory, callback=callback)
-  return y, {'nfe': 2 * n - 1 if second_order else n, **info}
+  return y, {'nfe': nfe if second_order else n, **info}
 
 
 def euler(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
@@ -104,7 +117,9 @@ def euler(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
           callback=None) -> tuple[jax.Array, dict]:
   """Euler's method on the PF ODE: Algorithm 2 of Karras et al. (2022) without the Heun correction.
 
-  Deterministic (S_churn = 0) it equals DDIM (eta = 0) on the same grid. NFE = num_steps.
+  Deterministic (S_churn = 0) it equals DDIM (eta = 0) on the same grid, and its update is
+  written as DDIM's (``x0 + rho_next eps`` in y = x / alpha), so the two agree to rounding even at
+  a zero terminal SNR (alpha_T = 0), where ``y - x0`` would lose x0. NFE = num_steps.
 
   Args:
     model_fn: ``model_fn(x: [B, ...], t: [B]) -> prediction``.
@@ -147,7 +162,11 @@ def heun(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   Each step to a grid time takes two evaluations; the last step to the data takes one and, when
   deterministic, extrapolates the last two data predictions (``core.extrapolate_to_data``), so the
   method stays second order where Algorithm 1's final Euler step is first order.
-  NFE = 2 num_steps - 1. Arguments as ``euler``.
+  A step whose noise level ``sigma / alpha`` shrinks by more than ``core.MAX_CORRECTED_RATIO``
+  (the first steps of a coarse grid, or a start at alpha_T = 0) takes Euler's (DDIM's) step with
+  one evaluation, as Heun's corrector over it multiplies the change of eps by the step's length
+  and blew up (core). NFE = num_steps + the corrected steps, 2 num_steps - 1 when all are (from
+  ~20 steps on the usual grids; ``info['nfe']``). Arguments as ``euler``.
   """
   return _karras(model_fn, process, x_T, num_steps=num_steps, key=key, prediction=prediction,
                  second_order=True, grid=grid, spacing=spacing, times=times, t_start=t_start,

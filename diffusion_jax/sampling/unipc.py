@@ -131,10 +131,11 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
     raise ValueError(f'unipc: order={order} needs at least {order} steps, got num_steps={n}.')
   if variant not in ('bh1', 'bh2'):
     raise ValueError(f"unipc: variant={variant!r} is not known; use 'bh1' or 'bh2'.")
-  if lower_order_final is None:
-    lower_order_final = n < dpm_solver.LOWER_ORDER_FINAL_BELOW
   sched = core.make_schedule(process, n, grid=grid, spacing=spacing, times=times, t_start=t_start,
                              method='unipc')
+  n = sched.num_steps  # repeated grid times dropped (core.make_schedule)
+  if lower_order_final is None:
+    lower_order_final = n < dpm_solver.LOWER_ORDER_FINAL_BELOW
   denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
                                dynamic_threshold=dynamic_threshold)
   lam = sched.log_snr
