@@ -58,7 +58,7 @@ def test_2500_steps_on_1000_timesteps_are_the_1000_step_run(spacing):
   assert err < 1e-4, err  # measured 7.2e-5 (issue 22: 7e-5)
 
 
-# --- zero terminal SNR -----------------------------------------------------------------------------
+# --- zero terminal SNR ---------------------------------------------------------------------------
 
 
 def _zero_snr():

@@ -43,8 +43,8 @@ def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order,
         'rho_next': rho[1:], 'alpha': sched.alpha[:-1], 'sigma': sched.sigma[:-1],
         'alpha_next': sched.alpha[1:], 'sigma_next': sched.sigma[1:], 'gamma': gamma,
         'last': sched.is_last()}
-  # Heun's corrector only on steps that shrink the noise level by at most core.MAX_CORRECTED_RATIO; longer
-  # steps are Euler's (DDIM's), with one evaluation (module docstring).
+  # Heun's corrector only on steps that shrink the noise level by at most
+  # core.MAX_CORRECTED_RATIO; longer steps are Euler's (DDIM's), with one evaluation (``heun``).
   with jax.ensure_compile_time_eval():
     xs['correct'] = rho[1:] * core.MAX_CORRECTED_RATIO >= rho[:-1]
     corrected = jnp.sum(xs['correct'][:-1])
