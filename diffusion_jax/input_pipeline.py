@@ -3,9 +3,15 @@
 One entry point, `create_dataset`, turns a source into a deterministic, sharded,
 checkpointable stream of host-local batches:
 
-    source -> shard [process_index::process_count] -> shuffle(seed) -> repeat
-           -> decode (lazy, per example, NumPy/PIL) -> random flip
-           -> drop corrupt examples -> batch(drop_remainder) -> [worker processes]
+    global index space -> shuffle(seed) -> repeat -> decode (lazy, per example,
+    `load_image`; an unreadable file is replaced by the next readable example)
+    -> random flip -> batch slices -> [process_index::process_count]
+    -> [worker processes]
+
+The stream is global: every process sees the same shuffled positions and takes
+slice `process_index` of every global batch, so the global batches, and the
+iterator state (counted in global batches), are the same whatever the number of
+processes and devices; a checkpoint of 2 processes resumes on 1 and vice versa.
 
 Sources (`SOURCES`):
   * ``digits``: scikit-learn's bundled 8x8 digits (no download).
@@ -67,11 +73,21 @@ class DataPipeline:
   num_classes: int | None
 
   def num_skipped(self) -> int:
-    """Returns how many corrupt examples this process has skipped so far.
+    """Returns how many distinct unreadable files this process has met so far.
 
-    The count is part of the iterator state, so it survives checkpointing.
+    A file unreadable in every epoch counts once. The indices are part of the
+    iterator state, so they survive checkpointing; `add_skipped` merges the
+    other processes' (the trainer does so before it logs or saves).
     """
     return self.iterator.num_skipped
+
+  def skipped(self) -> list[int]:
+    """Returns the source indices of the distinct unreadable files met so far."""
+    return sorted(self.iterator.skipped)
+
+  def add_skipped(self, indices: Sequence[int]) -> None:
+    """Adds source indices of unreadable files met elsewhere (other processes)."""
+    self.iterator.add_skipped(indices)
 
 
 # ----------------------------------------------------------------------------
@@ -96,6 +112,7 @@ def create_dataset(
     process_index: int = 0,
     process_count: int = 1,
     worker_count: int = 0,
+    background: Sequence[int] = (255, 255, 255),
 ) -> DataPipeline:
   """Builds the input pipeline of one process.
 
@@ -116,11 +133,13 @@ def create_dataset(
     num_epochs: Passes over the data; None repeats forever.
     random_flip: Flip images horizontally with probability 1/2 (images only).
     use_labels: Whether batches carry ``'label'``.
-    process_index: Index of this process; it reads only its shard.
-    process_count: Number of processes. Every process gets the same number of
-      examples per epoch (the last ``num_examples % process_count`` are unused)
-      so that hosts stay in step.
+    process_index: Index of this process; it reads slice `process_index` of
+      every global batch of ``batch_size * process_count`` examples.
+    process_count: Number of processes. The global batches do not depend on it
+      (a last, incomplete global batch of a finite stream is dropped).
     worker_count: Decoding processes; 0 decodes in threads of this process.
+    background: RGB, 0..255 each, that transparent pixels are composited onto
+      (see `load_image`).
 
   Returns:
     The `DataPipeline`.
@@ -144,61 +163,58 @@ def create_dataset(
     raise ValueError(f'worker_count must be >= 0, got {worker_count}.')
   if image_size is not None:
     _check_positive_int('image_size', image_size)
+  background = _check_background(background)
 
   if source == 'digits':
     spec = _digits_source(image_size=image_size, num_channels=num_channels,
                           use_labels=use_labels)
   elif source == 'folder':
     spec = _folder_source(path=path, image_size=image_size,
-                          num_channels=num_channels, use_labels=use_labels)
+                          num_channels=num_channels, use_labels=use_labels,
+                          background=background)
   elif source == 'array':
     spec = _array_source(path=path, image_size=image_size,
                          num_channels=num_channels, use_labels=use_labels)
   else:
     spec = _tfds_source(name=name, split=split, data_dir=data_dir,
                         image_size=image_size, num_channels=num_channels,
-                        use_labels=use_labels)
+                        use_labels=use_labels, background=background)
 
   if random_flip and len(spec.element_shape) != 3:
     raise ValueError(
         f'random_flip needs images [H, W, C]; this {source} data has examples of '
         f'shape {spec.element_shape}. Set random_flip=False.')
 
-  shard_size = spec.num_examples // process_count
-  if shard_size == 0:
+  global_batch = batch_size * process_count
+  if num_epochs is not None and spec.num_examples * num_epochs < global_batch:
     raise ValueError(
-        f'{spec.num_examples} examples cannot be split over {process_count} '
-        'processes.')
-  if num_epochs is not None and shard_size * num_epochs < batch_size:
-    raise ValueError(
-        f'batch_size={batch_size} exceeds the {shard_size * num_epochs} examples '
-        f'this process sees in {num_epochs} epoch(s); no full batch can be made.')
+        f'The global batch of {global_batch} examples ({process_count} process(es) x '
+        f'batch_size={batch_size}) exceeds the {spec.num_examples * num_epochs} '
+        f'examples of {num_epochs} epoch(s); no full batch can be made.')
 
-  # Distinct, decorrelated seeds for order and flips; folding in the process
-  # keeps flips from following the same pattern on every host.
+  # Distinct, decorrelated seeds for order and flips, the same on every process:
+  # the stream below is global. ([seed, 0] keeps one process's order as it was.)
   shuffle_seed, flip_seed = (
-      int(s) for s in
-      np.random.SeedSequence([int(seed), process_index]).generate_state(2))
+      int(s) for s in np.random.SeedSequence([int(seed), 0]).generate_state(2))
 
-  ds = grain.MapDataset.source(spec.records)
-  # Equal shards keep multi-host training in lockstep (same number of steps).
-  ds = ds[:shard_size * process_count][process_index::process_count]
+  # One global stream of examples, defined over the global index space: position
+  # i of it is the same example (and flip) whatever the number of processes.
+  ds = grain.MapDataset.range(spec.num_examples)
   if shuffle:
     ds = ds.shuffle(seed=shuffle_seed)
   # After shuffle so that each epoch gets its own order.
   ds = ds.repeat(num_epochs)
-  ds = ds.map(spec.decode)
+  ds = _ReadableAt(ds, records=spec.records, decode=spec.decode,
+                   max_tries=2 * spec.num_examples)
   if random_flip:
     ds = ds.random_map(_random_flip, seed=flip_seed)
-  # Corrupt files decode to None; they are dropped (and counted) before
-  # batching so that every batch stays full.
-  it_ds = ds.to_iter_dataset(allow_nones=True)
-  # Failing on every file of two epochs' worth in a row means (barring
-  # astronomically unlikely orders) that no file is readable; a worker sees
-  # only every worker_count-th example, hence the factor.
-  it_ds = _DropNoneBatchIterDataset(
-      it_ds, batch_size=batch_size,
-      max_consecutive_drops=2 * shard_size * max(1, worker_count))
+  # Global batch k is the process_count slices k * process_count + p of size
+  # batch_size; process p takes slice p of every global batch, so the global
+  # batches (and the iterator state, counted in global batches) do not depend
+  # on the topology.
+  ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_stack)
+  ds = ds[:len(ds) // process_count * process_count][process_index::process_count]
+  it_ds = ds.to_iter_dataset()
   if worker_count > 0:
     if not flags.FLAGS.is_parsed():
       # Grain's worker processes read absl flags and fail outside an absl app
@@ -312,7 +328,8 @@ def _digits_source(*, image_size: int | None, num_channels: int,
 
 
 def _folder_source(*, path: str | None, image_size: int | None,
-                   num_channels: int, use_labels: bool) -> _SourceSpec:
+                   num_channels: int, use_labels: bool,
+                   background: tuple[int, int, int]) -> _SourceSpec:
   files = _list_image_files(path)
   if image_size is None:
     raise ValueError(
@@ -336,7 +353,8 @@ def _folder_source(*, path: str | None, image_size: int | None,
     labels = [class_index[r.parts[0]] for r in relative]
   records = [(str(f), label) for f, label in zip(files, labels)]
   decode = functools.partial(_decode_image_file, image_size=image_size,
-                             num_channels=num_channels, use_labels=use_labels)
+                             num_channels=num_channels, use_labels=use_labels,
+                             background=background)
   return _SourceSpec(records=records, decode=decode,
                      element_shape=(image_size, image_size, num_channels),
                      num_examples=len(records),
@@ -422,7 +440,7 @@ def _array_source(*, path: str | None, image_size: int | None,
 
 def _tfds_source(*, name: str | None, split: str, data_dir: str | None,
                  image_size: int | None, num_channels: int,
-                 use_labels: bool) -> _SourceSpec:
+                 use_labels: bool, background: tuple[int, int, int]) -> _SourceSpec:
   if not name:
     raise ValueError("The tfds source needs name=, e.g. name='cifar10'.")
   _check_num_channels(num_channels)
@@ -464,7 +482,8 @@ def _tfds_source(*, name: str | None, split: str, data_dir: str | None,
   element_shape = ((image_size, image_size, num_channels) if image_size
                    else (height, width, num_channels))
   decode = functools.partial(_decode_tfds_example, image_size=image_size,
-                             num_channels=num_channels, use_labels=use_labels)
+                             num_channels=num_channels, use_labels=use_labels,
+                             background=background)
   return _SourceSpec(records=records, decode=decode, element_shape=element_shape,
                      num_examples=len(records), num_classes=num_classes)
 
@@ -494,23 +513,98 @@ def _list_image_files(path: str | None) -> list[pathlib.Path]:
   return sorted(files, key=lambda f: f.relative_to(root).as_posix())
 
 
-def _decode_image_file(record: tuple[str, int], *, image_size: int,
-                       num_channels: int, use_labels: bool) -> Element | None:
-  """Reads one image file; returns None (and logs) if it is unreadable."""
-  filename, label = record
-  mode = 'RGB' if num_channels == 3 else 'L'
-  try:
-    with Image.open(filename) as image:
+def load_image(path: str | os.PathLike[str], *, image_size: int, num_channels: int,
+               background: Sequence[int] = (255, 255, 255)) -> np.ndarray:
+  """Decodes an image file as the trainer sees it (every image source uses this).
+
+  The rules, in order:
+
+  * EXIF orientation is applied.
+  * Transparency (RGBA, LA, PA, a palette or an RGB/L image with a transparent
+    color) is composited onto `background`: ``round(a * c + (1 - a) * bg)`` per
+    channel with ``a = alpha / 255``.
+  * High bit depths are scaled to 8 bits by their range, never clipped:
+    16-bit (``I;16*``) as ``round(v / 257)``; 32-bit integers (``I``) the same
+    when every value lies in [0, 65535] (Pillow opens some 16-bit files as
+    ``I``), otherwise the image's min..max onto 0..255; 32-bit floats (``F``)
+    as ``round(255 v)`` when every value lies in [0, 1], otherwise the image's
+    min..max onto 0..255 (a constant image maps to 0).
+  * CMYK, YCbCr, 1-bit and every other mode are converted by Pillow; one
+    channel is the ITU-R 601-2 luma of RGB.
+  * The largest centered square is cut out and resized (bicubic, antialiased
+    when shrinking) to `image_size`.
+
+  Args:
+    path: An image file Pillow reads (.png, .jpg, .jpeg, .webp, ...).
+    image_size: Side of the square output.
+    num_channels: 1 (grayscale) or 3 (RGB).
+    background: RGB, 0..255 each, that transparent pixels are composited onto
+      (config field ``data.background``).
+
+  Returns:
+    uint8 [image_size, image_size, num_channels].
+
+  Raises:
+    ValueError: On invalid arguments.
+    OSError, SyntaxError, Image.DecompressionBombError: When the file cannot be
+      decoded (the pipelines skip such files, name them in a warning and count
+      them).
+  """
+  _check_positive_int('image_size', image_size)
+  _check_num_channels(num_channels)
+  background = _check_background(background)
+  with Image.open(path) as image:
+    if image.format == 'JPEG':
       # JPEG can decode at 1/2, 1/4 or 1/8 scale, never below the requested
       # size: far less work for large photos.
-      image.draft(mode, (image_size, image_size))
-      image = ImageOps.exif_transpose(image)
-      image = image.convert(mode)  # forces the full decode
+      image.draft('RGB' if num_channels == 3 else 'L', (image_size, image_size))
+    image = ImageOps.exif_transpose(image)
+    image.load()  # forces the full decode inside the `with`
+    image = _to_8bit(image, background=background, num_channels=num_channels)
+  return _center_crop_resize(image, image_size).reshape(
+      image_size, image_size, num_channels)
+
+
+def _to_8bit(image: Image.Image, *, background: tuple[int, int, int],
+             num_channels: int) -> Image.Image:
+  """An 'RGB' or 'L' image of 8-bit values by the rules of `load_image`."""
+  mode = 'RGB' if num_channels == 3 else 'L'
+  if image.mode.startswith('I;16') or image.mode in ('I', 'F'):
+    x = np.asarray(image).astype(np.float64)
+    if image.mode.startswith('I;16') or (
+        image.mode == 'I' and x.min() >= 0 and x.max() <= 65535):
+      x = x / 257.0
+    elif image.mode == 'F' and x.min() >= 0.0 and x.max() <= 1.0:
+      x = x * 255.0
+    else:
+      low, high = x.min(), x.max()
+      x = (x - low) * (255.0 / (high - low)) if high > low else np.zeros_like(x)
+    # floor(x + 1/2): halves round up, not to even.
+    gray = Image.fromarray(np.floor(x + 0.5).clip(0, 255).astype(np.uint8), 'L')
+    return gray.convert(mode)
+  has_alpha = (image.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La')
+               or 'transparency' in image.info)
+  if not has_alpha:
+    return image.convert(mode)
+  rgba = np.asarray(image.convert('RGBA')).astype(np.float64)
+  alpha = rgba[..., 3:] / 255.0
+  rgb = alpha * rgba[..., :3] + (1.0 - alpha) * np.asarray(background, np.float64)
+  rgb = Image.fromarray(np.floor(rgb + 0.5).clip(0, 255).astype(np.uint8), 'RGB')
+  return rgb.convert(mode)
+
+
+def _decode_image_file(record: tuple[str, int], *, image_size: int,
+                       num_channels: int, use_labels: bool,
+                       background: tuple[int, int, int]) -> Element | None:
+  """Reads one image file; returns None (and logs) if it is unreadable."""
+  filename, label = record
+  try:
+    x = load_image(filename, image_size=image_size, num_channels=num_channels,
+                   background=background)
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     # OSError covers unidentified and truncated files.
     logging.warning('Skipping unreadable image %s: %s', filename, e)
     return None
-  x = _center_crop_resize(image, image_size)
   element = {'x': _uint8_image_to_float(x)}
   if use_labels:
     element['label'] = np.int32(label)
@@ -518,13 +612,15 @@ def _decode_image_file(record: tuple[str, int], *, image_size: int,
 
 
 def _decode_tfds_example(example: dict[str, Any], *, image_size: int | None,
-                         num_channels: int, use_labels: bool) -> Element:
+                         num_channels: int, use_labels: bool,
+                         background: tuple[int, int, int]) -> Element:
   image = np.asarray(example['image'])  # uint8 [H, W, C]
   height, width, channels = image.shape
   if channels != num_channels or (
       image_size is not None and (height, width) != (image_size, image_size)):
-    mode = 'RGB' if num_channels == 3 else 'L'
-    pil = Image.fromarray(image[..., 0] if channels == 1 else image).convert(mode)
+    # The rules of `load_image` (an RGBA data set is composited, not cut).
+    pil = _to_8bit(Image.fromarray(image[..., 0] if channels == 1 else image),
+                   background=background, num_channels=num_channels)
     image = (_center_crop_resize(pil, image_size) if image_size
              else np.asarray(pil))
   element = {'x': _uint8_image_to_float(image)}
@@ -558,101 +654,90 @@ def _random_flip(element: Element, rng: np.random.Generator) -> Element:
 
 
 # ----------------------------------------------------------------------------
-# Skipping corrupt examples without losing count across worker processes.
+# Skipping unreadable examples without changing the global order.
 
 
-class _DropNoneBatchIterDataset(grain.IterDataset):
-  """Batches the non-None elements and counts the None ones per batch.
+class _ReadableAt(grain.MapDataset):
+  """Decodes the example at each position of a stream of source indices.
 
-  Dropping and batching are one step so that the number of dropped elements
-  can ride along in the batch: this stage may run in a worker process, and the
-  count must reach the main process (`_CountSkippedIterDataset`). A stream that
-  ends with dropped elements but no full batch yields a count-only dict.
+  An unreadable example is replaced by the next readable one of the stream (a
+  function of the position only, so the same on every topology); the source
+  indices of the unreadable ones ride along under `_SKIPPED_KEY`, since this
+  stage may run in a worker process and the count must reach the main one.
   """
 
-  def __init__(self, parent: grain.IterDataset, *, batch_size: int,
-               max_consecutive_drops: int):
+  def __init__(self, parent: grain.MapDataset, *, records: Sequence[Any],
+               decode: Callable[[Any], Element | None], max_tries: int):
     super().__init__(parent)
-    self._batch_size = batch_size
-    self._max_consecutive_drops = max_consecutive_drops
+    self._records = records
+    self._decode = decode
+    self._max_tries = max_tries
 
-  def __iter__(self) -> grain.DatasetIterator:
-    return _DropNoneBatchIterator(
-        self._parent.__iter__(), batch_size=self._batch_size,
-        max_consecutive_drops=self._max_consecutive_drops)
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    skipped = []
+    for offset in range(self._max_tries):
+      source_index = int(self._parent[(index + offset) % len(self)])
+      element = self._decode(self._records[source_index])
+      if element is not None:
+        return dict(element, **{_SKIPPED_KEY: tuple(skipped)})
+      skipped.append(source_index)
+    # Without this, data of only unreadable files would loop forever.
+    raise ValueError(
+        f'{self._max_tries} examples in a row could not be read: every file of the '
+        'data set seems unreadable (see the warnings logged above).')
 
 
-class _DropNoneBatchIterator(grain.DatasetIterator):
-
-  def __init__(self, parent: grain.DatasetIterator, *, batch_size: int,
-               max_consecutive_drops: int):
-    super().__init__(parent)
-    self._batch_size = batch_size
-    self._max_consecutive_drops = max_consecutive_drops
-
-  def __next__(self) -> Element:
-    elements, dropped, consecutive = [], 0, 0
-    while len(elements) < self._batch_size:
-      try:
-        element = next(self._parent)
-      except StopIteration:
-        if dropped:  # the remainder is dropped, its skip count is not
-          return {_SKIPPED_KEY: np.int32(dropped)}
-        raise
-      if element is None:
-        dropped += 1
-        consecutive += 1
-        # Without this, a shard of only unreadable files would loop forever
-        # when repeating.
-        if consecutive >= self._max_consecutive_drops:
-          raise ValueError(
-              f'{consecutive} examples in a row could not be read: every file '
-              "of this process's share of the data seems unreadable (see the "
-              'warnings logged above).')
-      else:
-        elements.append(element)
-        consecutive = 0
-    batch = {key: np.stack([e[key] for e in elements]) for key in elements[0]}
-    batch[_SKIPPED_KEY] = np.int32(dropped)
-    return batch
-
-  # Each __next__ consumes whole batches, so between calls nothing is pending
-  # and the parent's state is the whole state.
-  def get_state(self) -> dict[str, Any]:
-    return self._parent.get_state()
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state)
+def _stack(elements: Sequence[Element]) -> Element:
+  batch = {key: np.stack([e[key] for e in elements])
+           for key in elements[0] if key != _SKIPPED_KEY}
+  batch[_SKIPPED_KEY] = np.array(
+      [i for e in elements for i in e[_SKIPPED_KEY]], np.int64)
+  return batch
 
 
 class _CountSkippedIterDataset(grain.IterDataset):
-  """Removes the skip counts from the batches and sums them up."""
+  """Removes the skipped indices from the batches and keeps the distinct ones."""
 
   def __iter__(self) -> grain.DatasetIterator:
     return _CountSkippedIterator(self._parent.__iter__())
 
 
 class _CountSkippedIterator(grain.DatasetIterator):
-  """The pipeline's outer iterator; its state includes `num_skipped`."""
+  """The pipeline's outer iterator; its state includes the skipped files.
+
+  Attributes:
+    skipped: source indices of the distinct unreadable examples met so far (by
+      this process, plus any merged in with `add_skipped`).
+  """
 
   def __init__(self, parent: grain.DatasetIterator):
     super().__init__(parent)
-    self.num_skipped = 0
+    self.skipped: set[int] = set()
+
+  @property
+  def num_skipped(self) -> int:
+    return len(self.skipped)
+
+  def add_skipped(self, indices: Sequence[int]) -> None:
+    self.skipped.update(int(i) for i in indices)
 
   def __next__(self) -> Element:
-    while True:
-      batch = dict(next(self._parent))
-      self.num_skipped += int(batch.pop(_SKIPPED_KEY))
-      if batch:  # else a count-only dict from the end of a stream
-        return batch
+    batch = dict(next(self._parent))
+    self.skipped.update(int(i) for i in batch.pop(_SKIPPED_KEY))
+    return batch
 
   def get_state(self) -> dict[str, Any]:
     return {'pipeline': self._parent.get_state(),
-            'num_skipped': self.num_skipped}
+            'skipped': sorted(self.skipped)}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state['pipeline'])
-    self.num_skipped = int(state['num_skipped'])
+    self.skipped = {int(i) for i in state.get('skipped', ())}
 
 
 # ----------------------------------------------------------------------------
@@ -662,6 +747,15 @@ class _CountSkippedIterator(grain.DatasetIterator):
 def _check_positive_int(name: str, value: Any) -> None:
   if not isinstance(value, (int, np.integer)) or value < 1:
     raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+
+
+def _check_background(background: Sequence[int]) -> tuple[int, int, int]:
+  values = tuple(background) if isinstance(background, (tuple, list)) else ()
+  if len(values) != 3 or not all(
+      isinstance(v, (int, np.integer)) and 0 <= v <= 255 for v in values):
+    raise ValueError(
+        f'background must be 3 integers in 0..255 (R, G, B), got {background!r}.')
+  return tuple(int(v) for v in values)
 
 
 def _check_num_channels(num_channels: int) -> None:

@@ -110,15 +110,18 @@ def test_folder_rgb_labels_and_corrupt_files_skipped(image_folder, caplog):
   assert pipeline.element_shape == (8, 8, 3)
   with caplog.at_level(logging.WARNING):
     batches = _all_batches(pipeline)
-  # Filtered before batching: 4 good images make 2 full batches.
-  assert [b['x'].shape for b in batches] == [(2, 8, 8, 3)] * 2
+  # An unreadable file is replaced by the next readable example of the stream
+  # (the order is global, so nothing shifts): sorted relative paths cat/a,
+  # cat/nested/deeper/b, dog/c, dog/corrupt -> dog/d, dog/d, dog/truncated ->
+  # (wrapping round the finite stream) cat/a.
+  assert [b['x'].shape for b in batches] == [(2, 8, 8, 3)] * 3
   assert pipeline.num_skipped() == 2
   assert 'corrupt.png' in caplog.text and 'truncated.png' in caplog.text
-  # Sorted relative paths: cat/a, cat/nested/deeper/b, dog/c, dog/d.
   x = np.concatenate([b['x'] for b in batches])
   labels = np.concatenate([b['label'] for b in batches])
-  np.testing.assert_array_equal(labels, [0, 0, 1, 1])
-  assert x.dtype == np.float32 and x.min() >= -1.0 and x.max() <= 1.0
+  np.testing.assert_array_equal(labels, [0, 0, 1, 1, 1, 0])
+  np.testing.assert_array_equal(x[3], x[4])
+  np.testing.assert_array_equal(x[5], x[0])
   np.testing.assert_allclose(x[0, 4, 4], [1, -1, -1], atol=1e-6)  # red
   np.testing.assert_allclose(x[1, 4, 4], [-1, 1, -1], atol=0.03)  # JPEG green
   np.testing.assert_allclose(x[2, 4, 4], [0.004] * 3, atol=0.03)  # gray -> RGB
@@ -280,20 +283,66 @@ def test_order_is_determined_by_seed_and_reshuffled_per_epoch(tmp_path):
   assert epochs(1) != [first, second]
 
 
-def test_shards_are_disjoint_and_cover_the_data(tmp_path):
-  path = _id_array(tmp_path, 13)
-  shards = []
-  for index in range(3):
+def _global_batches(process_count, global_batch=6, state=None, num=None, **kwargs):
+  """The global batches of `process_count` processes: their slices joined."""
+  per_process = []
+  for index in range(process_count):
     pipeline = input_pipeline.create_dataset(
-        source='array', path=path, batch_size=2, seed=0, num_epochs=2,
-        process_index=index, process_count=3)
-    ids = sum(_ids(_all_batches(pipeline)), [])
-    assert len(ids) == 8  # 4 examples per shard (13 // 3) x 2 epochs
-    shards.append(set(ids))
-  assert all(len(s) == 4 for s in shards)
-  assert not (shards[0] & shards[1] or shards[0] & shards[2]
-              or shards[1] & shards[2])
-  assert set.union(*shards) == set(range(12))
+        batch_size=global_batch // process_count, process_index=index,
+        process_count=process_count, **kwargs)
+    if state is not None:
+      pipeline.iterator.set_state(state)
+    batches = (_all_batches(pipeline) if num is None
+               else _take(pipeline, num))
+    per_process.append((pipeline, batches))
+  joined = [{k: np.concatenate([b[k] for b in group]) for k in group[0]}
+            for group in zip(*(batches for _, batches in per_process))]
+  return joined, [pipeline for pipeline, _ in per_process]
+
+
+def _assert_same_batches(got, want):
+  assert len(got) == len(want)
+  for g, w in zip(got, want):
+    assert g.keys() == w.keys()
+    for key in w:
+      np.testing.assert_array_equal(g[key], w[key])
+
+
+def test_global_batches_do_not_depend_on_the_process_count(tmp_path):
+  path = _id_array(tmp_path, 13)
+  kwargs = dict(source='array', path=path, seed=0, num_epochs=2)
+  one, _ = _global_batches(1, **kwargs)
+  # 26 examples in 2 epochs: 4 global batches of 6, the last 2 dropped.
+  assert len(one) == 4
+  first_epoch = sum(_ids(one[:2]), [])
+  assert len(set(first_epoch)) == 12  # no repeats within an epoch
+  for process_count in (2, 3, 6):
+    _assert_same_batches(_global_batches(process_count, **kwargs)[0], one)
+
+
+def test_unreadable_files_and_flips_do_not_depend_on_the_process_count(
+    image_folder):
+  kwargs = dict(source='folder', path=str(image_folder), image_size=4, seed=3,
+                random_flip=True, use_labels=True)
+  one, (single,) = _global_batches(1, global_batch=4, num=6, **kwargs)
+  two, pipelines = _global_batches(2, global_batch=4, num=6, **kwargs)
+  _assert_same_batches(two, one)
+  assert single.num_skipped() == 2  # distinct files, not re-reads (6 epochs)
+  union = set(pipelines[0].skipped()) | set(pipelines[1].skipped())
+  assert union == set(single.skipped())
+  pipelines[0].add_skipped(pipelines[1].skipped())
+  assert pipelines[0].num_skipped() == 2
+
+
+@pytest.mark.parametrize('saved_on,resumed_on', [(2, 1), (1, 2), (2, 3)])
+def test_state_resumes_on_another_process_count(tmp_path, saved_on, resumed_on):
+  kwargs = dict(source='array', path=_id_array(tmp_path, 20), seed=4)
+  expected, _ = _global_batches(1, num=7, **kwargs)
+  _, pipelines = _global_batches(saved_on, num=3, **kwargs)
+  # What the checkpoint holds: process 0's state, as JSON.
+  state = json.loads(json.dumps(pipelines[0].iterator.get_state()))
+  resumed, _ = _global_batches(resumed_on, num=4, state=state, **kwargs)
+  _assert_same_batches(resumed, expected[3:])
 
 
 def test_random_flip_is_seeded_per_example():
@@ -365,9 +414,8 @@ def test_worker_processes_count_skips_and_resume(image_folder):
   state = original.iterator.get_state()
   expected = _take(original, 2)
   assert all(b['x'].shape == (2, 4, 4, 3) for b in first + expected)
-  # 6 batches = 12 good images = 3 epochs, with 2 corrupt files each; a
-  # worker may already have passed some corrupt files of the next epoch.
-  assert original.num_skipped() >= 4
+  # 6 batches = 2 epochs, with the same 2 corrupt files in each: counted once.
+  assert original.num_skipped() == 2
   original.iterator.close()
 
   restored = input_pipeline.create_dataset(**kwargs)
@@ -376,3 +424,110 @@ def test_worker_processes_count_skips_and_resume(image_folder):
     np.testing.assert_array_equal(got['x'], want['x'])
     np.testing.assert_array_equal(got['label'], want['label'])
   restored.iterator.close()
+
+
+# ---------------------------------------------------------------------------
+# load_image: what the model sees.
+
+
+def _load(path, num_channels=3, **kwargs):
+  return input_pipeline.load_image(path, image_size=4, num_channels=num_channels,
+                                   **kwargs)
+
+
+def test_load_image_composites_rgba_onto_the_background(tmp_path):
+  # Left half opaque blue; right half fully transparent over a hidden red.
+  rgba = np.zeros((4, 4, 4), np.uint8)
+  rgba[:, :2] = [0, 0, 255, 255]
+  rgba[:, 2:] = [255, 0, 0, 0]
+  rgba[0, 0] = [0, 0, 255, 128]  # half-transparent blue over white
+  Image.fromarray(rgba, 'RGBA').save(tmp_path / 'a.png')
+  x = _load(tmp_path / 'a.png')
+  assert x.dtype == np.uint8 and x.shape == (4, 4, 3)
+  np.testing.assert_array_equal(x[1:, :2], np.broadcast_to([0, 0, 255], (3, 2, 3)))
+  np.testing.assert_array_equal(x[:, 2:], np.broadcast_to([255, 255, 255], (4, 2, 3)))
+  # round(128/255 * c + 127/255 * 255): [127, 127, 255].
+  np.testing.assert_array_equal(x[0, 0], [127, 127, 255])
+  black = _load(tmp_path / 'a.png', background=(0, 0, 0))
+  np.testing.assert_array_equal(black[:, 2:], np.zeros((4, 2, 3)))
+
+
+def test_load_image_palette_transparent_index_and_la(tmp_path):
+  palette = Image.fromarray(np.array([[0, 1] * 2] * 4, np.uint8), 'P')
+  palette.putpalette([0, 0, 255, 0, 255, 0] + [0] * 762)  # 0: blue, 1: green
+  palette.save(tmp_path / 'p.png', transparency=1)
+  x = _load(tmp_path / 'p.png', background=(10, 20, 30))
+  np.testing.assert_array_equal(x[:, 0::2], np.broadcast_to([0, 0, 255], (4, 2, 3)))
+  np.testing.assert_array_equal(x[:, 1::2], np.broadcast_to([10, 20, 30], (4, 2, 3)))
+
+  la = np.zeros((4, 4, 2), np.uint8)
+  la[..., 0] = 200
+  la[:, 2:, 1] = 255  # left half transparent
+  Image.fromarray(la, 'LA').save(tmp_path / 'la.png')
+  gray = _load(tmp_path / 'la.png', num_channels=1, background=(0, 0, 0))
+  assert gray.shape == (4, 4, 1)
+  np.testing.assert_array_equal(gray[:, :2, 0], np.zeros((4, 2)))
+  np.testing.assert_array_equal(gray[:, 2:, 0], np.full((4, 2), 200))
+
+
+def test_load_image_scales_16_bit_by_its_range(tmp_path):
+  rows = np.repeat(np.array([0, 16384, 32768, 65535], np.uint16)[:, None], 4, 1)
+  Image.fromarray(rows).save(tmp_path / 'i16.png')
+  with Image.open(tmp_path / 'i16.png') as image:
+    assert image.mode.startswith('I')  # what Pillow makes of a 16-bit PNG
+  x = _load(tmp_path / 'i16.png', num_channels=1)
+  np.testing.assert_array_equal(x[:, 0, 0], [0, 64, 128, 255])
+  rgb = _load(tmp_path / 'i16.png')
+  np.testing.assert_array_equal(rgb[:, 0], np.repeat([[0], [64], [128], [255]], 3, 1))
+
+
+def test_load_image_scales_32_bit_integers_and_floats_by_their_range(tmp_path):
+  levels = np.array([-1000, 0, 1000, 3000], np.int32)  # outside [0, 65535]: min..max
+  Image.fromarray(np.repeat(levels[:, None], 4, 1), 'I').save(tmp_path / 'i32.tif')
+  np.testing.assert_array_equal(_load(tmp_path / 'i32.tif', 1)[:, 0, 0],
+                                [0, 64, 128, 255])  # 255 * [0, 1/4, 1/2, 1]
+  unit = np.array([0.0, 0.25, 0.5, 1.0], np.float32)  # within [0, 1]: 255 v
+  Image.fromarray(np.repeat(unit[:, None], 4, 1), 'F').save(tmp_path / 'f.tif')
+  np.testing.assert_array_equal(_load(tmp_path / 'f.tif', 1)[:, 0, 0], [0, 64, 128, 255])
+  wide = np.array([-2.0, 0.0, 2.0, 6.0], np.float32)  # else min..max
+  Image.fromarray(np.repeat(wide[:, None], 4, 1), 'F').save(tmp_path / 'g.tif')
+  np.testing.assert_array_equal(_load(tmp_path / 'g.tif', 1)[:, 0, 0], [0, 64, 128, 255])
+
+
+def test_load_image_applies_exif_orientation_and_converts_cmyk(tmp_path):
+  image = np.zeros((4, 8, 3), np.uint8)
+  image[:, :4] = [255, 0, 0]  # left red, right blue
+  image[:, 4:] = [0, 0, 255]
+  exif = Image.Exif()
+  exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+  Image.fromarray(image).save(tmp_path / 'r.png', exif=exif)
+  x = input_pipeline.load_image(tmp_path / 'r.png', image_size=8, num_channels=3)
+  # Upright the image is 4 wide and 8 high, red on top; the centered square of
+  # 4 x 4 straddles the red/blue boundary in the middle rows.
+  assert x[0, 4, 0] > 200 and x[7, 4, 2] > 200
+  Image.new('CMYK', (4, 4), (0, 255, 255, 0)).save(tmp_path / 'c.jpg')  # red
+  np.testing.assert_allclose(_load(tmp_path / 'c.jpg')[2, 2], [255, 0, 0], atol=3)
+
+
+def test_load_image_raises_on_undecodable_files_and_bad_arguments(tmp_path):
+  (tmp_path / 'bad.png').write_bytes(b'not a png')
+  with pytest.raises(OSError):
+    _load(tmp_path / 'bad.png')
+  Image.new('RGB', (4, 4)).save(tmp_path / 'ok.png')
+  with pytest.raises(ValueError, match='background'):
+    _load(tmp_path / 'ok.png', background=(0, 0, 256))
+
+
+def test_folder_of_mixed_modes_and_sizes_composites_transparency(tmp_path):
+  rgba = np.zeros((6, 10, 4), np.uint8)  # fully transparent red
+  rgba[..., 0] = 255
+  Image.fromarray(rgba, 'RGBA').save(tmp_path / 'a.png')
+  Image.fromarray(np.full((7, 5), 65535, np.uint16)).save(tmp_path / 'b.png')
+  Image.new('CMYK', (9, 9), (0, 0, 0, 0)).save(tmp_path / 'c.jpg')
+  Image.new('L', (3, 12), 255).save(tmp_path / 'd.webp')
+  pipeline = input_pipeline.create_dataset(
+      source='folder', path=str(tmp_path), image_size=4, batch_size=4, seed=0,
+      num_epochs=1, background=(255, 255, 255))
+  (batch,) = _all_batches(pipeline)
+  # Every one of them is white as the model sees it ([-1, 1]).
+  np.testing.assert_allclose(batch['x'], np.ones((4, 4, 4, 3)), atol=0.02)

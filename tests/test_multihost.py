@@ -8,20 +8,19 @@ global batch 8,
 4 examples loaded by each process; CPU collectives go through gloo, jax's default. Then both
 processes sample (`--mode=sample`) and evaluate bits/dim (`--mode=eval`, each on its own shard).
 
-How the result is checked honestly. Each process reads only its shard of the data
-(`[process_index::process_count]`) and shuffles it with a seed of its own, so a plain one-process
-run sees different batches and cannot be compared. The reference here (in the pytest process, one
-device) is fed, at every step, the concatenation of process 0's batch and process 1's batch, built
-by the real input pipeline for `process_index=0` and `1` of 2: that is exactly the global batch
-the two-process run assembles with `jax.make_array_from_process_local_data` (process 0's device
-holds rows 0-3, process 1's rows 4-7). Keys depend on the step alone, so both runs draw the same
-noise; they differ only in float32 reduction order (the all-reduce of two partial sums), hence the
-tolerance (measured: 2.3e-7; the bound leaves ~10x margin). If the rows were assembled in another
-order (process 1 first), the noise would meet other examples: the params then differ by 1e-2.
+How the result is checked honestly. The data order is global (grain's index sampling over the
+whole data set; each process takes its slice of every global batch), so a plain one-process run,
+with its real input pipeline, sees the same global batches as the two-process run, whose process 0
+holds rows 0-3 and process 1 rows 4-7 of each. Keys depend on the step alone, so both runs draw the
+same noise; they differ only in float32 reduction order (the all-reduce of two partial sums), hence
+the tolerance (measured: 2.3e-7; the bound leaves ~10x margin). If the processes read other rows
+(their own shards, as before issue 16), the losses differ by 2% and the params by 1e-2.
 
 The two-process checkpoint then restores in one process (other mesh, other process count) and
-trains on; only process 0 writes metrics, TensorBoard events and samples; and a process that
-cannot reach the coordinator exits with a message instead of hanging or aborting.
+trains on, and a one-process checkpoint resumes on two: both end like the uninterrupted
+one-process run (the data order continues across topologies). Only process 0 writes metrics,
+TensorBoard events and samples; a process that cannot reach the coordinator exits with a message
+instead of hanging or aborting; SIGTERM to one process saves both at one step.
 """
 
 import json
@@ -38,7 +37,7 @@ import portpicker
 import pytest
 
 from configs import tiny
-from diffusion_jax import input_pipeline, training
+from diffusion_jax import training
 from diffusion_jax.training import builders
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,75 +134,52 @@ def _run_two(root, mode, cmd):
   return outputs
 
 
-class _UnionOfShards:
-  """Yields process 0's batch followed by process 1's: the two-process run's global batch."""
-
-  def __init__(self, pipelines):
-    self._iterators = [p.iterator for p in pipelines]
-    self.num_skipped = 0
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    batches = [next(it) for it in self._iterators]
-    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-
-  def get_state(self):
-    return {f'process_{i}': it.get_state() for i, it in enumerate(self._iterators)}
-
-  def set_state(self, state):
-    for i, it in enumerate(self._iterators):
-      it.set_state(state[f'process_{i}'])
+def _restore(config, workdir, element_shape, step=None):
+  """``(state, step)`` of the newest checkpoint (or ``step``) of ``workdir``, in this process."""
+  s = builders.setup(config, workdir, element_shape)
+  restored = s.checkpointer.restore(s.abstract_state, step=step)
+  s.checkpointer.close()
+  assert restored is not None
+  state, _, restored_step = restored
+  return state, restored_step
 
 
-def _union_create_data(config, **unused):
-  del unused
-  d = config.data
-  pipelines = [input_pipeline.create_dataset(
-      source=d.source, path=d.path or None, image_size=None, num_channels=d.num_channels,
-      batch_size=config.training.batch_size // 2, seed=config.seed, random_flip=d.random_flip,
-      use_labels=d.use_labels, process_index=i, process_count=2) for i in range(2)]
-  return input_pipeline.DataPipeline(
-      iterator=_UnionOfShards(pipelines), element_shape=pipelines[0].element_shape,
-      num_examples=pipelines[0].num_examples, num_classes=pipelines[0].num_classes)
+def _losses(workdir):
+  return [r['loss'] for r in _metrics(workdir) if 'loss' in r]
 
 
 @pytest.fixture(scope='module')
 def one_process(tmp_path_factory, data_path):
-  """One process, one device, fed the two-process run's global batches."""
+  """One process, one device, its real input pipeline: STEPS + 2 steps, saving at STEPS too."""
   workdir = str(tmp_path_factory.mktemp('one_process'))
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(builders, 'create_data', _union_create_data)
-    state = training.train_and_evaluate(_config(data_path), workdir)
+  config = _config(data_path, **{'training.num_train_steps': STEPS + 2})
+  state = training.train_and_evaluate(config, workdir)
   return workdir, state
 
 
-def _compare_with_one_process(config, workdir, element_shape, ref_dir, ref, atol):
-  """Restores the two-process checkpoint in this process and compares it with ``ref``.
+def _compare(config, workdir, ref_dir, element_shape, atol, *, step):
+  """The checkpoint of ``step`` in ``workdir`` against ``ref_dir``'s; losses up to ``step``.
 
   Returns (max |params difference|, how far training moved the params from their init).
   """
-  s = builders.setup(config, workdir, element_shape)
-  restored = s.checkpointer.restore(s.abstract_state)
-  s.checkpointer.close()
-  assert restored is not None
-  state, _, step = restored  # written by two processes, restored by one: other mesh, same values
-  assert step == STEPS and int(state.step) == STEPS
+  state, restored_step = _restore(config, workdir, element_shape, step=step)
+  ref, _ = _restore(config, ref_dir, element_shape, step=step)
+  assert restored_step == step and int(state.step) == int(ref.step) == step
   diff = max(_max_abs_diff(state.params, ref.params),
              _max_abs_diff(state.ema_params, ref.ema_params))
-  assert diff <= atol, f'max |params (2 processes) - params (1 process)| = {diff:.3g}'
-  losses = [r['loss'] for r in _metrics(workdir) if 'loss' in r]
-  ref_losses = [r['loss'] for r in _metrics(ref_dir) if 'loss' in r]
-  assert len(losses) == STEPS
-  np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
-  return diff, _max_abs_diff(state.params, builders.fresh_state(s).params)
+  assert diff <= atol, f'max |params (workdir) - params (reference)| = {diff:.3g}'
+  losses = _losses(workdir)
+  assert len(losses) == step
+  np.testing.assert_allclose(losses, _losses(ref_dir)[:step], rtol=LOSS_RTOL)
+  s = builders.setup(config, workdir, element_shape)
+  moved = _max_abs_diff(state.params, builders.fresh_state(s).params)
+  s.checkpointer.close()
+  return diff, moved
 
 
 def test_two_processes_end_with_the_params_of_one_process(two_processes, one_process, data_path):
-  ref_dir, ref = one_process
-  diff, _ = _compare_with_one_process(_config(data_path), two_processes[0], (4,), ref_dir, ref,
-                                      PARAM_ATOL)
+  ref_dir, _ = one_process
+  diff, _ = _compare(_config(data_path), two_processes[0], ref_dir, (4,), PARAM_ATOL, step=STEPS)
   print(f'two processes vs one: max |params difference| = {diff:.3g}')
 
 
@@ -217,33 +193,64 @@ UNET_PARAM_ATOL = 1e-8  # measured 1.2e-10 (reduction order only); training move
 
 
 def test_two_processes_train_tiny_unet_like_one_process(tmp_path):
-  """configs/tiny.py's U-Net on the digits: two processes end with one process's params."""
-  workdir, cache = str(tmp_path / 'two'), str(tmp_path / 'cache')
-  cmd = [sys.executable, '-m', 'diffusion_jax.main', '--config=configs/tiny.py',
-         f'--workdir={workdir}', f'--config.training.compilation_cache_dir={cache}',
-         *[f'--config.{k}={v}' for k, v in UNET_OVERRIDES.items()]]
-  _run_two(tmp_path, 'train_unet', cmd)
+  """configs/tiny.py's U-Net on the digits through the CLI, batch 16, 5 steps (issue 16's case:
+  own shards gave losses 0.817 vs 0.835): two processes end with one process's loss and params."""
+  cache = str(tmp_path / 'cache')
+  overrides = {**UNET_OVERRIDES, 'training.num_train_steps': 5, 'training.checkpoint_every': 5,
+               'training.batch_size': 16}
+
+  def cmd(workdir):
+    return [sys.executable, '-m', 'diffusion_jax.main', '--config=configs/tiny.py',
+            f'--workdir={workdir}', f'--config.training.compilation_cache_dir={cache}',
+            *[f'--config.{k}={v}' for k, v in overrides.items()]]
+
+  two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
+  _run_two(tmp_path, 'train_unet', cmd(two))
+  out = subprocess.run(cmd(one), cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=TIMEOUT_S)
+  assert out.returncode == 0, out.stderr[-5000:]
   config = tiny.get_config()
-  config.update_from_flattened_dict(UNET_OVERRIDES)
-  ref_dir = str(tmp_path / 'one')
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(builders, 'create_data', _union_create_data)
-    ref = training.train_and_evaluate(config, ref_dir)
-  diff, moved = _compare_with_one_process(config, workdir, (8, 8, 1), ref_dir, ref,
-                                          UNET_PARAM_ATOL)
-  print(f'tiny U-Net, two processes vs one: max |params difference| = {diff:.3g} '
-        f'(params moved up to {moved:.3g} from their init)')
+  config.update_from_flattened_dict(overrides)
+  diff, moved = _compare(config, two, one, (8, 8, 1), UNET_PARAM_ATOL, step=5)
+  print(f'tiny U-Net, two processes vs one: losses {_losses(two)} vs {_losses(one)}; max '
+        f'|params difference| = {diff:.3g} (params moved up to {moved:.3g} from their init)')
   assert moved > 1e4 * UNET_PARAM_ATOL  # the comparison is not between two untrained states
 
 
-def test_two_process_checkpoint_resumes_in_one_process(two_processes, data_path, tmp_path):
+def test_two_process_checkpoint_resumes_in_one_process(two_processes, one_process, data_path,
+                                                      tmp_path):
+  """Written by two processes at STEPS, resumed by one to STEPS + 2: the data order goes on, the
+  run ends like the uninterrupted one-process run."""
+  ref_dir, _ = one_process
   workdir = str(tmp_path / 'resumed')
   shutil.copytree(two_processes[0], workdir)
-  config = _config(data_path, **{'training.num_train_steps': STEPS + 1})
+  config = _config(data_path, **{'training.num_train_steps': STEPS + 2})
   state = training.train_and_evaluate(config, workdir)
-  assert int(state.step) == STEPS + 1
-  assert [r['step'] for r in _metrics(workdir) if 'loss' in r] == [1, 2, 3, 4]
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+  assert int(state.step) == STEPS + 2
+  assert [r['step'] for r in _metrics(workdir) if 'loss' in r] == list(range(1, STEPS + 3))
+  diff, _ = _compare(config, workdir, ref_dir, (4,), PARAM_ATOL, step=STEPS + 2)
+  print(f'two processes to {STEPS}, one to {STEPS + 2} vs one throughout: {diff:.3g}')
+
+
+def test_one_process_checkpoint_resumes_on_two(one_process, data_path, tmp_path):
+  """Written by one process at STEPS, resumed by two to STEPS + 2: ends like the one-process run."""
+  ref_dir, _ = one_process
+  workdir = tmp_path / 'resumed'
+  (workdir / 'checkpoints').mkdir(parents=True)
+  shutil.copytree(os.path.join(ref_dir, 'checkpoints', str(STEPS)),
+                  workdir / 'checkpoints' / str(STEPS))
+  with open(os.path.join(ref_dir, 'metrics.jsonl')) as f:  # the first run's rows up to STEPS
+    rows = [line for line in f if json.loads(line)['step'] <= STEPS]
+  (workdir / 'metrics.jsonl').write_text(''.join(rows))
+  cache = jax.config.jax_compilation_cache_dir or str(tmp_path / 'cache')
+  flags = {**OVERRIDES, 'data.path': data_path, 'training.num_train_steps': STEPS + 2}
+  cmd = [sys.executable, '-m', 'diffusion_jax.main', '--config=configs/tiny.py',
+         f'--workdir={workdir}', f'--config.training.compilation_cache_dir={cache}',
+         *[f'--config.{k}={v}' for k, v in flags.items()]]
+  _run_two(tmp_path, 'resume_on_two', cmd)
+  config = _config(data_path, **{'training.num_train_steps': STEPS + 2})
+  diff, _ = _compare(config, str(workdir), ref_dir, (4,), PARAM_ATOL, step=STEPS + 2)
+  print(f'one process to {STEPS}, two to {STEPS + 2} vs one throughout: {diff:.3g}')
 
 
 def test_only_process_0_writes(two_processes):

@@ -35,7 +35,7 @@ def create_data(config: ml_collections.ConfigDict, *, split: str | None = None,
                 num_epochs: int | None = None, shuffle: bool = True,
                 batch_size: int | None = None, random_flip: bool | None = None
                 ) -> input_pipeline.DataPipeline:
-  """This process's input pipeline (its shard, per-process batch)."""
+  """This process's input pipeline: its slice of every global batch (the same on any topology)."""
   d = config.data
   batch_size = batch_size or config.training.batch_size
   return input_pipeline.create_dataset(
@@ -45,7 +45,8 @@ def create_data(config: ml_collections.ConfigDict, *, split: str | None = None,
       seed=config.seed, shuffle=shuffle, num_epochs=num_epochs,
       random_flip=d.random_flip if random_flip is None else random_flip,
       use_labels=d.use_labels, process_index=jax.process_index(),
-      process_count=jax.process_count(), worker_count=d.worker_count)
+      process_count=jax.process_count(), worker_count=d.worker_count,
+      background=tuple(d.background))
 
 
 @dataclasses.dataclass

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import tqdm
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from diffusion_jax import sharding, writers
@@ -36,6 +37,22 @@ def _global_batches(batches: list[dict[str, np.ndarray]], mesh, stacked: bool):
   spec = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
   return {k: jax.make_array_from_process_local_data(spec, np.stack([b[k] for b in batches]))
           for k in batches[0]}
+
+
+def _merge_skipped(data) -> None:
+  """Every process's unreadable files into every process's count (and so into the saved state).
+
+  Each process decodes only its slice of each global batch, so each meets only some of the
+  unreadable files; a collective, so every process calls it at the same step (log and save).
+  """
+  if jax.process_count() == 1:
+    return
+  local = np.asarray(data.skipped(), np.int32)
+  sizes = multihost_utils.process_allgather(np.int32(len(local)))
+  padded = np.full(max(int(np.max(sizes)), 1), -1, np.int32)
+  padded[:len(local)] = local
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  data.add_skipped(gathered[gathered >= 0].tolist())
 
 
 def _check_data(config: ml_collections.ConfigDict, data) -> None:
@@ -157,6 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   def save(st, step):
     check_pending(step)
     extra = {'frozen': frozen} if task.save_frozen else {}
+    _merge_skipped(data)
     s.checkpointer.save(step, st, data_state=data.iterator.get_state(), **extra)
 
   pending: list[dict[str, jax.Array]] = []
@@ -187,6 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         t_last, step_last = now, step
         summary = {m: float(np.mean(np.concatenate([r[m] for r in rows])))
                    for m in rows[0] if m not in ('skipped', 'nonfinite_state')}
+        _merge_skipped(data)
         summary.update(skipped_steps=int(skipped.sum()), steps_per_sec=steps_per_s,
                        images_per_sec=steps_per_s * config.training.batch_size,
                        data_skipped_files=data.num_skipped())
