@@ -15,7 +15,8 @@ processes and devices; a checkpoint of 2 processes resumes on 1 and vice versa.
 
 Sources (`SOURCES`):
   * ``digits``: scikit-learn's bundled 8x8 digits (no download).
-  * ``folder``: a directory tree of .png/.jpg/.jpeg/.webp files.
+  * ``folder``: a directory tree of .png/.jpg/.jpeg/.webp/.tif/.tiff/.bmp files,
+    decoded by `load_image`.
   * ``array``: a .npy or .npz file of shape [N, ...].
   * ``tfds``: any prepared TFDS image data set, read through `tfds.data_source`
     (random access over ArrayRecord files; TensorFlow is not needed).
@@ -42,7 +43,8 @@ from absl import logging
 from PIL import Image, ImageOps
 
 SOURCES = ('digits', 'folder', 'array', 'tfds')
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp')
+# TIFF: the usual container of 16-bit, 32-bit integer and float images.
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.tif', '.tiff', '.bmp')
 
 # Key of the per-batch count of dropped examples that travels from the
 # (possibly multiprocess) decoding stage to the main-process counter.

@@ -51,6 +51,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -567,6 +568,45 @@ def test_corrupt_and_truncated_images_are_skipped_named_and_counted(tmp_path):
   # once (distinct files, not re-reads).
   counts = [r['data_skipped_files'] for r in _logged(workdir)]
   assert counts == sorted(counts) and counts[-1] == 2
+
+
+def test_folder_of_mixed_modes_and_sizes_trains(tmp_path):
+  folder = tmp_path / 'mixed'
+  folder.mkdir()
+  rng = np.random.default_rng(1)
+  Image.fromarray(rng.integers(0, 255, (9, 14, 4), np.uint8), 'RGBA').save(folder / 'a.png')
+  Image.fromarray(rng.integers(0, 65535, (11, 7), np.uint16)).save(folder / 'b.png')  # 16-bit
+  Image.fromarray(rng.integers(0, 255, (8, 8, 2), np.uint8), 'LA').save(folder / 'c.png')
+  palette = Image.fromarray(rng.integers(0, 4, (20, 10), np.uint8), 'P')
+  palette.putpalette(list(rng.integers(0, 255, 12)) + [0] * 756)
+  palette.save(folder / 'd.png', transparency=2)
+  Image.new('CMYK', (13, 6), (10, 200, 30, 0)).save(folder / 'e.jpg')
+  Image.fromarray(rng.integers(0, 255, (5, 5, 3), np.uint8)).save(folder / 'f.webp')
+  Image.new('1', (6, 16), 1).save(folder / 'g.png')
+  Image.fromarray(rng.normal(size=(7, 7)).astype(np.float32), 'F').save(folder / 'h.tiff')
+  config = _tiny(**{'data.source': 'folder', 'data.path': str(folder), 'data.num_channels': 3,
+                    'model.name': 'mlp', 'training.batch_size': 4,
+                    'training.num_train_steps': 2, 'training.log_every': 1})
+  state = training.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert int(state.step) == 2
+  rows = _logged(tmp_path / 'run')
+  assert [r['data_skipped_files'] for r in rows] == [0, 0]
+  assert all(np.isfinite(r['loss']) for r in rows)
+
+
+def test_label_less_data_where_labels_are_required_names_the_file(tmp_path, monkeypatch):
+  folder = tmp_path / 'images'
+  for name in ('cat/a.png', 'loose.png'):
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    Image.new('L', (8, 8), 3).save(folder / name)
+  unlabeled = _vectors(tmp_path, np.zeros((16, 4), np.float32))
+  _no_compiling(monkeypatch)
+  for overrides, named in [({'data.source': 'folder', 'data.path': str(folder)}, 'loose.png'),
+                           ({'data.source': 'array', 'data.path': unlabeled,
+                             'model.name': 'mlp'}, unlabeled)]:
+    config = _tiny(**overrides, **{'data.use_labels': True, 'model.num_classes': 2})
+    with pytest.raises(ValueError, match=re.escape(named)):
+      training.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
 def _no_compiling(monkeypatch):
