@@ -25,6 +25,7 @@ instead of hanging or aborting; SIGTERM to one process saves both at one step.
 
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -302,17 +303,33 @@ def test_unreachable_coordinator_exits_with_a_message(tmp_path):
   print(f'unreachable coordinator: exited after {elapsed:.1f}s')
 
 
+def _checkpoint(config, workdir, step):
+  """(state restored in this process, data-iterator state as saved) of one step."""
+  state, _ = _restore(config, str(workdir), (4,), step=step)
+  step_dir = pathlib.Path(workdir) / 'checkpoints' / str(step)
+  return state, json.loads((step_dir / 'data' / 'metadata').read_text())
+
+
+def _assert_bitwise_equal(a, b):
+  a, b = _flat(a), _flat(b)
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+    assert np.array_equal(a[k].reshape(-1).view(np.uint8), b[k].reshape(-1).view(np.uint8)), k
+
+
 def test_sigterm_to_one_process_saves_on_both_at_one_step_and_resumes(data_path, tmp_path):
   """Preemption of a pod: SIGTERM reaches one host only. JAX's preemption sync manager spreads the
-  notice; both processes save the same step together, exit 0, and the same command resumes there."""
+  notice; both processes save the same step together, exit 0, and the same command resumes there,
+  ending bitwise equal to an uninterrupted two-process run."""
   cache = jax.config.jax_compilation_cache_dir or str(tmp_path / 'cache')
   workdir = tmp_path / 'run'
 
-  def cmd(steps):
+  def cmd(steps, where=workdir):
     settings = {**OVERRIDES, 'data.path': data_path, 'training.num_train_steps': steps,
                 'training.checkpoint_every': steps, 'training.log_every': 1}
     return [sys.executable, '-m', 'diffusion_jax.main', '--config=configs/tiny.py',
-            f'--workdir={workdir}', f'--config.training.compilation_cache_dir={cache}',
+            f'--workdir={where}', f'--config.training.compilation_cache_dir={cache}',
             *[f'--config.{k}={v}' for k, v in settings.items()]]
 
   def start(command, tag):
@@ -327,10 +344,10 @@ def test_sigterm_to_one_process_saves_on_both_at_one_step_and_resumes(data_path,
             cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT, text=True))
     return procs
 
-  def logged_steps():
-    if not (workdir / 'metrics.jsonl').exists():
+  def logged_steps(where=workdir):
+    if not (where / 'metrics.jsonl').exists():
       return []
-    return [r['step'] for r in _metrics(str(workdir)) if 'loss' in r]
+    return [r['step'] for r in _metrics(str(where)) if 'loss' in r]
 
   procs = start(cmd(1_000_000), 'first')
   try:
@@ -354,7 +371,9 @@ def test_sigterm_to_one_process_saves_on_both_at_one_step_and_resumes(data_path,
   stop = saved[0]
   assert logged_steps()[-1] == stop  # no process ran past the step both saved
 
-  procs = start(cmd(stop + 2), 'resumed')
+  # The restart, and (at the same time: one wait) an uninterrupted run of the same steps.
+  reference = tmp_path / 'uninterrupted'
+  procs = start(cmd(stop + 2), 'resumed') + start(cmd(stop + 2, reference), 'uninterrupted')
   try:
     for p in procs:
       p.wait(timeout=TIMEOUT_S)
@@ -365,3 +384,10 @@ def test_sigterm_to_one_process_saves_on_both_at_one_step_and_resumes(data_path,
         p.wait(timeout=60)
   assert all(p.returncode == 0 for p in procs)
   assert logged_steps()[-3:] == [stop, stop + 1, stop + 2]  # resumed at the saved step
+  config = _config(data_path, **{'training.num_train_steps': stop + 2})
+  state, data = _checkpoint(config, workdir, stop + 2)
+  ref_state, ref_data = _checkpoint(config, reference, stop + 2)
+  _assert_bitwise_equal(state, ref_state)  # params, EMA params, optimizer state, step
+  assert data == ref_data
+  ref_loss = {r['step']: r['loss'] for r in _metrics(str(reference)) if 'loss' in r}
+  assert all(r['loss'] == ref_loss[r['step']] for r in _metrics(str(workdir)) if 'loss' in r)
