@@ -1,4 +1,5 @@
-"""Denoising losses as pure functions: eps / x0 / v / score prediction, weightings, time sampling.
+"""Denoising losses as pure functions: eps / x0 / v / score / flow prediction, weightings, time
+sampling.
 
 Every loss here is a weighted regression of the model's prediction on its target at a time ``t``:
 
@@ -16,13 +17,22 @@ same name means the same objective for eps, x0, v or score models:
   of Score-Based Diffusion Models", Thm. 1); needs an SDE with ``drift_and_diffusion``.
 
 With ``||d x0||^2 = c * ||d pred||^2`` (c_eps = sigma^2/alpha^2, c_x0 = 1,
-c_v = sigma^2/(alpha^2+sigma^2)^2, c_score = sigma^4/alpha^2) each weighting becomes a weight on
-the prediction's MSE; the closed forms below avoid the 0 * inf these products hit at the ends.
+c_v = sigma^2/(alpha^2+sigma^2)^2, c_score = sigma^4/alpha^2, c_flow = sigma^2/(alpha+sigma)^2)
+each weighting becomes a weight on the prediction's MSE; the closed forms below avoid the 0 * inf
+these products hit at the ends.
+
+Flow matching (Lipman et al. 2023; Liu et al. 2022; Esser et al. 2024, SD3) is
+``prediction='flow'`` (the target is the velocity ``eps - x0``) with ``weighting='uniform'`` on
+``processes.RectifiedFlow``, and SD3's time sampling is ``'logit_normal'``.
 
 Time sampling: ``'uniform'`` (integer steps 1..N for ``DiscreteVP``, uniform in [t_min, t_max] for
-continuous processes) or ``'importance'``: t drawn with density proportional to the weight and the
+continuous processes), ``'importance'``: t drawn with density proportional to the weight and the
 weight replaced by weight / density, an unbiased estimate of the same objective with lower variance
-(Song et al. 2021b, Sec. 5: importance sampling of t for the likelihood weighting).
+(Song et al. 2021b, Sec. 5: importance sampling of t for the likelihood weighting), or
+``'logit_normal'``: the logit-normal density of Esser et al. (2024), SD3, Sec. 3.1, eq. 19,
+``t = sigmoid(m + s z)``, z ~ N(0, 1), mapped affinely onto [t_min, t_max]; unlike 'importance' it
+changes the objective (it weights the middle times more, as SD3 intends: factor 1), and it is
+for continuous processes.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from diffusion_jax import processes
 
 Weighting = Literal['uniform', 'snr', 'min_snr', 'likelihood']
 WEIGHTINGS = ('uniform', 'snr', 'min_snr', 'likelihood')
-TIME_SAMPLINGS = ('uniform', 'importance')
+TIME_SAMPLINGS = ('uniform', 'importance', 'logit_normal')
 _IMPORTANCE_CELLS = 1024
 
 
@@ -58,11 +68,12 @@ def prediction_weight(process, t: jax.Array, *, prediction: processes.Prediction
   a2, s2 = a * a, s * s
   snr = a2 / s2
   if weighting == 'snr':
-    return {'eps': jnp.ones_like(snr), 'x0': snr, 'v': a2 / jnp.square(a2 + s2), 'score': s2}[prediction]
+    return {'eps': jnp.ones_like(snr), 'x0': snr, 'v': a2 / jnp.square(a2 + s2), 'score': s2,
+            'flow': a2 / jnp.square(a + s)}[prediction]
   if weighting == 'min_snr':
     m = jnp.minimum(snr, min_snr_gamma)
     return {'eps': m / snr, 'x0': m, 'v': m * s2 / jnp.square(a2 + s2),
-            'score': m * s2 * s2 / a2}[prediction]
+            'score': m * s2 * s2 / a2, 'flow': m * s2 / jnp.square(a + s)}[prediction]
   # likelihood: g^2 on the score-error; c_pred / c_score converts it.
   if not hasattr(process, 'drift_and_diffusion'):
     raise ValueError(f"weighting='likelihood' needs an SDE (VPSDE, SubVPSDE, VESDE); "
@@ -71,11 +82,12 @@ def prediction_weight(process, t: jax.Array, *, prediction: processes.Prediction
   _, g = process.drift_and_diffusion(jnp.zeros(t.shape + (1,)), t)
   g2 = jnp.square(g)
   return {'eps': g2 / s2, 'x0': g2 * a2 / (s2 * s2), 'v': g2 * a2 / (s2 * jnp.square(a2 + s2)),
-          'score': g2}[prediction]
+          'score': g2, 'flow': g2 * a2 / (s2 * jnp.square(a + s))}[prediction]
 
 
 def sample_times(process, key: jax.Array, batch_size: int, *, time_sampling: str = 'uniform',
-                 weight_fn: Callable[[jax.Array], jax.Array] | None = None
+                 weight_fn: Callable[[jax.Array], jax.Array] | None = None,
+                 logit_normal_mean: float = 0.0, logit_normal_std: float = 1.0
                  ) -> tuple[jax.Array, jax.Array]:
   """Draws training times and the factor that keeps the objective unbiased.
 
@@ -83,10 +95,11 @@ def sample_times(process, key: jax.Array, batch_size: int, *, time_sampling: str
     process: the noise process.
     key: PRNG key.
     batch_size: B.
-    time_sampling: 'uniform' or 'importance'.
+    time_sampling: 'uniform', 'importance' or 'logit_normal' (module docstring).
     weight_fn: t -> loss weight; needed for 'importance', which draws t with density proportional
       to it (exactly on the integer grid of a discrete process; on 1024 cells uniform in log-SNR,
       uniform within a cell, for a continuous one).
+    logit_normal_mean, logit_normal_std: m and s of 'logit_normal' (SD3: 0 and 1).
 
   Returns:
     t: [B] float32 times; factor: [B], the ratio uniform density / sampling density, by which
@@ -94,6 +107,17 @@ def sample_times(process, key: jax.Array, batch_size: int, *, time_sampling: str
   """
   if time_sampling not in TIME_SAMPLINGS:
     raise ValueError(f'time_sampling={time_sampling!r} is not known; use one of {TIME_SAMPLINGS}.')
+  if time_sampling == 'logit_normal':
+    if is_discrete(process):
+      raise ValueError("time_sampling='logit_normal' is for continuous processes (RectifiedFlow, "
+                       "the SDEs); DiscreteVP trains on integer steps: use 'uniform' or "
+                       "'importance'.")
+    if not logit_normal_std > 0:
+      raise ValueError(f'logit_normal_std must be > 0, got {logit_normal_std}.')
+    u = jax.nn.sigmoid(logit_normal_mean
+                       + logit_normal_std * jax.random.normal(key, (batch_size,), jnp.float32))
+    t = process.t_min + (process.t_max - process.t_min) * u
+    return t.astype(jnp.float32), jnp.ones((batch_size,), jnp.float32)
   if is_discrete(process):
     n = process.num_timesteps
     if time_sampling == 'uniform':
@@ -126,6 +150,7 @@ def sample_times(process, key: jax.Array, batch_size: int, *, time_sampling: str
 def denoising_loss(model_fn: Callable[..., jax.Array], process, x0: jax.Array, key: jax.Array, *,
                    prediction: processes.Prediction = 'eps', weighting: Weighting = 'uniform',
                    min_snr_gamma: float = 5.0, time_sampling: str = 'uniform',
+                   logit_normal_mean: float = 0.0, logit_normal_std: float = 1.0,
                    cond: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The denoising loss of one batch.
 
@@ -135,10 +160,11 @@ def denoising_loss(model_fn: Callable[..., jax.Array], process, x0: jax.Array, k
     process: the noise process (DiscreteVP or an SDE).
     x0: [B, ...] clean data.
     key: PRNG key for the times and the noise.
-    prediction: what model_fn predicts: 'eps', 'x0', 'v' or 'score'.
+    prediction: what model_fn predicts: 'eps', 'x0', 'v', 'score' or 'flow' (eps - x0).
     weighting: 'uniform', 'snr', 'min_snr' or 'likelihood' (module docstring).
     min_snr_gamma: gamma of 'min_snr' (Hang et al. 2023 use 5).
-    time_sampling: 'uniform' or 'importance'.
+    time_sampling: 'uniform', 'importance' or 'logit_normal'.
+    logit_normal_mean, logit_normal_std: m and s of 'logit_normal' (``sample_times``).
     cond: the conditioning pytree passed to model_fn untouched (leaves [B, ...], e.g.
       ``{'label': [B] int32}``), or None.
 
@@ -157,14 +183,17 @@ def denoising_loss(model_fn: Callable[..., jax.Array], process, x0: jax.Array, k
     return prediction_weight(process, t, prediction=prediction, weighting=weighting,
                              min_snr_gamma=min_snr_gamma)
 
-  t, factor = sample_times(process, k_t, batch, time_sampling=time_sampling, weight_fn=weight_fn)
+  t, factor = sample_times(process, k_t, batch, time_sampling=time_sampling, weight_fn=weight_fn,
+                           logit_normal_mean=logit_normal_mean,
+                           logit_normal_std=logit_normal_std)
   eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
   x0 = x0.astype(jnp.float32)
   x_t = processes.q_sample(process, x0, t, eps)
   alpha, sigma = process.alpha(t), process.sigma(t)
   a, s = processes._bcast(alpha, x0), processes._bcast(sigma, x0)  # pylint: disable=protected-access
   # Targets from the exact (x0, eps), not reconstructed through alpha(t), which is tiny near t_max.
-  target = {'eps': eps, 'x0': x0, 'v': a * eps - s * x0, 'score': -eps / s}[prediction]
+  target = {'eps': eps, 'x0': x0, 'v': a * eps - s * x0, 'score': -eps / s,
+            'flow': eps - x0}[prediction]
   pred = model_fn(x_t, t, cond).astype(jnp.float32)
   mse = jnp.mean(jnp.square(pred - target).reshape(batch, -1), axis=-1)  # [B]
   per_example = weight_fn(t) * mse

@@ -60,7 +60,8 @@ def denoising(*, network_fn: preconditioning.NetworkFn, process,
               parameterization: preconditioning.Parameterization = 'eps',
               noise_input: preconditioning.NoiseInput = 't',
               weighting: losses.Weighting = 'uniform', min_snr_gamma: float = 5.0,
-              time_sampling: str = 'uniform', cond_fn: CondFn | None = None,
+              time_sampling: str = 'uniform', logit_normal_mean: float = 0.0,
+              logit_normal_std: float = 1.0, cond_fn: CondFn | None = None,
               null_cond: Any = None, cond_dropout: float = 0.0) -> LossFn:
   """The denoising objective of a network read through ``preconditioning``.
 
@@ -72,7 +73,8 @@ def denoising(*, network_fn: preconditioning.NetworkFn, process,
     noise_input: the network's noise-conditioning input ('t', 't999', 'log_sigma').
     weighting: loss weighting ('uniform', 'snr', 'min_snr', 'likelihood'; see ``losses``).
     min_snr_gamma: gamma of 'min_snr'.
-    time_sampling: 'uniform' or 'importance'.
+    time_sampling: 'uniform', 'importance' or 'logit_normal' (SD3; ``losses.sample_times``).
+    logit_normal_mean, logit_normal_std: m and s of 'logit_normal'.
     cond_fn: ``cond_fn(frozen, batch) -> cond``; None for an unconditional model. Class labels:
       ``lambda frozen, batch: {'label': batch['label'].astype(jnp.int32)}``.
     null_cond: the unconditional input, broadcasting against cond leaf by leaf (class labels:
@@ -104,6 +106,7 @@ def denoising(*, network_fn: preconditioning.NetworkFn, process,
         noise_input_kind=noise_input, train=True, dropout_key=k_drop)
     return losses.denoising_loss(
         model_fn, process, batch['x'], k_loss, prediction=parameterization, weighting=weighting,
-        min_snr_gamma=min_snr_gamma, time_sampling=time_sampling, cond=cond)
+        min_snr_gamma=min_snr_gamma, time_sampling=time_sampling,
+        logit_normal_mean=logit_normal_mean, logit_normal_std=logit_normal_std, cond=cond)
 
   return loss_fn

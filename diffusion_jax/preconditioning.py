@@ -4,14 +4,16 @@ The network computes ``F(x, c_noise)`` and knows nothing of processes (Karras et
 EDM's ``EDMPrecond``). This module chooses the noise-conditioning input ``c_noise`` from the time
 ``t`` and reads ``F`` as one of the prediction types of ``processes.convert_prediction``:
 
-- ``parameterization='eps'``, ``'x0'`` or ``'v'``: ``F`` is that quantity (Ho et al. 2020 use eps;
-  Salimans & Ho 2022 use v).
+- ``parameterization='eps'``, ``'x0'``, ``'v'`` or ``'flow'``: ``F`` is that quantity (Ho et al.
+  2020 use eps; Salimans & Ho 2022 use v; rectified flow, Esser et al. 2024, the velocity
+  ``eps - x0``).
 - ``parameterization='score'``: ``F / sigma(t)`` is the score, as NCSN++ with ``scale_by_sigma``
   (Song et al. 2021, score_sde ``models/ncsnpp.py``).
 
 Noise inputs (``c_noise``):
 - ``'t'``: the time itself (the DDPM step 1..N for ``DiscreteVP``, as Ho et al.).
-- ``'t999'``: ``999 * t``, the label score_sde feeds DDPM++ for continuous VP/sub-VP SDEs on [eps, 1].
+- ``'t999'``: ``999 * t``, the label score_sde feeds DDPM++ for continuous VP/sub-VP SDEs on [eps, 1]
+  (and the ``1000 t`` scale SD3 feeds its network for rectified flow on [0, 1]).
 - ``'log_sigma'``: ``log sigma(t)``, the label of NCSN++ for VE SDEs.
 """
 
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 
 from diffusion_jax import processes
 
-Parameterization = Literal['eps', 'x0', 'v', 'score']
+Parameterization = Literal['eps', 'x0', 'v', 'score', 'flow']
 NoiseInput = Literal['t', 't999', 'log_sigma']
 NOISE_INPUTS = ('t', 't999', 'log_sigma')
 
@@ -81,7 +83,7 @@ def check_model_process(noise_input_kind: NoiseInput, parameterization: Paramete
           f"a VP model (noise_input='t999', trained on a VP or sub-VP SDE) was asked for the VE "
           f"process {name}; use sde.VPSDE / sde.SubVPSDE, or a model trained with "
           f"noise_input='log_sigma' for VE.")
-    if abs(float(process.t_max) - 1.0) > 1e-6:
+    if float(process.t_max) > 1.0 + 1e-6:
       raise ValueError(
           f"noise_input='t999' expects continuous times in [eps, 1]; {name} has t_max = "
           f"{process.t_max} (for DiscreteVP use noise_input='t').")

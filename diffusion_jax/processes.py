@@ -6,9 +6,11 @@ Every noise process, discrete or continuous, exposes the marginal
 
 through ``alpha(t)``, ``sigma(t)``, ``t_min``, ``t_max``, ``prior_sample`` and ``prior_logp``
 (../shared/DESIGN.md). This module holds the discrete variance-preserving process of DDPM
-(Ho et al. 2020) with its linear and cosine (Nichol & Dhariwal 2021) schedules, and the functions
-that only need alpha and sigma and so serve the SDEs of ``sde.py`` too: ``q_sample``, the Gaussian
-posterior between two times, and the conversions between eps, x0, v and score predictions.
+(Ho et al. 2020) with its linear and cosine (Nichol & Dhariwal 2021) schedules, the rectified
+flow of Liu et al. (2022) and Esser et al. (2024) (``RectifiedFlow``: alpha = 1 - t, sigma = t),
+and the functions that only need alpha and sigma and so serve the SDEs of ``sde.py`` too:
+``q_sample``, the Gaussian posterior between two times, and the conversions between eps, x0, v,
+score and flow predictions.
 
 Time convention of ``DiscreteVP``: ``t`` is the DDPM step counted from the data, ``t = 0`` is the data
 itself (alpha = 1, sigma = 0) and ``t = i`` for ``i = 1..N`` is step ``i`` of Ho et al., with
@@ -27,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-Prediction = Literal['eps', 'x0', 'v', 'score']
-PREDICTIONS = ('eps', 'x0', 'v', 'score')
+Prediction = Literal['eps', 'x0', 'v', 'score', 'flow']
+PREDICTIONS = ('eps', 'x0', 'v', 'score', 'flow')
 
 
 def _bcast(a: jax.Array, x: jax.Array) -> jax.Array:
@@ -201,6 +203,65 @@ class DiscreteVP(struct.PyTreeNode):
     return mean, beta_tilde, beta
 
 
+class RectifiedFlow(struct.PyTreeNode):
+  """Rectified flow: the straight path ``x_t = (1 - t) x_0 + t eps`` (Liu et al. 2022; Esser et
+  al. 2024, Stable Diffusion 3, eq. 3 with the "RF" choice; Flux).
+
+  ``alpha(t) = 1 - t``, ``sigma(t) = t`` on ``t in [0, 1]``: not variance preserving, and the
+  velocity ``d x_t / dt = eps - x_0`` is the ``'flow'`` prediction (``convert_prediction``).
+
+  Time domain: the model is evaluated on ``[t_min, t_max] = [eps, 1 - eps]`` (default 1e-3): at
+  t = 0 the noise level sigma / alpha is 0 and at t = 1 it is infinite, where the log-SNR solvers
+  and grids (``t_from_log_snr``, DPM-Solver, UniPC) have no finite time; the samplers take their
+  final step to the data from t_min as for every process. At t_max = 0.999 the prior N(0, I)
+  differs from q(x_T | x_0) by alpha = 1e-3, the size of DDPM's alpha_T = 6e-3. SD3's own grids
+  start at sigma = 1; the shifted grid of SD3 is ``sampling.grids`` with ``shift=``.
+
+  Attributes:
+    eps: the distance of t_min from 0 and of t_max from 1, static.
+  """
+
+  eps: float = struct.field(pytree_node=False, default=1e-3)
+
+  @property
+  def t_min(self) -> float:
+    return float(self.eps)
+
+  @property
+  def t_max(self) -> float:
+    return 1.0 - float(self.eps)
+
+  @property
+  def is_variance_preserving(self) -> bool:
+    return False
+
+  def log_alpha(self, t: jax.typing.ArrayLike) -> jax.Array:
+    return jnp.log1p(-jnp.asarray(t, jnp.float32))
+
+  def alpha(self, t: jax.typing.ArrayLike) -> jax.Array:
+    return 1.0 - jnp.asarray(t, jnp.float32)
+
+  def sigma(self, t: jax.typing.ArrayLike) -> jax.Array:
+    return jnp.asarray(t, jnp.float32)
+
+  def log_snr(self, t: jax.typing.ArrayLike) -> jax.Array:
+    """lambda(t) = log(alpha^2 / sigma^2) = 2 log((1 - t) / t)."""
+    t = jnp.asarray(t, jnp.float32)
+    return 2.0 * (jnp.log1p(-t) - jnp.log(t))
+
+  def t_from_log_snr(self, log_snr: jax.typing.ArrayLike) -> jax.Array:
+    """Inverse of ``log_snr``: (1 - t) / t = exp(lambda / 2), so t = sigmoid(-lambda / 2)."""
+    return jax.nn.sigmoid(-0.5 * jnp.asarray(log_snr, jnp.float32))
+
+  def prior_sample(self, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """x_1 ~ N(0, I), the end of the path."""
+    return jax.random.normal(key, shape, jnp.float32)
+
+  def prior_logp(self, z: jax.Array) -> jax.Array:
+    """log N(z; 0, I) per example. z: [B, ...] -> [B]."""
+    return _standard_normal_logp(z)
+
+
 # --- functions of alpha and sigma alone: they serve every process ---------------------------------
 
 
@@ -256,18 +317,21 @@ def posterior(process, x_t: jax.Array, x0: jax.Array, t: jax.Array, s: jax.Array
 
 def convert_prediction(pred: jax.Array, x_t: jax.Array, alpha: jax.Array, sigma: jax.Array, *,
                        source: Prediction, target: Prediction) -> jax.Array:
-  """Converts a model's prediction between the eps, x0, v and score parameterizations.
+  """Converts a model's prediction between the eps, x0, v, score and flow parameterizations.
 
   With ``x_t = alpha x0 + sigma eps``: ``score = -eps / sigma`` (the score of q(x_t | x_0)
   averaged over x_0, Vincent 2011), and ``v = alpha eps - sigma x0`` (Salimans & Ho 2022, Sec. 4;
   here without assuming alpha^2 + sigma^2 = 1, so ``x0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2)``
   and ``eps = (sigma x_t + alpha v) / (alpha^2 + sigma^2)``, which reduce to theirs for VP processes).
+  ``flow = eps - x0``, the velocity of rectified flow (Liu et al. 2022; Esser et al. 2024), so
+  ``x0 = (x_t - sigma flow) / (alpha + sigma)`` and ``eps = (x_t + alpha flow) / (alpha + sigma)``
+  (for ``RectifiedFlow`` alpha + sigma = 1), with no division by alpha or sigma alone.
 
   Args:
     pred: [B, ...] the prediction in the ``source`` parameterization.
     x_t: [B, ...] the noisy input the prediction was made for.
     alpha, sigma: [B] (or scalars) the process's alpha(t), sigma(t).
-    source, target: one of 'eps', 'x0', 'v', 'score'.
+    source, target: one of 'eps', 'x0', 'v', 'score', 'flow'.
   """
   for name, value in (('source', source), ('target', target)):
     if value not in PREDICTIONS:
@@ -285,10 +349,15 @@ def convert_prediction(pred: jax.Array, x_t: jax.Array, alpha: jax.Array, sigma:
   elif source == 'x0':
     x0 = pred
     eps = (x_t - a * x0) / s
+  elif source == 'flow':
+    x0 = (x_t - s * pred) / (a + s)
+    eps = (x_t + a * pred) / (a + s)
   else:  # v
     norm = a * a + s * s
     x0 = (a * x_t - s * pred) / norm
     eps = (s * x_t + a * pred) / norm
+  if target == 'flow':
+    return eps - x0
   if target == 'eps':
     return eps
   if target == 'x0':

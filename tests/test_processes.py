@@ -132,7 +132,8 @@ def test_prediction_conversions_match_formulas():
     a, s = alpha[:, None], sigma[:, None]
     x_t = a * np.asarray(x0) + s * np.asarray(eps)
     truth = {'eps': np.asarray(eps), 'x0': np.asarray(x0), 'score': -np.asarray(eps) / s,
-             'v': a * np.asarray(eps) - s * np.asarray(x0)}
+             'v': a * np.asarray(eps) - s * np.asarray(x0),
+             'flow': np.asarray(eps) - np.asarray(x0)}  # rectified flow's velocity
     if np.allclose(alpha**2 + sigma**2, 1):  # Salimans & Ho eq. for VP: x0 = alpha x_t - sigma v
       np.testing.assert_allclose(a * x_t - s * truth['v'], truth['x0'], rtol=1e-5, atol=1e-5)
     for src in P.PREDICTIONS:

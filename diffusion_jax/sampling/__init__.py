@@ -51,6 +51,13 @@ pc), all inside the one scan:
   noise), and the named grid is laid out over ``[t_min, t_start]``. ``t_start = t_max`` is the
   default run, bit for bit. ``ode`` integrates from ``t_start``; ``plms``'s
   ``analytic_first_step`` refuses starts not close to pure noise.
+- ``shift`` (a keyword of ``sample``): SD3's time shift of the method's named grid
+  (``grids.make_grid``; Esser et al. 2024, eq. 23), for rectified flow at high resolution; the
+  shifted grid reaches the method as its ``times``, so it does not combine with ``times=``, and
+  ``pc`` / ``ode`` (which lay out no named grid) refuse it.
+- Repeated grid times (a grid rounded to integer steps with more steps than the process has)
+  are dropped: ``num_steps=2500`` on ``DiscreteVP`` with N = 1000 runs the 1000 distinct times,
+  and ``info['nfe']`` says so (``core.make_schedule``).
 - ``step_hook(x, i, t, alpha, sigma) -> x``: called after every step with the state reached, the
   step index, the time reached and its alpha, sigma; the sampler continues from what it returns.
   After the final step to the data ``t = 0``, ``alpha = 1``, ``sigma = 0``. An identity hook
@@ -90,7 +97,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import processes
-from diffusion_jax.sampling import grids
+from diffusion_jax.sampling import core, grids
 from diffusion_jax.sampling.ddim import ddim, ddpm
 from diffusion_jax.sampling.dpm_solver import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m
 from diffusion_jax.sampling.guidance import classifier_free_guidance
@@ -115,7 +122,11 @@ METHODS: dict[str, Callable[..., tuple[jax.Array, dict]]] = {
     'ode': ode,
 }
 
-__all__ = ['METHODS', 'INVERSIONS', 'sample', 'invert', 'grids']
+# The grid each fixed-step method lays out when none is given (``shift`` shifts it).
+DEFAULT_GRIDS = {name: 'quadratic' for name in METHODS if name not in ('pc', 'ode')}
+DEFAULT_GRIDS['ddpm'] = 'uniform'
+
+__all__ = ['METHODS', 'INVERSIONS', 'DEFAULT_GRIDS', 'sample', 'invert', 'grids']
 
 
 def _start(process, key, x_T, shape, t_start) -> jax.Array:
@@ -155,7 +166,7 @@ def sample(model_fn: Callable[..., jax.Array], process, *, method: str, num_step
            key: jax.Array | None = None, x_T: jax.Array | None = None,
            shape: tuple[int, ...] | None = None, prediction: str = 'eps', cond: Any = None,
            null_cond: Any = None, guidance_scale: float | jax.Array = 1.0,
-           guidance_rescale: float = 0.0, t_start: float | None = None,
+           guidance_rescale: float = 0.0, t_start: float | None = None, shift: float = 1.0,
            return_info: bool = False, **options: Any):
   """Draws samples by the named method (DESIGN.md's sampling contract).
 
@@ -169,7 +180,7 @@ def sample(model_fn: Callable[..., jax.Array], process, *, method: str, num_step
       the noise of stochastic methods (step i from ``fold_in(key, i)``).
     x_T: [B, ...] explicit start: noise at the prior's scale, or the noisy state at ``t_start``.
     shape: the shape of x_T to draw (with ``key``), or checked against ``x_T``.
-    prediction: what ``model_fn`` predicts: 'eps', 'x0', 'v' or 'score'.
+    prediction: what ``model_fn`` predicts: 'eps', 'x0', 'v', 'score' or 'flow'.
     cond: the conditioning, any pytree whose leaves are ``[B, ...]`` (B = x_T's batch), or None.
     null_cond: the unconditional conditioning for guidance: cond's tree structure, each leaf with
       batch B or 1 (broadcast), cast to cond's leaf dtype (``guidance.py``).
@@ -179,6 +190,8 @@ def sample(model_fn: Callable[..., jax.Array], process, *, method: str, num_step
     guidance_rescale: phi of Lin et al. (2024), eq. 16 (see ``guidance.py``); needs ``null_cond``.
     t_start: the time of ``x_T``, in ``(t_min, t_max]``: start at an intermediate time (img2img,
       SDEdit); the grid is laid out over ``[t_min, t_start]``. Needs ``x_T``.
+    shift: SD3's time shift of the method's grid (module docstring; ``grids.make_grid``); 1.0
+      (the default) leaves the grid alone.
     return_info: also return the method's info dict ('nfe', 'trajectory').
     **options: the method's options (``return_trajectory``, ``callback``, ``clip_x0``,
       ``dynamic_threshold``, ``grid``, ``spacing``, ``times``, ``step_hook``, ``eta``,
@@ -200,9 +213,32 @@ def sample(model_fn: Callable[..., jax.Array], process, *, method: str, num_step
   fn = classifier_free_guidance(model_fn, batch_size=x_T.shape[0], cond=cond,
                                 null_cond=null_cond, guidance_scale=guidance_scale,
                                 guidance_rescale=guidance_rescale)
+  if grids.check_shift(shift) != 1.0:
+    num_steps, t_start, options = _shifted(process, method, num_steps, t_start, float(shift),
+                                           options)
   x_0, info = METHODS[method](fn, process, x_T, num_steps=num_steps, key=key,
                               prediction=prediction, t_start=t_start, **options)
   return (x_0, info) if return_info else x_0
+
+
+def _shifted(process, method, num_steps, t_start, shift, options):
+  """``(num_steps, t_start, options)`` with the method's grid, shifted, as explicit ``times``."""
+  if method not in DEFAULT_GRIDS:
+    raise ValueError(f'shift={shift} needs a method with a named time grid; {method!r} lays out '
+                     f'none (use one of {sorted(DEFAULT_GRIDS)}).')
+  if options.get('times') is not None:
+    raise ValueError(f'shift={shift} and times were both given; shift the times yourself '
+                     '(grids.shift_times) or pass a named grid.')
+  options = dict(options)
+  grid = options.pop('grid', None) or DEFAULT_GRIDS[method]
+  spacing = options.pop('spacing', None)
+  options.pop('times', None)
+  with jax.ensure_compile_time_eval():
+    t = grids.make_grid(process, num_steps, grid, spacing=spacing, t_start=t_start, shift=shift)
+    t = core._drop_repeats(t)  # pylint: disable=protected-access
+  options['times'] = t
+  # The times start at t_start (the time of x_T), so the method takes them without it.
+  return int(t.shape[0]), None, options
 
 
 def invert(model_fn: Callable[..., jax.Array], process, x_0: jax.Array, *, method: str = 'ddim',

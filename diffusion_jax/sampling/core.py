@@ -161,7 +161,8 @@ def _drop_repeats(t: jax.Array) -> jax.Array:
 
 def make_schedule(process, num_steps: int, *, grid: str | None = None,
                   spacing: str | None = None, times=None, t_start: float | None = None,
-                  default_grid: str = 'quadratic', method: str = 'the sampler') -> Schedule:
+                  default_grid: str = 'quadratic', method: str = 'the sampler',
+                  shift: float = 1.0) -> Schedule:
   """The schedule: the grid times plus the final step to the data.
 
   Args:
@@ -175,6 +176,7 @@ def make_schedule(process, num_steps: int, *, grid: str | None = None,
     t_start: lay the named grid out over ``[t_min, t_start]`` (``grids.check_t_start``).
     default_grid: the method's default grid.
     method: the method's name, for messages.
+    shift: SD3's time shift of the named grid (``grids.make_grid``); 1: none.
 
   With a concrete process (closed over, not a jit argument) the schedule is computed at trace time
   and enters the program as constants: nothing of it is compiled.
@@ -186,11 +188,14 @@ def make_schedule(process, num_steps: int, *, grid: str | None = None,
     if t_start is not None:
       raise ValueError(f'{method}: times and t_start were both given; explicit times start at '
                        'times[0], the time of x_T: drop t_start.')
+    if shift != 1.0:
+      raise ValueError(f'{method}: times and shift={shift} were both given; shift the times '
+                       'yourself (grids.shift_times) or pass a named grid.')
     t = check_times(process, times, num_steps=num_steps, method=method)
   else:
     with jax.ensure_compile_time_eval():
       t = grids_lib.make_grid(process, num_steps, grid or default_grid, spacing=spacing,
-                              t_start=t_start)
+                              t_start=t_start, shift=shift)
     if t_start is not None and not isinstance(t, jax.core.Tracer):
       t_np = np.asarray(t)
       if t_np.size > 1 and not np.all(np.diff(t_np) < 0):

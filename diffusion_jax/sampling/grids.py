@@ -30,6 +30,14 @@ has RMS error 0.275 with 'linspace' and 0.155 with 'trailing' (``experiments/ben
 As n grows 'linspace' converges with the solver's full order; 'trailing' ends its last step at a
 noise level that shrinks with n, so it is for few steps. 'leading' is for 'uniform' only.
 
+``shift`` (every grid, ``make_grid``): the time shift of Esser et al. (2024), SD3, eq. 23,
+``t' = shift t / (1 + (shift - 1) t)``, applied to the grid's times rescaled from ``[t_min, t_hi]``
+to ``[0, 1]`` (``t_hi``: t_max or t_start), so both ends stay where they were; for
+``RectifiedFlow`` (t in [1e-3, 0.999]) it is SD3's formula on t up to 1e-3. ``shift > 1`` moves
+the times toward the noise (SD3 uses 3.0 at 1024^2); 1 leaves the grid unchanged, bit for bit.
+On a grid rounded to integer steps (``DiscreteVP``, 'uniform') the shifted times are rounded
+again, and the repeats this may make are dropped by the samplers (``core.make_schedule``).
+
 ``t_start`` (every grid): lay the grid out over ``[t_min, t_start]`` instead of ``[t_min, t_max]``,
 for a sampler that starts from a state at an intermediate time (img2img, SDEdit: Meng et al.
 2022). ``t_start = t_max`` gives the same times as ``None``, bit for bit.
@@ -201,14 +209,45 @@ GRIDS: dict[str, Callable[..., jnp.ndarray]] = {
 }
 
 
+def shift_times(t: jax.typing.ArrayLike, shift: float, t_lo: float, t_hi: float) -> jax.Array:
+  """SD3's time shift (Esser et al. 2024, eq. 23) on ``[t_lo, t_hi]`` rescaled to [0, 1].
+
+  ``u = (t - t_lo) / (t_hi - t_lo)``, ``u' = shift u / (1 + (shift - 1) u)``, returned as
+  ``t_lo + (t_hi - t_lo) u'``: increasing, with both ends fixed. t: any shape, float32.
+  """
+  t = jnp.asarray(t, jnp.float32)
+  u = (t - t_lo) / (t_hi - t_lo)
+  u = shift * u / (1.0 + (shift - 1.0) * u)
+  return jnp.clip(t_lo + (t_hi - t_lo) * u, t_lo, t_hi).astype(jnp.float32)
+
+
+def check_shift(shift) -> float:
+  """``shift`` as a positive float; ValueError otherwise."""
+  try:
+    value = float(shift)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    raise ValueError(f'shift must be a concrete positive number, got {shift!r}.') from None
+  if not value > 0 or not np.isfinite(value):
+    raise ValueError(f'shift must be a positive number (1 = no shift), got {shift!r}.')
+  return value
+
+
 def make_grid(process, num_steps: int, grid: str, *, spacing: Spacing | None = None,
-              t_start: float | None = None) -> jnp.ndarray:
+              t_start: float | None = None, shift: float = 1.0) -> jnp.ndarray:
   """The grid named ``grid`` (a key of ``GRIDS``) with ``spacing`` (None: the grid's default,
   'trailing' for 'uniform' and 'linspace' for the others), over ``[t_min, t_start]`` when
-  ``t_start`` is given (``check_t_start``), else over ``[t_min, t_max]``."""
+  ``t_start`` is given (``check_t_start``), else over ``[t_min, t_max]``, with SD3's time
+  ``shift`` (module docstring; 1: none)."""
   if grid not in GRIDS:
     raise ValueError(f'grid={grid!r} is not known; use one of {sorted(GRIDS)}.')
   if spacing is not None and spacing not in SPACINGS:
     raise ValueError(f'spacing={spacing!r} is not known; use one of {SPACINGS}.')
   t_start = check_t_start(process, t_start)
-  return GRIDS[grid](process, num_steps, spacing=spacing, t_start=t_start)
+  shift = check_shift(shift)
+  t = GRIDS[grid](process, num_steps, spacing=spacing, t_start=t_start)
+  if shift == 1.0:
+    return t
+  t = shift_times(t, shift, float(process.t_min), _t_hi(process, t_start))
+  if grid == 'uniform' and _is_discrete(process):
+    t = jnp.round(t)
+  return t

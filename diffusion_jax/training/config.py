@@ -20,7 +20,7 @@ from diffusion_jax import (input_pipeline, losses, objectives, optim, preconditi
 from diffusion_jax import models as models_lib
 from diffusion_jax.configs import default
 
-PROCESS_TYPES = ('discrete', 'vp', 'subvp', 've')
+PROCESS_TYPES = ('discrete', 'vp', 'subvp', 've', 'rectified_flow')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -74,6 +74,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice('process.schedule', config.process.schedule, ('linear', 'cosine'))
   _choice('training.weighting', config.training.weighting, losses.WEIGHTINGS)
   _choice('training.time_sampling', config.training.time_sampling, losses.TIME_SAMPLINGS)
+  if config.training.time_sampling == 'logit_normal':
+    if config.process.type == 'discrete':
+      raise ValueError("Config field 'training.time_sampling' = 'logit_normal' is for continuous "
+                       "processes (process.type 'rectified_flow', 'vp', 'subvp', 've'); "
+                       "process.type='discrete' trains on integer steps.")
+    _positive('training.logit_normal_std', config.training.logit_normal_std)
+  _positive('sampling.shift', config.sampling.shift)
+  if config.process.type == 'rectified_flow' and not 0 < config.process.t_eps < 0.5:
+    raise ValueError(f"Config field 'process.t_eps' = {config.process.t_eps} must lie in (0, 0.5) "
+                     "for process.type='rectified_flow' (t in [t_eps, 1 - t_eps]).")
   _choice('optim.optimizer', config.optim.optimizer, optim.OPTIMIZERS)
   _choice('optim.schedule', config.optim.schedule, optim.SCHEDULES)
   _choice('sampling.method', config.sampling.method, tuple(sampling.METHODS))
@@ -138,6 +148,8 @@ def build_process(cfg: ml_collections.ConfigDict):
     if cfg.schedule == 'linear':
       return processes.DiscreteVP.linear(cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
     return processes.DiscreteVP.cosine(cfg.num_timesteps, cfg.cosine_s)
+  if cfg.type == 'rectified_flow':
+    return processes.RectifiedFlow(eps=cfg.t_eps)
   from diffusion_jax import sde  # pylint: disable=import-outside-toplevel
   if cfg.type == 'vp':
     return sde.VPSDE(beta_min=cfg.beta_min, beta_max=cfg.beta_max, eps=cfg.t_eps)
@@ -203,7 +215,8 @@ def build_objective(config: ml_collections.ConfigDict, process, network_fn: Call
       network_fn=network_fn, process=process, parameterization=config.model.parameterization,
       noise_input=config.model.noise_input, weighting=config.training.weighting,
       min_snr_gamma=config.training.min_snr_gamma, time_sampling=config.training.time_sampling,
-      **conditional)
+      logit_normal_mean=config.training.logit_normal_mean,
+      logit_normal_std=config.training.logit_normal_std, **conditional)
 
 
 def sampler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -216,6 +229,8 @@ def sampler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     options['spacing'] = smp.spacing
   if smp.order:
     options['order'] = smp.order
+  if smp.shift != 1.0:
+    options['shift'] = smp.shift
   if smp.method == 'ddim':
     options['eta'] = smp.eta
   elif smp.method == 'plms':
