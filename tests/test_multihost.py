@@ -196,7 +196,7 @@ UNET_PARAM_ATOL = 1e-8  # measured 1.2e-10 (reduction order only); training move
 def test_two_processes_train_tiny_unet_like_one_process(tmp_path):
   """configs/tiny.py's U-Net on the digits through the CLI, batch 16, 5 steps (issue 16's case:
   own shards gave losses 0.817 vs 0.835): two processes end with one process's loss and params."""
-  cache = str(tmp_path / 'cache')
+  cache = jax.config.jax_compilation_cache_dir or str(tmp_path / 'cache')
   overrides = {**UNET_OVERRIDES, 'training.num_train_steps': 5, 'training.checkpoint_every': 5,
                'training.batch_size': 16}
 
