@@ -11,6 +11,7 @@ on GPU clusters pass ``--coordinator_address=host:port --num_processes=N --proce
 
 import os
 import socket
+import sys
 import time
 
 from absl import app, flags, logging
@@ -30,6 +31,9 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     'heartbeat_timeout', 100, 'Seconds without a heartbeat after which jax.distributed declares a '
     'process dead and stops the job (raise it on hosts so loaded that a long compile starves the '
     'heartbeat threads).')
+_VERBOSE = flags.DEFINE_boolean('verbose', False,
+                                'Show the full traceback of errors a user causes (config, paths, '
+                                'checkpoints, a diverged run) instead of one line.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -83,14 +87,43 @@ class _QuietLibraries:
     return record.levelno >= 30 or not noisy
 
 
+def _check_workdir(workdir: str, mode: str) -> bool:
+  """Checks ``workdir`` before anything is compiled or created; returns whether it has checkpoints.
+
+  Raises:
+    NotADirectoryError: ``workdir`` is an existing file.
+    FileNotFoundError: ``--mode=sample`` / ``--mode=eval`` and ``workdir/checkpoints`` holds no
+      step (nothing would be read, and failing later would leave directories behind).
+  """
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  path = epath.Path(workdir)
+  if path.exists() and not path.is_dir():
+    raise NotADirectoryError(f'--workdir={workdir} is a file, not a directory: give a new or an '
+                             'existing run directory.')
+  ckpts = path / 'checkpoints'
+  has_checkpoints = ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+  if mode != 'train' and not has_checkpoints:
+    raise FileNotFoundError(f'No checkpoint in {ckpts} for --mode={mode}: train first with '
+                            f'--mode=train and --workdir={workdir}.')
+  return has_checkpoints
+
+
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:
+    config = _CONFIG.value
+    config.keys()  # config_flags reports a file it could not load only when the config is read
+  except OSError as e:
+    raise FileNotFoundError(f'--config: {e.__cause__ or e}') from e
+  _check_workdir(_WORKDIR.value, _MODE.value)  # before jax starts: a bad path fails in a second
   import jax  # pylint: disable=import-outside-toplevel
   from diffusion_jax import cpu_runtime, training  # pylint: disable=import-outside-toplevel
   _init_distributed()
   applied = cpu_runtime.configure()  # after jax.distributed, before any computation
-  config = _CONFIG.value
+  training.validate_config(config)  # a config error before the first line of output
+  # Set only now: every path is checked, so a run that fails before it starts leaves no
+  # .jax_cache behind (sample/eval got here only with a checkpoint in the workdir).
   cache = config.training.compilation_cache_dir or os.path.join(_WORKDIR.value, '.jax_cache')
   jax.config.update('jax_compilation_cache_dir', cache)
   logging.info('JAX %s, process %d/%d, devices: %s', jax.__version__, jax.process_index(),
@@ -102,5 +135,40 @@ def main(argv):
   run(config, _WORKDIR.value)
 
 
+# The errors that our own checks raise for something the user can fix: one line, no traceback.
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError)
+
+
+def _config_field_error(e: AttributeError, argv: list[str]) -> str:
+  """One readable line for ml_collections' error on a misspelled ``--config.a.b`` override."""
+  inner = e.args[0] if e.args else e  # ml_collections wraps a KeyError('name\nDid you mean ...')
+  message = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
+  name, _, hint = str(message).partition('\n')
+  name = name.strip("'\"")
+  given = [a.split('=', 1)[0] for a in argv if a.startswith('--config.') and name in a]
+  where = given[0] if given else f'--config.{name}'
+  return f'{where}: the config has no field {name!r}. {hint}'.strip()
+
+
+def run(argv: list[str] | None = None) -> None:
+  """``app.run(main)``, with user errors printed as ``error: <message>`` and exit code 1."""
+  from diffusion_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  argv = sys.argv if argv is None else argv
+  try:
+    app.run(main, argv=argv)
+  except (*_USER_ERRORS, AttributeError, checkpointing.CheckpointCorruptedError) as e:
+    # --verbose may not be parsed yet: a misspelled field fails while the flags are read.
+    if '--verbose' in argv or (flags.FLAGS.is_parsed() and _VERBOSE.value):
+      raise
+    if isinstance(e, AttributeError):
+      if not (e.args and isinstance(e.args[0], KeyError) and not flags.FLAGS.is_parsed()):
+        raise  # not a misspelled --config override: a bug, keep its traceback
+      message = _config_field_error(e, argv)
+    else:
+      message = ' '.join(str(e).split())
+    print(f'error: {message}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  run()

@@ -1,0 +1,59 @@
+"""Errors a user causes end in one line on stderr and exit code 1, with nothing created (issue 21).
+
+Each case runs ``python -m diffusion_jax.main`` on configs/tiny.py as a user would; ``--verbose``
+brings the traceback back.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'diffusion_jax.main', '--config=configs/tiny.py',
+                         *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['--config.training.num_train_step=3'],
+     ['--config.training.num_train_step', 'Did you mean "num_train_steps"']),
+    (['--mode=sample'], ['No checkpoint in', 'checkpoints', '--mode=train']),
+    (['--mode=eval'], ['No checkpoint in', 'checkpoints', '--mode=train']),
+])
+def test_one_line_and_nothing_created(tmp_path, args, expected):
+  workdir = tmp_path / 'run'
+  out = _main(f'--workdir={workdir}', *args)
+  assert out.returncode == 1, out.stderr[-3000:]
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), out.stderr[-3000:]
+  for text in expected:
+    assert text in lines[0]
+  assert not workdir.exists()  # neither checkpoints/ nor .jax_cache/
+
+
+def test_workdir_is_a_file(tmp_path):
+  workdir = tmp_path / 'a_file'
+  workdir.write_text('not a run')
+  out = _main(f'--workdir={workdir}')
+  assert out.returncode == 1
+  assert out.stderr.strip() == f'error: --workdir={workdir} is a file, not a directory: give a ' \
+      'new or an existing run directory.'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file']
+
+
+def test_config_validation_error_then_verbose(tmp_path):
+  workdir = tmp_path / 'run'
+  bad = ['--config.process.type=rectified_flow', '--config.process.t_eps=0.7']
+  out = _main(f'--workdir={workdir}', *bad)
+  assert out.returncode == 1
+  assert 'Traceback' not in out.stderr
+  assert out.stderr.strip().splitlines()[-1].startswith("error: Config field 'process.t_eps'")
+  assert not workdir.exists()
+  out = _main(f'--workdir={workdir}', *bad, '--verbose')
+  assert out.returncode == 1
+  assert 'Traceback' in out.stderr and "ValueError: Config field 'process.t_eps'" in out.stderr
