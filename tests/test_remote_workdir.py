@@ -106,7 +106,7 @@ def test_a_whole_run_in_a_gs_workdir(tmp_path, in_empty_dir):
   assert np.isfinite(metrics['eval_bpd'])
   assert images.shape == (config.sampling.num_samples, 8, 8, 1) and images.dtype == np.uint8
   assert str(npz).startswith('gs://bucket/run/samples/')
-  assert {'checkpoints', 'metrics.jsonl', 'samples', 'tensorboard'} <= names
+  assert {'checkpoints', 'config.json', 'metrics.jsonl', 'samples', 'tensorboard'} <= names
   assert steps and steps[-1] == 3
   assert 'step_0000002.png' in pngs and any(p.startswith('ddim_3_step3') for p in pngs)
   assert events and all(e.stat().length > 0 for e in events)

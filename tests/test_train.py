@@ -51,7 +51,11 @@ def _make_folder(root, n=12, size=10, corrupt=False):
 
 def test_digits_one_job_writes_metrics_checkpoints(tmp_path):
   workdir = str(tmp_path / 'run')
-  state = training.train_and_evaluate(_tiny(**{'training.num_sample_images': 4}), workdir)
+  config = _tiny(**{'training.num_sample_images': 4})
+  state = training.train_and_evaluate(config, workdir)
+  # The whole config, read back equal (tuples included) to the one that trained.
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert config_lib.config_from_json(f.read()).to_dict() == config.to_dict()
   assert int(state.step) == 4
   rows = _metrics(workdir)
   logged = [r for r in rows if 'loss' in r]
@@ -155,7 +159,14 @@ def test_cli_trains_with_override_and_samples(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   cmd = [sys.executable, '-m', 'diffusion_jax.main', '--config=configs/tiny.py',
          f'--workdir={workdir}', '--config.training.num_train_steps=2']
-  subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+  out = subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True,
+                       timeout=600)
+  # The console: the fields that differ from the defaults, not the config; a last line naming the
+  # outputs.
+  assert 'training.num_train_steps=2' in out.stderr and 'num_train_steps: 2' not in out.stderr
+  assert out.stdout.strip().splitlines()[-1] == (
+      f'diffusion_jax: trained to step 2. Checkpoints {workdir}/checkpoints, metrics '
+      f'{workdir}/metrics.jsonl.')
   out = subprocess.run(cmd + ['--mode=sample', '--config.sampling.method=dpmpp_2m',
                               '--config.sampling.num_steps=4'],
                        cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=600)

@@ -51,6 +51,52 @@ def _check_against_default(config, reference, prefix: str = '') -> None:
                        f'(like its default {ref!r}), got {value!r} of type {type(value).__name__}.')
 
 
+def _flatten(config, prefix: str = '') -> dict[str, Any]:
+  """``{'a.b': value}`` of every leaf field of ``config``."""
+  out = {}
+  for key in config.keys():
+    value = config[key]
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = tuple(value) if isinstance(value, list) else value
+  return out
+
+
+def differences_from_default(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``{'a.b': value}`` of the fields whose value differs from ``configs/default.py``."""
+  reference = _flatten(default.get_config())
+  return {k: v for k, v in _flatten(config).items() if k not in reference or reference[k] != v}
+
+
+def write_config_json(config: ml_collections.ConfigDict, workdir) -> Any:
+  """Writes the whole config to ``workdir/config.json`` (any epath path); returns the path."""
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  path = epath.Path(workdir) / 'config.json'
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+  return path
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+  """The config that ``write_config_json`` wrote: the default with every field set from ``text``.
+
+  JSON has no tuples: a field whose default is a tuple gets its list back as a tuple.
+  """
+  import json  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  reference = _flatten(config)
+  for name, value in _flatten(json.loads(text)).items():
+    *groups, leaf = name.split('.')
+    holder = config
+    for g in groups:
+      holder = holder[g]
+    if isinstance(reference.get(name), tuple) and isinstance(value, tuple):
+      value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    holder[leaf] = value
+  return config
+
+
 def _choice(name: str, value, choices) -> None:
   if value not in choices:
     raise ValueError(f'Config field {name!r} = {value!r} is not one of {tuple(choices)}.')

@@ -5,7 +5,8 @@ It builds everything from the config, restores the workdir's checkpoint (or star
 metrics, saving checkpoints, writing sample grids and honouring preemption.
 
 Outputs in ``workdir`` (any path etils.epath and orbax support, ``gs://`` included):
-``checkpoints/`` (orbax), ``metrics.jsonl``, ``tensorboard/``, ``samples/*.png``.
+``checkpoints/`` (orbax), ``config.json`` (the whole config; ``config.config_from_json`` reads it
+back), ``metrics.jsonl``, ``tensorboard/``, ``samples/*.png``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import ml_collections
 import numpy as np
 import tqdm
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -129,7 +131,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if is_chief:
     logging.info('Parameters: %s (%.2fM). Devices: %d, mesh %s.', f'{num_params:,}',
                  num_params / 1e6, jax.device_count(), dict(s.mesh.shape))
-    logging.info('Config:\n%s', config)
+    changed = config_lib.differences_from_default(config)
+    logging.info('Config: diffusion_jax/configs/default.py with %s; the whole config is in %s.',
+                 ', '.join(f'{k}={v!r}' for k, v in changed.items()) or 'no change',
+                 config_lib.write_config_json(config, workdir))
     if start_step == 0:
       writer.write_text('config', str(config))
       writer.write(0, {'num_params': num_params})
@@ -241,4 +246,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   s.checkpointer.wait_until_finished()
   s.checkpointer.close()
   writer.close()
+  if is_chief:
+    samples = f', samples {epath.Path(workdir) / "samples"}' if num_grid else ''
+    print(f'diffusion_jax: trained to step {step}. Checkpoints {s.checkpointer.directory}, metrics '
+          f'{epath.Path(workdir) / "metrics.jsonl"}{samples}.', flush=True)
   return state
