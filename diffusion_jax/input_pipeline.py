@@ -446,8 +446,12 @@ def _tfds_source(*, name: str | None, split: str, data_dir: str | None,
   if not name:
     raise ValueError("The tfds source needs name=, e.g. name='cifar10'.")
   _check_num_channels(num_channels)
-  # Imported here: TFDS is slow to import and only this source needs it.
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  # Imported here: TFDS is slow to import, only this source needs it, and it is an optional extra.
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError("data.source='tfds' needs tensorflow-datasets, an optional extra: "
+                     "pip install 'diffusion_jax[tfds]'") from e
 
   try:
     # download=False: a training job must not start a download on its own.

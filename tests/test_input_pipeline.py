@@ -2,6 +2,8 @@
 
 import json
 import logging
+import sys
+from unittest import mock
 
 import grain
 import numpy as np
@@ -254,6 +256,13 @@ def test_tfds_mock_data():
     assert batch['x'].min() >= -1.0 and batch['x'].max() <= 1.0
     assert batch['label'].dtype == np.int32
     assert ((0 <= batch['label']) & (batch['label'] < 10)).all()
+
+
+def test_tfds_without_the_extra_says_how_to_install():
+  with mock.patch.dict(sys.modules, {'tensorflow_datasets': None}):  # import fails as if absent
+    with pytest.raises(ValueError,
+                       match=r"data\.source='tfds'.*pip install 'diffusion_jax\[tfds\]'"):
+      input_pipeline.create_dataset(source='tfds', name='cifar10', batch_size=2, seed=0)
 
 
 def test_tfds_not_prepared_says_how_to_prepare(tmp_path):
