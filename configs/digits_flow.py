@@ -9,21 +9,14 @@ Sampling integrates the same probability-flow ODE as for any process (50 DPM-Sol
 ``--config.sampling.shift=3.0`` gives SD3's shifted grid. Otherwise as configs/digits.py.
 """
 
-import importlib.util
 import os
 
-
-def _digits():
-  """configs/digits.py, loaded by path (configs/ is no package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'digits.py')
-  spec = importlib.util.spec_from_file_location('_digits_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from diffusion_jax import configs
 
 
 def get_config():
-  config = _digits().get_config()
+  config = configs.load(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                     'digits.py')).get_config()
   config.process.type = 'rectified_flow'
   config.process.t_eps = 1e-3  # t in [1e-3, 0.999]
   config.model.parameterization = 'flow'

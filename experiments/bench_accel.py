@@ -27,7 +27,6 @@ Attention: ``model.unet.attention`` of the variant: ``auto`` is the per-backend 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import statistics
@@ -76,11 +75,8 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
 
 def _config(dtype: str, remat: str, attention: str):
   name = 'tiny' if _SMOKE.value else 'cifar'
-  spec = importlib.util.spec_from_file_location(f'_bench_config_{name}',
-                                                os.path.join(_CONFIGS, f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from diffusion_jax import configs  # pylint: disable=import-outside-toplevel
+  config = configs.load(os.path.join(_CONFIGS, f'{name}.py')).get_config()
   config.data.source = 'digits'  # never read: the step gets synthetic images of the same shape
   config.data.num_channels = 3
   config.model.dtype = dtype

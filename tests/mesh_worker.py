@@ -13,7 +13,6 @@ message. A "train" job also writes its final params and EMA params to
 `<workdir>/final_params.npz` (keys `params/<path>` and `ema_params/<path>`).
 """
 
-import importlib.util
 import json
 import os
 import sys
@@ -21,17 +20,14 @@ import sys
 import jax
 import numpy as np
 
-from diffusion_jax import training
+from diffusion_jax import configs, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config():
   """configs/tiny.py's config, loaded by its path (as --config=configs/tiny.py does)."""
-  spec = importlib.util.spec_from_file_location('tiny', os.path.join(REPO, 'configs', 'tiny.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return configs.load(os.path.join(REPO, 'configs', 'tiny.py')).get_config()
 
 
 def config_with(overrides: dict):

@@ -1,13 +1,12 @@
 """Every shipped config validates and builds the network it documents; docs/config.md documents
 every field of diffusion_jax/configs/default.py."""
 
-import importlib.util
 import os
 import re
 
 import pytest
 
-from diffusion_jax import models, training
+from diffusion_jax import configs, models, training
 from diffusion_jax.configs import default
 from diffusion_jax.training import config as training_config
 
@@ -24,11 +23,7 @@ PARAMS = {'cifar': 35_746_307, 'cifar_vp_cont': 61_804_419, 'cifar_subvp_cont': 
 
 def _load(name):
   """configs/<name>.py by file path, as main's --config flag loads it (configs/ is no package)."""
-  spec = importlib.util.spec_from_file_location(f'_config_{name}',
-                                                os.path.join(CONFIG_DIR, f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return configs.load(os.path.join(CONFIG_DIR, f'{name}.py'))
 
 
 def test_default_validates():

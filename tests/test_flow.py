@@ -6,7 +6,6 @@ References: NumPy float64 formulas of Liu et al. (2022) / Esser et al. (2024), a
 SciPy float64 probability-flow map (``oracles.GaussianMixture.pf_ode_map``).
 """
 
-import importlib.util
 import os
 
 import jax
@@ -15,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from diffusion_jax import losses, oracles, preconditioning, processes, sampling
+from diffusion_jax import configs, losses, oracles, preconditioning, processes, sampling
 from diffusion_jax.sampling import grids
 from diffusion_jax.training import config as training_config
 from diffusion_jax.training import step as step_lib
@@ -152,11 +151,7 @@ def test_flow_matching_loss_is_the_velocity_mse():
 
 
 def _digits_flow_config():
-  spec = importlib.util.spec_from_file_location(
-      '_digits_flow', os.path.join(REPO, 'configs', 'digits_flow.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return configs.load(os.path.join(REPO, 'configs', 'digits_flow.py')).get_config()
 
 
 def test_digits_flow_config_takes_a_finite_step():

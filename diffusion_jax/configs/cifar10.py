@@ -65,20 +65,15 @@ def ddpmpp_continuous() -> ml_collections.ConfigDict:
   as the noise input (score = -eps / sigma), denoising score matching with lambda = sigma^2; the
   data, batch and schedule of ``ddpm()``.
   """
-  config = ddpm()
+  config = ddpm()  # ch 128, ch_mult (1, 2, 2, 2), attention at 16, dropout 0.1 as there
   unet = config.model.unet
-  unet.ch = 128
-  unet.ch_mult = (1, 2, 2, 2)
   unet.num_res_blocks = 4
-  unet.attn_resolutions = (16,)
-  unet.dropout = 0.1
   unet.resblock_type = 'biggan'
   unet.skip_rescale = True
   unet.embedding_type = 'sinusoidal'
   unet.up_attn_every_block = False
   unet.init_scale = 0.0
-  config.model.parameterization = 'eps'
-  config.model.noise_input = 't999'
+  config.model.noise_input = 't999'  # eps-prediction, as ddpm()
 
   config.process.type = 'vp'
   config.process.beta_min = 0.1
@@ -86,11 +81,7 @@ def ddpmpp_continuous() -> ml_collections.ConfigDict:
   config.process.t_eps = 1e-3
 
   config.training.weighting = 'snr'  # eps-MSE, i.e. lambda(t) = sigma^2 on the score error
-  config.training.num_train_steps = 1_300_000
-  config.training.ema_decay = 0.9999
-  config.optim.learning_rate = 2e-4
-  config.optim.warmup_steps = 5000
-  config.optim.grad_clip = 1.0
+  config.training.num_train_steps = 1_300_000  # EMA, Adam, warmup and clipping: ddpm()'s
 
   config.sampling.method = 'pc'
   config.sampling.predictor = 'euler_maruyama'
