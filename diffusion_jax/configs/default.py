@@ -19,10 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- data -------------------------------------------------------------------------------------
   data = config.data = ml_collections.ConfigDict()
-  data.source = 'digits'  # 'digits' | 'folder' | 'array' | 'tfds'.
+  data.source = 'digits'  # 'digits' | 'folder' | 'array' | 'tfds' | 'digits_text' (captioned, 32x32).
   data.path = ''  # folder: directory of images; array: a .npy/.npz file.
   data.name = ''  # tfds: data set name, e.g. 'cifar10'.
-  data.split = 'train'  # tfds: training split.
+  data.split = 'train'  # tfds: training split; digits_text: 'train' (input_pipeline.DIGITS_TEXT_SPLITS).
   data.eval_split = 'test'  # tfds: split of --mode=eval (bits/dim).
   data.data_dir = ''  # tfds: data directory ('' = TFDS's default, ~/tensorflow_datasets).
   data.image_size = 8  # side of the square images (digits are 8x8 natively; resized otherwise).
@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.use_labels = False  # read labels (needed for class conditioning, model.num_classes > 0).
   data.worker_count = 0  # grain worker processes for decoding (0: in the main process).
   data.background = (255, 255, 255)  # RGB that transparent pixels are composited onto.
+  # folder captions: '' (images only) | 'txt' (a.png captioned by a.txt) | 'metadata' (imagefolder).
+  data.captions = ''
+  data.text_key = ''  # caption field: .npz key (array), text feature (tfds), metadata column.
 
   # --- network and its parameterization ---------------------------------------------------------
   model = config.model = ml_collections.ConfigDict()
