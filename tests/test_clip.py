@@ -254,6 +254,40 @@ def test_ldm_single_file_layouts(tmp_path):
     clip_weights.from_ldm_open_clip(module_g, sd1)
 
 
+def test_sd2_single_file_drops_the_last_layer_and_projection():
+  """SD 2.x files hold OpenCLIP ViT-H's 24 layers and projection; SD 2 uses 23 layers, none."""
+  torch.manual_seed(7)
+  tower = transformers.CLIPTextModelWithProjection(
+      _config(hidden_act='gelu', num_hidden_layers=3, projection_dim=32)).eval()
+  state = {k.removeprefix('text_model.'): v.numpy() for k, v in tower.state_dict().items()}
+  checkpoint = _open_clip_checkpoint(state, clip_weights.SD2_OPEN_CLIP_PREFIX, 3)
+  ref = transformers.CLIPTextModel(_config(hidden_act='gelu', num_hidden_layers=2)).eval()
+  missing, _ = ref.load_state_dict(tower.text_model.state_dict(), strict=False)
+  assert not missing
+  module = clip.CLIPTextModel.from_config(ref.config.to_dict())
+  with pytest.raises(ValueError, match='match no parameter'):
+    clip_weights.from_ldm_open_clip(module, checkpoint, prefix=clip_weights.SD2_OPEN_CLIP_PREFIX)
+  params = clip_weights.from_ldm_open_clip(module, checkpoint, drop_unused=True,
+                                           prefix=clip_weights.SD2_OPEN_CLIP_PREFIX)
+  ids = _input_ids(50)
+  _check(module.apply({'params': params}, ids), _torch_outputs(ref, ids))
+
+
+@pytest.mark.parametrize('implementation', ['xla', 'chunked'])
+def test_attention_implementations_agree(tmp_path, implementation):
+  torch.manual_seed(8)
+  ref_model = transformers.CLIPTextModel(_config()).eval()
+  module, params = clip_weights.load_text_encoder(_save(ref_model, tmp_path / 'enc'),
+                                                  attention=implementation)
+  ids = _input_ids(50)
+  _check(module.apply({'params': params}, ids), _torch_outputs(ref_model, ids))
+  mask = np.ones_like(ids)
+  mask[:, 12:] = 0
+  a = module.apply({'params': params}, ids, mask)['last_hidden_state']
+  b = module.clone(attention='einsum').apply({'params': params}, ids, mask)['last_hidden_state']
+  assert np.abs(np.asarray(a) - np.asarray(b)).max() < 1e-5
+
+
 # Published sizes: CLIP ViT-L/14 text (SD 1.x), OpenCLIP ViT-H text with 23 layers (SD 2.x),
 # OpenCLIP bigG text with projection (SDXL text_encoder_2).
 FULL = [

@@ -11,7 +11,8 @@ Our ``diffusion_jax.models.clip`` parameter paths map one-to-one onto transforme
 - SD 1.x single file: ``cond_stage_model.transformer.text_model.*``;
 - SDXL single file, CLIP ViT-L: ``conditioner.embedders.0.transformer.text_model.*``;
 - SDXL single file, OpenCLIP bigG: ``conditioner.embedders.1.model.*`` in OpenCLIP's own names
-  (``_OPEN_CLIP`` below).
+  (``_OPEN_CLIP`` below); SD 2.x single file, OpenCLIP ViT-H: ``cond_stage_model.model.*``, the
+  same names.
 
 The ``position_ids`` buffer that old transformers versions saved is ignored.
 """
@@ -36,6 +37,7 @@ TEXT_MODEL_PREFIX = 'text_model.'
 SD1_PREFIX = 'cond_stage_model.transformer.'
 SDXL_CLIP_L_PREFIX = 'conditioner.embedders.0.transformer.'
 SDXL_OPEN_CLIP_PREFIX = 'conditioner.embedders.1.model.'
+SD2_OPEN_CLIP_PREFIX = 'cond_stage_model.model.'
 
 # OpenCLIP (open_clip ``transformer.py``) names -> transformers' names; the fused attention input
 # projection ``attn.in_proj_{weight,bias}`` [3D, D] is split into q, k, v (in that order).
@@ -189,15 +191,20 @@ def open_clip_to_transformers(state: Mapping[str, np.ndarray]) -> dict[str, np.n
 
 
 def from_ldm_open_clip(module: clip_models.CLIPTextModel, checkpoint: Mapping[str, np.ndarray],
-                       *, prefix: str = SDXL_OPEN_CLIP_PREFIX, dtype: Any = None) -> PyTree:
+                       *, prefix: str = SDXL_OPEN_CLIP_PREFIX, dtype: Any = None,
+                       drop_unused: bool = False) -> PyTree:
   """Parameters of an OpenCLIP text tower inside an LDM single-file checkpoint (SDXL's bigG).
 
   Args:
     module: a ``CLIPTextModelWithProjection`` (``hidden_act='gelu'``) for SDXL's
       ``conditioner.embedders.1.model.*``.
     checkpoint: the whole single-file state dict.
-    prefix: where the OpenCLIP tower's keys start.
+    prefix: where the OpenCLIP tower's keys start (SD 2.x: ``SD2_OPEN_CLIP_PREFIX``).
     dtype: dtype of the leaves.
+    drop_unused: drop the tower's layers from ``module.num_hidden_layers`` on, and its
+      projection when ``module`` has none. SD 2.x files hold all 24 layers of OpenCLIP ViT-H and
+      its projection; SD 2's text encoder is the first 23 layers without projection (diffusers
+      skips the same tensors). Otherwise such tensors are an error.
 
   Raises:
     ValueError: no key under ``prefix``, or tensors that do not match ``module`` (naming the key
@@ -207,11 +214,18 @@ def from_ldm_open_clip(module: clip_models.CLIPTextModel, checkpoint: Mapping[st
   if not state:
     raise ValueError(f'the checkpoint has no tensor under {prefix!r}: it holds no OpenCLIP text '
                      'tower there (SDXL: conditioner.embedders.1.model.).')
-  return text_encoder_params(module, open_clip_to_transformers(state), dtype=dtype,
+  state = open_clip_to_transformers(state)
+  if drop_unused:
+    has_projection = isinstance(module, clip_models.CLIPTextModelWithProjection)
+    state = {k: v for k, v in state.items()
+             if not (k.startswith('text_projection') and not has_projection)
+             and not (k.startswith('encoder.layers.')
+                      and int(k.split('.')[2]) >= module.num_hidden_layers)}
+  return text_encoder_params(module, state, dtype=dtype,
                              component=f'OpenCLIP text encoder {prefix}')
 
 
-__all__ = ['SD1_PREFIX', 'SDXL_CLIP_L_PREFIX', 'SDXL_OPEN_CLIP_PREFIX', 'TEXT_MODEL_PREFIX',
-           'from_ldm_clip', 'from_ldm_open_clip', 'input_shapes', 'load_text_encoder',
-           'open_clip_to_transformers', 'read_config', 'text_encoder_key', 'text_encoder_params',
-           'text_encoder_state']
+__all__ = ['SD1_PREFIX', 'SD2_OPEN_CLIP_PREFIX', 'SDXL_CLIP_L_PREFIX', 'SDXL_OPEN_CLIP_PREFIX',
+           'TEXT_MODEL_PREFIX', 'from_ldm_clip', 'from_ldm_open_clip', 'input_shapes',
+           'load_text_encoder', 'open_clip_to_transformers', 'read_config', 'text_encoder_key',
+           'text_encoder_params', 'text_encoder_state']
