@@ -130,7 +130,7 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-  """diffusers' ``Upsample2D(use_conv=True)``: nearest-neighbour x2 (or to ``output_size``), 3x3 ``conv``.
+  """diffusers' ``Upsample2D(use_conv=True)``: nearest x2 (or to ``output_size``), 3x3 ``conv``.
 
   Attributes:
     out_channels: output channels; None: the input's.
@@ -272,7 +272,7 @@ class GEGLU(nn.Module):
 
 
 class GELU(nn.Module):
-  """diffusers' ``GELU`` activation module: ``gelu(proj(x))`` (erf, or tanh when ``approximate``)."""
+  """diffusers' ``GELU`` module: ``gelu(proj(x))`` (erf, or tanh when ``approximate``)."""
   dim_out: int
   approximate: bool = False
   dtype: Dtype = jnp.float32
