@@ -14,8 +14,10 @@ text-to-image model) needs no pretrained BPE: a vocabulary of the words the capt
   and is counted in `WordTokenizer.num_truncated`.
 
 The empty prompt is ``[BOS] [EOS] [PAD] ...``: the unconditional prompt of classifier-free
-guidance. The call signature is that of the CLIP tokenizer (``diffusion_jax.tokenization``):
-``tok(prompts, *, max_length=None) -> int32 [B, L]``, so the two are interchangeable.
+guidance. The interface is that of the CLIP tokenizer (``tokenization.CLIPTokenizer``), so the
+two are interchangeable: ``tok(prompts, *, max_length=None) -> int32 [B, L]``,
+``tok.encode(...) -> tokenization.Encoding`` (ids, tokens per prompt, which were truncated),
+``bos_token_id`` / ``eos_token_id`` / ``pad_token_id``, ``model_max_length``, ``vocab_size``.
 
 The whole tokenizer, its default length included, is one ``tokenizer.json`` (``save`` / ``load``,
 through ``etils.epath``: local paths or ``gs://``); ``transformers.PreTrainedTokenizerFast``
@@ -32,6 +34,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+from diffusion_jax import tokenization
 
 PAD, UNK, BOS, EOS = '[PAD]', '[UNK]', '[BOS]', '[EOS]'
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)  # ids 0, 1, 2, 3
@@ -66,20 +70,23 @@ class WordTokenizer:
     return self.tokenizer.get_vocab_size()
 
   @property
-  def pad_id(self) -> int:
+  def pad_token_id(self) -> int:
     return 0
 
   @property
-  def unk_id(self) -> int:
+  def unk_token_id(self) -> int:
     return 1
 
   @property
-  def bos_id(self) -> int:
+  def bos_token_id(self) -> int:
     return 2
 
   @property
-  def eos_id(self) -> int:
+  def eos_token_id(self) -> int:
     return 3
+
+  def __len__(self) -> int:
+    return self.vocab_size
 
   def vocab(self) -> dict[str, int]:
     """Token -> id, special tokens included."""
@@ -89,22 +96,29 @@ class WordTokenizer:
     """The words of `prompt` as the vocabulary sees them (normalized, pre-tokenized)."""
     return _words(self.tokenizer, prompt)
 
-  def __call__(self, prompts: str | Sequence[str], *, max_length: int | None = None
-               ) -> np.ndarray:
-    """Tokenizes prompts.
+  def encode(self, prompts: str | Sequence[str], *, max_length: int | None = None,
+             padding: str = 'max_length', truncation: bool = True) -> tokenization.Encoding:
+    """Tokenizes prompts, with what truncation did.
 
     Args:
       prompts: One prompt or a sequence of B prompts ('' is the unconditional prompt).
-      max_length: Length L of every row, ``[BOS]`` and ``[EOS]`` included (>= 2); None uses
+      max_length: Row length L, ``[BOS]`` and ``[EOS]`` included (>= 2); None uses
         `model_max_length`.
+      padding: ``'max_length'`` (every row L long) or ``'longest'`` (rows as long as the
+        longest prompt, at most L when truncating).
+      truncation: Keep the first L - 2 words of longer prompts, then ``[EOS]``; False keeps
+        every word (and raises if a prompt is longer than L with ``padding='max_length'``).
 
     Returns:
-      int32 [B, L]: ``[BOS] ids [EOS] [PAD] ...``; B = 1 for a single string. Prompts longer
-      than L are truncated to their first L - 2 words (logged, and counted in `num_truncated`);
-      words outside the vocabulary become ``[UNK]`` (logged, counted in `num_unknown`).
+      ``tokenization.Encoding``: ``input_ids`` int32 [B, L] (``[BOS] ids [EOS] [PAD] ...``; B = 1
+      for a single string), ``num_tokens`` int32 [B] (before truncation, ``[BOS]``/``[EOS]``
+      included), ``truncated`` bool [B]. Truncated prompts are logged and counted in
+      `num_truncated`; words outside the vocabulary become ``[UNK]`` (logged, counted in
+      `num_unknown`).
 
     Raises:
-      ValueError: If a prompt is not a string or `max_length` < 2.
+      ValueError: If a prompt is not a string, `max_length` < 2, `padding` is unknown, or a
+        prompt is longer than L with ``truncation=False`` and ``padding='max_length'``.
     """
     if isinstance(prompts, str):
       prompts = [prompts]
@@ -112,29 +126,47 @@ class WordTokenizer:
     for p in prompts:
       if not isinstance(p, str):
         raise ValueError(f'Prompts must be strings; got {type(p).__name__} {p!r}.')
+    if padding not in tokenization.PADDINGS:
+      raise ValueError(f'padding={padding!r} is not known; use one of {tokenization.PADDINGS}.')
     length = self.model_max_length if max_length is None else max_length
     _check_max_length(length)
-    ids = np.full((len(prompts), length), self.pad_id, np.int32)
-    truncated, unknown = [], set()
-    for row, (prompt, encoding) in enumerate(zip(
-        prompts, self.tokenizer.encode_batch(prompts, add_special_tokens=False))):
+    rows, unknown = [], set()
+    for prompt, encoding in zip(
+        prompts, self.tokenizer.encode_batch(prompts, add_special_tokens=False)):
       words = encoding.ids
-      if self.unk_id in words:
+      if self.unk_token_id in words:
         unknown.update(prompt[a:b] for (a, b), i in zip(encoding.offsets, words)
-                       if i == self.unk_id)
-        self.num_unknown += sum(i == self.unk_id for i in words)
-      if len(words) > length - 2:
-        truncated.append(prompt)
-        words = words[:length - 2]
-      ids[row, :len(words) + 2] = [self.bos_id, *words, self.eos_id]
-    if truncated:
-      self.num_truncated += len(truncated)
+                       if i == self.unk_token_id)
+        self.num_unknown += sum(i == self.unk_token_id for i in words)
+      rows.append([self.bos_token_id, *words, self.eos_token_id])
+    num_tokens = np.array([len(r) for r in rows], np.int32).reshape(len(rows))
+    truncated = num_tokens > length
+    if truncation:
+      rows = [r if len(r) <= length else r[:length - 1] + [self.eos_token_id] for r in rows]
+    elif padding == 'max_length' and truncated.any():
+      raise ValueError(
+          f'Prompt {int(np.argmax(truncated))} has {int(num_tokens.max())} tokens, more than '
+          f"max_length={length}, and truncation=False: truncate, or use padding='longest'.")
+    else:
+      truncated = np.zeros_like(truncated)  # nothing was cut
+    width = length if padding == 'max_length' else max((len(r) for r in rows), default=2)
+    ids = np.full((len(rows), width), self.pad_token_id, np.int32)
+    for i, r in enumerate(rows):
+      ids[i, :len(r)] = r
+    if truncated.any():
+      self.num_truncated += int(truncated.sum())
       logging.warning('%d prompt(s) longer than %d tokens were truncated, e.g. %r.',
-                      len(truncated), length, truncated[0])
+                      int(truncated.sum()), length, prompts[int(np.argmax(truncated))])
     if unknown:
       logging.warning('Words not in the vocabulary (tokenized as %s): %s.', UNK,
                       ', '.join(sorted(unknown)))
-    return ids
+    return tokenization.Encoding(ids, num_tokens, truncated)
+
+  def __call__(self, prompts: str | Sequence[str], *, max_length: int | None = None,
+               padding: str = 'max_length', truncation: bool = True) -> np.ndarray:
+    """``encode(...).input_ids``: int32 [B, L]; see `encode`."""
+    return self.encode(prompts, max_length=max_length, padding=padding,
+                       truncation=truncation).input_ids
 
   def decode(self, ids: np.ndarray | Sequence[int]) -> str:
     """Token ids (one row) back to the words, special tokens dropped, joined by spaces."""
@@ -156,7 +188,7 @@ class WordTokenizer:
     data['truncation'] = {'direction': 'Right', 'max_length': self.model_max_length,
                           'strategy': 'LongestFirst', 'stride': 0}
     data['padding'] = {'strategy': {'Fixed': self.model_max_length}, 'direction': 'Right',
-                       'pad_to_multiple_of': None, 'pad_id': self.pad_id,
+                       'pad_to_multiple_of': None, 'pad_id': self.pad_token_id,
                        'pad_type_id': 0, 'pad_token': PAD}
     path.write_text(json.dumps(data, ensure_ascii=False, indent=1))
     return path

@@ -392,6 +392,17 @@ def test_vocab_of_the_digit_captions(tmp_path):
   np.testing.assert_array_equal(tok('the digits three and seven', max_length=5),
                                 [[2, v['the'], v['digits'], v['three'], 3]])
   assert tok.num_truncated == 1
+  # encode: the CLIP tokenizer's Encoding (ids, tokens before truncation, truncated).
+  enc = tok.encode(['the digits three and seven', 'the digit one'], max_length=6,
+                   padding='longest')
+  np.testing.assert_array_equal(enc.input_ids, [[2, v['the'], v['digits'], v['three'], v['and'],
+                                                 3], [2, v['the'], v['digit'], v['one'], 3, 0]])
+  assert enc.num_tokens.tolist() == [7, 5] and enc.truncated.tolist() == [True, False]
+  assert enc.num_truncated == 1 and tok.num_truncated == 2
+  with pytest.raises(ValueError, match='truncation=False'):
+    tok.encode('the digits three and seven', max_length=4, truncation=False)
+  assert tok.encode('the digit one and two', max_length=4, truncation=False,
+                    padding='longest').input_ids.shape == (1, 7)
   # Unknown words and punctuation (its own word) map to [UNK].
   np.testing.assert_array_equal(tok('the digit 7!', max_length=6), [[2, v['the'], v['digit'],
                                                                      1, 1, 3]])
