@@ -317,6 +317,9 @@ def test_parameter_counts(cls_name, fields, published):
 def test_bad_input(tmp_path):
   with pytest.raises(ValueError, match='hidden_act'):
     clip.CLIPTextModel.from_config({**_config().to_dict(), 'hidden_act': 'relu'})
+  overridden = clip.CLIPTextModel.from_config(_config().to_dict(), hidden_act='gelu',
+                                              dtype=jnp.bfloat16)
+  assert (overridden.hidden_act, overridden.dtype) == ('gelu', jnp.bfloat16)
   with pytest.raises(ValueError, match='name no CLIP text encoder'):
     clip.from_config({**_config().to_dict(), 'architectures': ['BertModel']})
   with pytest.raises(ValueError, match='lacks'):

@@ -299,7 +299,7 @@ class CLIPTextModel(nn.Module):
     Raises:
       ValueError: an unsupported ``hidden_act`` or a missing size field.
     """
-    return cls(**_fields_from_config(cls, config), **overrides)
+    return cls(**{**_fields_from_config(cls, config), **overrides})
 
 
 class CLIPTextModelWithProjection(CLIPTextModel):
