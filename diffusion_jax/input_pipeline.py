@@ -223,7 +223,7 @@ def create_dataset(
       raise ValueError(
           f"captions={captions!r} is for the folder source; the {source} source "
           + ('has its captions built in.' if source == 'digits_text' else
-             'reads captions from text_key=' if source in ('array', 'tfds') else
+             'reads captions from text_key=.' if source in ('array', 'tfds') else
              'has no captions.'))
     if captions not in CAPTIONS:
       raise ValueError(f'captions must be one of {CAPTIONS} (or empty for images '

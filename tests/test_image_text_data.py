@@ -265,6 +265,20 @@ def test_text_pipeline_resumes_from_its_state():
     np.testing.assert_array_equal(want['text'], got['text'])
 
 
+def test_captions_from_txt_files_cross_worker_processes(captioned_folder):
+  # Spawning a worker takes seconds: one test for reading .txt captions in a worker process.
+  root, expected = captioned_folder
+  kwargs = dict(source='folder', path=str(root), image_size=4, num_channels=1, batch_size=3,
+                seed=2, captions='txt')
+  with_worker = input_pipeline.create_dataset(**kwargs, worker_count=1)
+  for got, want in zip(_batches(with_worker, 2),
+                       _batches(input_pipeline.create_dataset(**kwargs), 2)):
+    np.testing.assert_array_equal(got['x'], want['x'])
+    np.testing.assert_array_equal(got['text'], want['text'])
+    assert [expected[_gray_of(x)] for x in got['x']] == got['text'].tolist()
+  with_worker.iterator.close()
+
+
 # ---------------------------------------------------------------------------
 # The captioned digits
 
