@@ -54,18 +54,60 @@ MAX_CORRECTED_RATIO = 4.0
 Denoiser = Callable[..., tuple[jax.Array, jax.Array]]
 
 
+class Levels(NamedTuple):
+  """Explicit noise levels for explicit ``times``: another library's schedule, step for step.
+
+  A sampler given ``times`` and ``levels`` evaluates the model at ``times[i]`` (what the model
+  sees) and converts its prediction with ``alpha[i]``, ``sigma[i]`` instead of the process's
+  levels at ``times[i]``, so a schedule whose model times and noise levels are not tied by one
+  process reproduces exactly: diffusers' Euler interpolates sigma / alpha linearly between integer
+  timesteps, its Karras schedules pass rounded timesteps with unrounded sigmas, and DDIM / PNDM
+  end at ``alphas_cumprod[0]`` rather than at the data (``pipelines/schedulers.py``).
+
+  Attributes:
+    alpha: [n + 1] alpha of the state at each of the n times, then where the final step ends
+      (1: the data).
+    sigma: [n + 1] sigma likewise (the last 0: the data).
+    alpha_to: [n] or None: where step i ends when that is not the next time's level (diffusers'
+      DDIM with 'linspace' spacing steps by N // n whatever the next timestep is); only ``ddim``
+      takes it. None: ``alpha[1:]``.
+    sigma_to: [n] or None, likewise.
+  """
+
+  alpha: Any  # [n + 1]
+  sigma: Any  # [n + 1]
+  alpha_to: Any = None  # [n]
+  sigma_to: Any = None  # [n]
+
+
 class Schedule(NamedTuple):
   """Grid times and the noise levels of every step's start and end.
 
   Attributes:
     t: [n] float32 grid times, decreasing; the model is evaluated there.
-    alpha: [n + 1] alpha at the grid times, then 1 (the data).
-    sigma: [n + 1] sigma at the grid times, then 0 (the data).
+    alpha: [n + 1] alpha at the grid times, then 1 (the data), or ``Levels.alpha``.
+    sigma: [n + 1] sigma at the grid times, then 0 (the data), or ``Levels.sigma``.
+    alpha_to, sigma_to: [n] where each step ends when not at ``alpha[1:]``, ``sigma[1:]``
+      (``Levels``); None otherwise.
   """
 
   t: jax.Array  # [n]
   alpha: jax.Array  # [n + 1]
   sigma: jax.Array  # [n + 1]
+  alpha_to: jax.Array | None = None  # [n]
+  sigma_to: jax.Array | None = None  # [n]
+
+  def step_ends(self) -> tuple[jax.Array, jax.Array]:
+    """``(alpha, sigma)`` [n] where each step ends: ``alpha[1:]``, ``sigma[1:]`` unless given."""
+    if self.alpha_to is None:
+      return self.alpha[1:], self.sigma[1:]
+    return self.alpha_to, self.sigma_to
+
+  @property
+  def to_data(self) -> bool:
+    """Whether the final step ends at the data (sigma = 0); concrete schedules only."""
+    with jax.ensure_compile_time_eval():
+      return bool(np.asarray(self.sigma[-1]) == 0)
 
   @property
   def num_steps(self) -> int:
@@ -103,7 +145,7 @@ class Schedule(NamedTuple):
 
 def check_times(process, times, *, num_steps: int, num_points: int | None = None,
                 method: str = 'the sampler', per_step: str = 'one model-evaluation time per '
-                'step') -> jax.Array:
+                'step', strict: bool = True) -> jax.Array:
   """An explicit grid of times, validated: float32 ``[num_points]``.
 
   Args:
@@ -113,6 +155,8 @@ def check_times(process, times, *, num_steps: int, num_points: int | None = None
     num_steps: the ``num_steps`` the caller was given, for the message.
     num_points: how many times the method takes (default ``num_steps``).
     method, per_step: name the method and what its times are, for the message.
+    strict: require strictly decreasing times; False allows repeats (explicit ``Levels`` tell
+      the steps apart: diffusers' Karras timesteps are rounded and may repeat).
 
   Raises:
     ValueError: naming the shape, the values or the count to pass.
@@ -128,8 +172,9 @@ def check_times(process, times, *, num_steps: int, num_points: int | None = None
     raise ValueError(f'times must be 1-D with at least one time, got shape {t_np.shape}.')
   if not np.all(np.isfinite(t_np)):
     raise ValueError(f'times must be finite, got {t_np}.')
-  if t_np.size > 1 and not np.all(np.diff(t_np) < 0):
-    raise ValueError(f'times must be strictly decreasing (from noise to data), got {t_np}.')
+  if t_np.size > 1 and not np.all(np.diff(t_np) < 0 if strict else np.diff(t_np) <= 0):
+    raise ValueError(f'times must be {"strictly " if strict else ""}decreasing (from noise to '
+                     f'data), got {t_np}.')
   lo, hi = np.float32(process.t_min), np.float32(process.t_max)
   if t_np.min() < lo or t_np.max() > hi:
     raise ValueError(f'times must lie in [t_min, t_max] = [{float(lo)}, {float(hi)}] of '
@@ -162,7 +207,8 @@ def _drop_repeats(t: jax.Array) -> jax.Array:
 def make_schedule(process, num_steps: int, *, grid: str | None = None,
                   spacing: str | None = None, times=None, t_start: float | None = None,
                   default_grid: str = 'quadratic', method: str = 'the sampler',
-                  shift: float = 1.0) -> Schedule:
+                  shift: float = 1.0, levels: Levels | None = None,
+                  levels_to: bool = False) -> Schedule:
   """The schedule: the grid times plus the final step to the data.
 
   Args:
@@ -177,6 +223,9 @@ def make_schedule(process, num_steps: int, *, grid: str | None = None,
     default_grid: the method's default grid.
     method: the method's name, for messages.
     shift: SD3's time shift of the named grid (``grids.make_grid``); 1: none.
+    levels: with ``times``, the noise levels to use instead of the process's (``Levels``);
+      the times may then repeat (non-increasing).
+    levels_to: whether the method takes ``Levels.alpha_to`` / ``sigma_to`` (``ddim``).
 
   With a concrete process (closed over, not a jit argument) the schedule is computed at trace time
   and enters the program as constants: nothing of it is compiled.
@@ -191,7 +240,13 @@ def make_schedule(process, num_steps: int, *, grid: str | None = None,
     if shift != 1.0:
       raise ValueError(f'{method}: times and shift={shift} were both given; shift the times '
                        'yourself (grids.shift_times) or pass a named grid.')
-    t = check_times(process, times, num_steps=num_steps, method=method)
+    t = check_times(process, times, num_steps=num_steps, method=method,
+                    strict=levels is None)
+    if levels is not None:
+      return _schedule_from_levels(t, levels, method=method, levels_to=levels_to)
+  elif levels is not None:
+    raise ValueError(f'{method}: levels are the noise levels of explicit times; pass times= '
+                     'with them (one per step), not a named grid.')
   else:
     with jax.ensure_compile_time_eval():
       t = grids_lib.make_grid(process, num_steps, grid or default_grid, spacing=spacing,
@@ -207,6 +262,42 @@ def make_schedule(process, num_steps: int, *, grid: str | None = None,
     alpha = jnp.concatenate([process.alpha(t).astype(jnp.float32), jnp.ones((1,), jnp.float32)])
     sigma = jnp.concatenate([process.sigma(t).astype(jnp.float32), jnp.zeros((1,), jnp.float32)])
   return Schedule(t=t, alpha=alpha, sigma=sigma)
+
+
+def _schedule_from_levels(t: jax.Array, levels, *, method: str, levels_to: bool) -> Schedule:
+  """The schedule of explicit ``times`` and ``Levels``, validated (ValueError naming the field)."""
+  if not isinstance(levels, Levels):
+    levels = Levels(*levels)
+  n = t.shape[0]
+  arrays = {}
+  for name, size in (('alpha', n + 1), ('sigma', n + 1), ('alpha_to', n), ('sigma_to', n)):
+    value = getattr(levels, name)
+    if value is None:
+      continue
+    try:
+      v = np.asarray(value, np.float32)
+    except (TypeError, jax.errors.ConcretizationTypeError,
+            jax.errors.TracerArrayConversionError):
+      raise ValueError(f'{method}: levels.{name} must be concrete (NumPy or a constant), got '
+                       f'{type(value).__name__}.') from None
+    if v.shape != (size,):
+      raise ValueError(f'{method}: levels.{name} must have shape ({size},) for {n} times '
+                       f'(one per time{", then the end of the final step" if size > n else ""}); '
+                       f'got {v.shape}.')
+    if not np.all(np.isfinite(v)) or np.any(v < 0):
+      raise ValueError(f'{method}: levels.{name} must be finite and >= 0, got {v}.')
+    arrays[name] = v
+  if ('alpha_to' in arrays) != ('sigma_to' in arrays):
+    raise ValueError(f'{method}: give both levels.alpha_to and levels.sigma_to, or neither.')
+  if 'alpha_to' in arrays and not levels_to:
+    raise ValueError(f'{method}: levels.alpha_to / sigma_to (steps that end off the next time\'s '
+                     "level) are taken by 'ddim' only.")
+  if np.any(arrays['sigma'][:-1] <= 0):
+    raise ValueError(f'{method}: levels.sigma must be > 0 at every time (only the end of the '
+                     f'final step may be the data, sigma = 0); got {arrays["sigma"]}.')
+  to = {k: jnp.asarray(arrays[k]) for k in ('alpha_to', 'sigma_to') if k in arrays}
+  return Schedule(t=t, alpha=jnp.asarray(arrays['alpha']), sigma=jnp.asarray(arrays['sigma']),
+                  **to)
 
 
 # --- the denoiser ---------------------------------------------------------------------------------

@@ -89,9 +89,9 @@ def ddpm(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
 def ddim(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
          key: jax.Array | None = None, prediction: str = 'eps', t_start: float | None = None,
          eta: float = 0.0, grid: str | None = None, spacing: str | None = None, times=None,
-         step_hook: core.StepHook | None = None, clip_x0: bool = False,
-         dynamic_threshold: float | None = None, return_trajectory: bool = False,
-         callback=None) -> tuple[jax.Array, dict]:
+         levels: core.Levels | None = None, step_hook: core.StepHook | None = None,
+         clip_x0: bool = False, dynamic_threshold: float | None = None,
+         return_trajectory: bool = False, callback=None) -> tuple[jax.Array, dict]:
   """DDIM: Song et al. (2021a), eq. 12, written for any alpha, sigma.
 
   ``x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z`` with
@@ -102,6 +102,10 @@ def ddim(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   Args:
     eta: >= 0; needs ``key`` when > 0 (noise of step i from ``fold_in(key, i)``).
     grid: the quadratic grid by default.
+    levels: with ``times``, explicit noise levels (``core.Levels``): the state's at each time
+      and where each step ends (``alpha_to``, ``sigma_to`` too), e.g. diffusers' DDIMScheduler
+      (``pipelines.schedulers``), whose last step ends at ``alphas_cumprod[0]`` unless
+      ``set_alpha_to_one``.
     Others as ``ddpm``.
 
   Returns:
@@ -113,7 +117,7 @@ def ddim(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   if stochastic:
     key = _require_key(key, 'ddim with eta > 0')
   sched = core.make_schedule(process, num_steps, grid=grid, spacing=spacing, times=times,
-                             t_start=t_start, method='ddim')
+                             t_start=t_start, method='ddim', levels=levels, levels_to=True)
   num_steps = sched.num_steps  # repeated grid times dropped (core.make_schedule)
   denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
                                dynamic_threshold=dynamic_threshold)
@@ -132,8 +136,9 @@ def ddim(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
       x_next = core.apply_hook(step_hook, x_next, xs['i'], xs['t_reached'], a_s, s_s)
     return x_next, x_next
 
+  alpha_to, sigma_to = sched.step_ends()
   xs = {'i': jnp.arange(num_steps), 't': sched.t, 'alpha': sched.alpha[:-1],
-        'sigma': sched.sigma[:-1], 'alpha_next': sched.alpha[1:], 'sigma_next': sched.sigma[1:]}
+        'sigma': sched.sigma[:-1], 'alpha_next': alpha_to, 'sigma_next': sigma_to}
   if step_hook is not None:
     xs['t_reached'] = sched.reached_t()
   x, info = core.scan_steps(step, x_T, xs, x_T=x_T, num_steps=num_steps,

@@ -28,7 +28,8 @@ from diffusion_jax.sampling import core
 LOWER_ORDER_FINAL_BELOW = 15
 
 
-def _dpmpp_update(x, m, lam_hist, lam_next, alpha_next, sigma_next, sigma, order, max_order):
+def _dpmpp_update(x, m, lam_hist, lam_next, alpha_next, sigma_next, sigma, order, max_order,
+                  d2_scale=2.0):
   """One DPM-Solver++ step of order ``order`` in {1, 2, 3} (traced), from the history.
 
   Implements the data-prediction multistep updates of Lu et al. (2022b): first order is
@@ -46,7 +47,8 @@ def _dpmpp_update(x, m, lam_hist, lam_next, alpha_next, sigma_next, sigma, order
   The third-order term is ``alpha_s h^2 (-phi3) x0''`` with ``phi3 = phi2 / h - 1/2``; as
   ``D2 = (D1_0 - D1_1) / (r0 + r1) ~ h^2 x0'' / 2``, it is ``-2 alpha_s phi3 D2``. The reference code
   (and diffusers, k-diffusion) use ``-alpha_s phi3 D2``, half the term, which measures second order
-  on a single Gaussian; with the factor 2 the order is 3 (tests/test_sampling.py).
+  on a single Gaussian; with the factor 2 the order is 3 (tests/test_sampling.py). ``d2_scale``
+  is that factor: 1.0 reproduces the reference code.
   """
   h = lam_next - lam_hist[0]
   safe = lambda v: jnp.where(v == 0, 1.0, v)
@@ -65,35 +67,59 @@ def _dpmpp_update(x, m, lam_hist, lam_next, alpha_next, sigma_next, sigma, order
   d1_1 = (m[1] - m[2]) / r1
   d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
   d2 = (d1_0 - d1_1) / (r0 + r1)
-  third = base + alpha_next * phi2 * d1 - 2.0 * alpha_next * phi3 * d2
+  third = base + alpha_next * phi2 * d1 - d2_scale * alpha_next * phi3 * d2
   return jnp.where(order >= 3, third, jnp.where(order == 2, second, base))
+
+
+def check_orders(orders, *, n: int, order: int, method: str) -> np.ndarray:
+  """Explicit per-step orders ``[n]``: integers in ``1..min(order, i + 1)`` at step i."""
+  o = np.asarray(orders)
+  if o.shape != (n,) or not np.issubdtype(o.dtype, np.integer):
+    raise ValueError(f'{method}: orders must be {n} integers (one per step), got {orders!r}.')
+  limit = np.minimum(order, np.arange(n) + 1)
+  if np.any(o < 1) or np.any(o > limit):
+    raise ValueError(f'{method}: orders[i] must lie in 1..min(order={order}, i + 1) (step i has '
+                     f'i + 1 predictions), got {o.tolist()}.')
+  return o
 
 
 def _multistep(model_fn, process, x_T, *, num_steps, prediction, order, grid, spacing, times,
                t_start, step_hook, clip_x0, dynamic_threshold, return_trajectory, callback,
-               lower_order_final, method, sde_key=None):
+               lower_order_final, method, sde_key=None, levels=None, orders=None,
+               d2_scale=2.0):
   n = num_steps
   sched = core.make_schedule(process, n, grid=grid, spacing=spacing, times=times, t_start=t_start,
-                             method=method)
+                             method=method, levels=levels)
   n = sched.num_steps  # repeated grid times dropped (core.make_schedule)
   denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
                                dynamic_threshold=dynamic_threshold)
+  # Explicit levels may end off the data (diffusers' final_sigmas_type='sigma_min'): the final
+  # step is then the regular update onto that level.
+  to_data = levels is None or sched.to_data
   if lower_order_final is None:
     lower_order_final = n < LOWER_ORDER_FINAL_BELOW
   lam = sched.log_snr
-  # The last step's regular update is computed on a dummy lambda and discarded.
-  lam_next = jnp.concatenate([lam[1:], lam[-1:] + 1.0])
-  alpha_next = jnp.concatenate([sched.alpha[1:-1], sched.alpha[-2:-1]])
-  sigma_next = jnp.concatenate([sched.sigma[1:-1], sched.sigma[-2:-1]])
+  if to_data:
+    # The last step's regular update is computed on a dummy lambda and discarded.
+    lam_next = jnp.concatenate([lam[1:], lam[-1:] + 1.0])
+    alpha_next = jnp.concatenate([sched.alpha[1:-1], sched.alpha[-2:-1]])
+    sigma_next = jnp.concatenate([sched.sigma[1:-1], sched.sigma[-2:-1]])
+  else:
+    lam_next = jnp.log(sched.alpha[1:]) - jnp.log(sched.sigma[1:])
+    alpha_next, sigma_next = sched.alpha[1:], sched.sigma[1:]
   steps = np.arange(n)
-  # Orders: warm start min(order, i + 1); with lower_order_final the last steps shrink too, so
-  # the final step (i = n - 1) is first order and a 3M step before it at most second.
-  orders = np.minimum(order, steps + 1)
-  # At most 2 points: the extrapolation error O(s_{n-1} s_{n-2}) is already below float32
-  # resolution, and a third point only amplifies the predictions' rounding.
-  final_order = int(min(orders[-1], 1 if lower_order_final else min(order, 2)))
-  if lower_order_final:
-    orders = np.minimum(orders, n - steps)
+  if orders is not None:
+    orders = check_orders(orders, n=n, order=order, method=method)
+    final_order = int(min(orders[-1], 2))
+  else:
+    # Orders: warm start min(order, i + 1); with lower_order_final the last steps shrink too, so
+    # the final step (i = n - 1) is first order and a 3M step before it at most second.
+    orders = np.minimum(order, steps + 1)
+    # At most 2 points: the extrapolation error O(s_{n-1} s_{n-2}) is already below float32
+    # resolution, and a third point only amplifies the predictions' rounding.
+    final_order = int(min(orders[-1], 1 if lower_order_final else min(order, 2)))
+    if lower_order_final:
+      orders = np.minimum(orders, n - steps)
   steps, orders = jnp.asarray(steps), jnp.asarray(orders)
   xs = {'i': steps, 't': sched.t, 'lam': lam, 'lam_next': lam_next, 'sigma': sched.sigma[:-1],
         'alpha': sched.alpha[:-1],
@@ -111,7 +137,7 @@ def _multistep(model_fn, process, x_T, *, num_steps, prediction, order, grid, sp
     lam_hist = core.push(lam_hist, s['lam'])
     if sde_key is None:
       x_reg = _dpmpp_update(x, m, lam_hist, s['lam_next'], s['alpha_next'], s['sigma_next'],
-                            s['sigma'], s['order'], order)
+                            s['sigma'], s['order'], order, d2_scale)
     else:
       # DPM-Solver++(2M) SDE, midpoint variant (Lu et al. 2022b, Sec. 5, and the k-diffusion /
       # diffusers ``sde-dpmsolver++`` update): exact in the linear part, noise of variance
@@ -125,6 +151,11 @@ def _multistep(model_fn, process, x_T, *, num_steps, prediction, order, grid, sp
                + s['alpha_next'] * decay * m[0]
                + jnp.where(s['order'] >= 2, 0.5 * s['alpha_next'] * decay, 0.0) * d1
                + s['sigma_next'] * jnp.sqrt(decay) * core.noise(sde_key, s['i'], x))
+    if not to_data:  # every step, the last one too, is the regular update
+      if step_hook is not None:
+        x_reg = core.apply_hook(step_hook, x_reg, s['i'], s['t_reached'], s['alpha_next'],
+                                s['sigma_next'])
+      return (x_reg, m, lam_hist), x_reg
     # The last iteration only evaluates the model; the final step follows the scan.
     if step_hook is not None:
       x_reg = core.apply_hook(step_hook, x_reg, s['i'], s['t_reached'], s['alpha_next'],
@@ -135,6 +166,8 @@ def _multistep(model_fn, process, x_T, *, num_steps, prediction, order, grid, sp
   (x, m, _), info = core.scan_steps(
       step, carry, xs, x_T=x_T, num_steps=n, return_trajectory=return_trajectory,
       callback=callback)
+  if not to_data:
+    return x, {'nfe': n, **info}
   if sde_key is None:
     # The noise levels are the schedule's, so the weights are computed while tracing.
     with jax.ensure_compile_time_eval():
@@ -160,7 +193,8 @@ def _check_order(order: int, allowed: tuple[int, ...], num_steps: int, method: s
 def dpmpp_2m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
              key: jax.Array | None = None, prediction: str = 'eps',
              t_start: float | None = None, order: int = 2, grid: str | None = None,
-             spacing: str | None = None, times=None, step_hook: core.StepHook | None = None,
+             spacing: str | None = None, times=None, levels: core.Levels | None = None,
+             orders=None, step_hook: core.StepHook | None = None,
              lower_order_final: bool | None = None, clip_x0: bool = False,
              dynamic_threshold: float | None = None, return_trajectory: bool = False,
              callback=None) -> tuple[jax.Array, dict]:
@@ -179,6 +213,11 @@ def dpmpp_2m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num
       grids on the oracle at 10-50 NFE: see ``sampling/__init__.py``).
     times: instead of grid/spacing, the grid itself: ``[num_steps]`` decreasing times
       (``core.make_schedule``).
+    levels: with ``times``, explicit noise levels (``core.Levels``), e.g. diffusers'
+      DPMSolverMultistepScheduler with Karras sigmas (``pipelines.schedulers``); when they end
+      off the data (sigma > 0) the final step is the regular update onto that level.
+    orders: explicit per-step orders ``[num_steps]`` (step i at most ``min(order, i + 1)``; the
+      last entry is the final step's), instead of the warm start and ``lower_order_final``.
     step_hook: ``step_hook(x, i, t, alpha, sigma) -> x`` after each step (``core.apply_hook``).
     lower_order_final: use first order for the final step to the data; default: only when
       ``num_steps < LOWER_ORDER_FINAL_BELOW`` (measured).
@@ -194,19 +233,24 @@ def dpmpp_2m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num
                     order=order, grid=grid, spacing=spacing, times=times, t_start=t_start,
                     step_hook=step_hook, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold,
                     return_trajectory=return_trajectory, callback=callback,
-                    lower_order_final=lower_order_final, method='dpmpp_2m')
+                    lower_order_final=lower_order_final, method='dpmpp_2m', levels=levels,
+                    orders=orders)
 
 
 def dpmpp_3m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
              key: jax.Array | None = None, prediction: str = 'eps',
              t_start: float | None = None, order: int = 3, grid: str | None = None,
-             spacing: str | None = None, times=None, step_hook: core.StepHook | None = None,
-             lower_order_final: bool | None = None, clip_x0: bool = False,
+             spacing: str | None = None, times=None, levels: core.Levels | None = None,
+             orders=None, step_hook: core.StepHook | None = None,
+             lower_order_final: bool | None = None, reference_third_order: bool = False, clip_x0: bool = False,
              dynamic_threshold: float | None = None, return_trajectory: bool = False,
              callback=None) -> tuple[jax.Array, dict]:
   """DPM-Solver++(3M): the third-order multistep data-prediction solver of Lu et al. (2022b).
 
   Arguments as ``dpmpp_2m``; ``order`` in {1, 2, 3}, default 3. NFE = num_steps.
+  ``reference_third_order``: the third-order term of the dpm-solver reference code, diffusers and
+  k-diffusion, half of this module's (``_dpmpp_update``), to reproduce them; False (default)
+  keeps the term that makes the method third order.
   """
   del key
   order = _check_order(order, (1, 2, 3), num_steps, 'dpmpp_3m')
@@ -214,7 +258,8 @@ def dpmpp_3m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num
                     order=order, grid=grid, spacing=spacing, times=times, t_start=t_start,
                     step_hook=step_hook, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold,
                     return_trajectory=return_trajectory, callback=callback,
-                    lower_order_final=lower_order_final, method='dpmpp_3m')
+                    lower_order_final=lower_order_final, method='dpmpp_3m', levels=levels,
+                    orders=orders, d2_scale=1.0 if reference_third_order else 2.0)
 
 
 def dpmpp_2m_sde(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,

@@ -22,7 +22,7 @@ from diffusion_jax.sampling import core
 
 
 def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order, grid, spacing,
-            times, t_start, step_hook, S_churn, S_tmin, S_tmax, S_noise, clip_x0,
+            times, levels, t_start, step_hook, S_churn, S_tmin, S_tmax, S_noise, clip_x0,
             dynamic_threshold, return_trajectory, callback, method):
   n = num_steps
   if S_churn < 0:
@@ -31,8 +31,14 @@ def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order,
   if churn and key is None:
     raise ValueError(f'{method} with S_churn > 0 is stochastic and needs a PRNG `key`.')
   sched = core.make_schedule(process, n, grid=grid, spacing=spacing, times=times, t_start=t_start,
-                             method=method)
+                             method=method, levels=levels)
   n = sched.num_steps  # repeated grid times dropped (core.make_schedule)
+  if levels is not None and churn:
+    raise ValueError(f'{method}: S_churn > 0 raises the noise level to times of the process, '
+                     'which explicit levels do not have; use S_churn=0 with levels.')
+  if levels is not None and second_order and not sched.to_data:
+    raise ValueError(f'{method}: explicit levels must end at the data (levels.sigma[-1] = 0): '
+                     "heun's final step extrapolates to it.")
   denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
                                dynamic_threshold=dynamic_threshold)
   rho = sched.rho
@@ -111,6 +117,7 @@ def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order,
 def euler(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
           key: jax.Array | None = None, prediction: str = 'eps', t_start: float | None = None,
           grid: str | None = None, spacing: str | None = None, times=None,
+          levels: core.Levels | None = None,
           step_hook: core.StepHook | None = None, S_churn: float = 0.0, S_tmin: float = 0.0,
           S_tmax: float = float('inf'), S_noise: float = 1.0, clip_x0: bool = False,
           dynamic_threshold: float | None = None, return_trajectory: bool = False,
@@ -133,6 +140,9 @@ def euler(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
       than Karras' rho = 7 grid on the oracle: see ``sampling/__init__.py``).
     times: instead of grid/spacing, the grid itself: ``[num_steps]`` decreasing times
       (``core.make_schedule``).
+    levels: with ``times``, explicit noise levels (``core.Levels``), e.g. diffusers'
+      EulerDiscreteScheduler, whose sigma / alpha is linear in its (fractional) timesteps
+      (``pipelines.schedulers``); the final step may end at a level other than the data.
     step_hook: ``step_hook(x, i, t, alpha, sigma) -> x`` after each step (``core.apply_hook``),
       on ``x = alpha y``; the method's scaled state y follows the entries the hook changes.
     S_churn, S_tmin, S_tmax, S_noise: Karras et al.'s churn (S_tmin, S_tmax in sigma / alpha).
@@ -143,7 +153,8 @@ def euler(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
     x_0 [B, ...] float32 and an info dict with 'nfe'.
   """
   return _karras(model_fn, process, x_T, num_steps=num_steps, key=key, prediction=prediction,
-                 second_order=False, grid=grid, spacing=spacing, times=times, t_start=t_start,
+                 second_order=False, grid=grid, spacing=spacing, times=times, levels=levels,
+                 t_start=t_start,
                  step_hook=step_hook, S_churn=S_churn, S_tmin=S_tmin,
                  S_tmax=S_tmax, S_noise=S_noise, clip_x0=clip_x0,
                  dynamic_threshold=dynamic_threshold, return_trajectory=return_trajectory,
@@ -153,6 +164,7 @@ def euler(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
 def heun(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
          key: jax.Array | None = None, prediction: str = 'eps', t_start: float | None = None,
          grid: str | None = None, spacing: str | None = None, times=None,
+          levels: core.Levels | None = None,
          step_hook: core.StepHook | None = None, S_churn: float = 0.0, S_tmin: float = 0.0,
          S_tmax: float = float('inf'), S_noise: float = 1.0, clip_x0: bool = False,
          dynamic_threshold: float | None = None, return_trajectory: bool = False,
@@ -169,7 +181,8 @@ def heun(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   ~20 steps on the usual grids; ``info['nfe']``). Arguments as ``euler``.
   """
   return _karras(model_fn, process, x_T, num_steps=num_steps, key=key, prediction=prediction,
-                 second_order=True, grid=grid, spacing=spacing, times=times, t_start=t_start,
+                 second_order=True, grid=grid, spacing=spacing, times=times, levels=levels,
+                 t_start=t_start,
                  step_hook=step_hook, S_churn=S_churn, S_tmin=S_tmin,
                  S_tmax=S_tmax, S_noise=S_noise, clip_x0=clip_x0,
                  dynamic_threshold=dynamic_threshold, return_trajectory=return_trajectory,

@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import processes
 from diffusion_jax.sampling import core
 from diffusion_jax.sampling.ddim import ddim
 
@@ -73,7 +74,8 @@ _AB[4, :4] = [55 / 24, -59 / 24, 37 / 24, -9 / 24]
 def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
          key: jax.Array | None = None, prediction: str = 'eps', t_start: float | None = None,
          grid: str | None = None, spacing: str | None = None, times=None,
-         step_hook: core.StepHook | None = None, order: int = 4, warm_start: str = 'heun',
+         levels: core.Levels | None = None, step_hook: core.StepHook | None = None,
+         order: int = 4, warm_start: str = 'heun',
          analytic_first_step: bool = False, clip_x0: bool = False,
          dynamic_threshold: float | None = None,
          return_trajectory: bool = False, callback=None) -> tuple[jax.Array, dict]:
@@ -92,6 +94,9 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
     grid, spacing: the time grid (``grids.make_grid``), quadratic by default.
     times: instead of grid/spacing, the grid itself: ``[num_steps]`` decreasing times, one per
       step (``core.make_schedule``).
+    levels: with ``times`` and ``warm_start='heun'``, explicit noise levels (``core.Levels``):
+      diffusers' PNDMScheduler with ``skip_prk_steps`` step for step (``_pndm_levels``), e.g.
+      ending at ``alphas_cumprod[0]`` (``pipelines.schedulers``).
     step_hook: ``step_hook(x, i, t, alpha, sigma) -> x`` after each step (``core.apply_hook``);
       with the Heun start, after the corrected first step (not after its Euler predictor).
     order: the Adams-Bashforth order, 1 to 4 (4: PNDM; 1 is DDIM).
@@ -116,6 +121,13 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   if analytic_first_step and warm_start != 'ab':
     raise ValueError("plms: analytic_first_step=True needs warm_start='ab' (iPNDM); PNDM's Heun "
                      'start evaluates the model twice at the first step.')
+  if levels is not None:
+    if warm_start != 'heun' or analytic_first_step or clip_x0 or dynamic_threshold is not None:
+      raise ValueError("plms: levels reproduce diffusers' PNDM (warm_start='heun'), without "
+                       'analytic_first_step, clip_x0 or dynamic_threshold.')
+    return _pndm_levels(model_fn, process, x_T, num_steps=n, prediction=prediction, times=times,
+                        levels=levels, step_hook=step_hook, order=order,
+                        return_trajectory=return_trajectory, callback=callback)
   if warm_start == 'ab':
     return _ipndm(model_fn, process, x_T, num_steps=n, prediction=prediction, grid=grid,
                   spacing=spacing, times=times, t_start=t_start, step_hook=step_hook,
@@ -269,3 +281,55 @@ def _ipndm(model_fn, process, x_T, *, num_steps, prediction, grid, spacing, time
   (x, _), info = core.scan_steps(step, carry, xs, x_T=x_T, num_steps=n,
                                  return_trajectory=return_trajectory, callback=callback)
   return x, {'nfe': n - 1 if analytic_first_step else n, **info}
+
+
+def _pndm_levels(model_fn, process, x_T, *, num_steps, prediction, times, levels, step_hook,
+                 order, return_trajectory, callback):
+  """PLMS on explicit ``times`` and ``Levels``: diffusers' ``PNDMScheduler.step_plms`` exactly.
+
+  As ``plms`` (the pseudo-Heun start, then AB2, AB3, AB4), with what diffusers does differently:
+  the Adams-Bashforth combination is taken of the model's raw outputs (for 'v', of v) and
+  converted to eps at the start of each step with that step's state and level; every step, the
+  last one too, is the DDIM transfer ``alpha_to (x - sigma e') / alpha + sigma_to e'`` onto the
+  next level (no extrapolation to the data, no fallback for long first steps). One step (n = 1)
+  is DDIM's. NFE = n + 1 (1 for n = 1).
+  """
+  if prediction not in ('eps', 'v'):
+    raise ValueError(f"plms with levels (diffusers' PNDM) takes prediction 'eps' or 'v', got "
+                     f'{prediction!r}.')
+  sched = core.make_schedule(process, num_steps, times=times, method='plms', levels=levels)
+  n = sched.num_steps
+  # n + 1 iterations (1 for n = 1): j = 0 predicts step 0, j = 1 corrects it with the mean of
+  # both outputs (not kept in the history), j >= 2 is step j - 1 with AB of the history.
+  j = np.arange(n + 1) if n > 1 else np.arange(1)
+  start = np.maximum(j - 1, 0)
+  t_eval = np.where(j == 1, 1, start)
+  ab_order = np.minimum(np.maximum(j, 1), order)
+  xs = {'i': jnp.asarray(j), 't': sched.t[t_eval], 'alpha': sched.alpha[start],
+        'sigma': sched.sigma[start], 'alpha_next': sched.alpha[start + 1],
+        'sigma_next': sched.sigma[start + 1], 'ab': jnp.asarray(_AB[ab_order])}
+  if step_hook is not None:
+    xs['t_reached'] = jnp.concatenate([sched.t, jnp.zeros((1,), jnp.float32)])[start + 1]
+    xs['no_step'] = jnp.asarray((j == 0) & (n > 1))
+  carry = (x_T, x_T, jnp.zeros((4,) + x_T.shape, jnp.float32))
+
+  def step(c, s):
+    x, x_eval, hist = c
+    t_b = jnp.broadcast_to(s['t'], x.shape[:1])
+    out = jnp.asarray(model_fn(x_eval, t_b)).astype(jnp.float32)
+    first, heun = s['i'] == 0, s['i'] == 1
+    hist = jnp.where(heun, hist, core.push(hist, out))
+    combined = jnp.where(heun, 0.5 * (out + hist[0]), jnp.tensordot(s['ab'], hist, axes=1))
+    eps = processes.convert_prediction(combined, x, s['alpha'], s['sigma'], source=prediction,
+                                       target='eps')
+    x_new = s['alpha_next'] * (x - s['sigma'] * eps) / s['alpha'] + s['sigma_next'] * eps
+    if step_hook is not None:
+      x_new = core.apply_hook(step_hook, x_new, jnp.maximum(s['i'] - 1, 0), s['t_reached'],
+                              s['alpha_next'], s['sigma_next'], skip=s['no_step'])
+    x_next = jnp.where(first & (n > 1), x, x_new)  # the predictor's start stays for j = 1
+    return (x_next, x_new, hist), x_new
+
+  (_, x, _), info = core.scan_steps(step, carry, xs, x_T=x_T, num_steps=n,
+                                    return_trajectory=return_trajectory, callback=callback,
+                                    trajectory_from=1 if n > 1 else 0)
+  return x, {'nfe': n + 1 if n > 1 else 1, **info}

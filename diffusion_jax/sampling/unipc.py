@@ -89,7 +89,8 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
           key: jax.Array | None = None, prediction: str = 'eps', t_start: float | None = None,
           order: int = 2, variant: Literal['bh1', 'bh2'] = 'bh2', corrector: bool = True,
           grid: str | None = None, spacing: str | None = None, times=None,
-          step_hook: core.StepHook | None = None, lower_order_final: bool | None = None,
+          levels: core.Levels | None = None, step_hook: core.StepHook | None = None,
+          lower_order_final: bool | None = None,
           clip_x0: bool = False, dynamic_threshold: float | None = None,
           return_trajectory: bool = False, callback=None) -> tuple[jax.Array, dict]:
   """UniPC (Zhao et al. 2023): multistep UniP-p predictor with the UniC corrector.
@@ -110,6 +111,9 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
     grid, spacing: the time grid (``grids.make_grid``), quadratic by default.
     times: instead of grid/spacing, the grid itself: ``[num_steps]`` decreasing times
       (``core.make_schedule``).
+    levels: with ``times``, explicit noise levels (``core.Levels``), e.g. diffusers'
+      UniPCMultistepScheduler with Karras sigmas (``pipelines.schedulers``); when they end off
+      the data (sigma > 0) the final step is the predictor's regular update onto that level.
     step_hook: ``step_hook(x, i, t, alpha, sigma) -> x`` after each step (``core.apply_hook``),
       on the predicted state, where the model is evaluated next; the corrector then refines that
       state from the previous (corrected) one, as diffusers' UniPC does with a pipeline's
@@ -132,8 +136,9 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
   if variant not in ('bh1', 'bh2'):
     raise ValueError(f"unipc: variant={variant!r} is not known; use 'bh1' or 'bh2'.")
   sched = core.make_schedule(process, n, grid=grid, spacing=spacing, times=times, t_start=t_start,
-                             method='unipc')
+                             method='unipc', levels=levels)
   n = sched.num_steps  # repeated grid times dropped (core.make_schedule)
+  to_data = levels is None or sched.to_data
   if lower_order_final is None:
     lower_order_final = n < dpm_solver.LOWER_ORDER_FINAL_BELOW
   denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
@@ -144,14 +149,20 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
   if lower_order_final:
     orders = jnp.minimum(orders, n - steps)
   final_order = min(1 if lower_order_final else min(order + int(corrector), 2), n)  # dpm_solver
+  if to_data:  # the last iteration's prediction (onto a dummy lambda) is discarded
+    lam_next = jnp.concatenate([lam[1:], lam[-1:] + 1.0])
+    alpha_next = jnp.concatenate([sched.alpha[1:-1], sched.alpha[-2:-1]])
+    sigma_next = jnp.concatenate([sched.sigma[1:-1], sched.sigma[-2:-1]])
+  else:  # it is the final step, onto the last level
+    lam_next = jnp.log(sched.alpha[1:]) - jnp.log(sched.sigma[1:])
+    alpha_next, sigma_next = sched.alpha[1:], sched.sigma[1:]
   xs = {'i': steps, 't': sched.t, 'lam': lam,
-        'lam_next': jnp.concatenate([lam[1:], lam[-1:] + 1.0]),
+        'lam_next': lam_next,
         'lam_prev': jnp.concatenate([lam[:1] - 1.0, lam[:-1]]),  # i = 0: a dummy, unused
         'sigma': sched.sigma[:-1],
         'sigma_prev': jnp.concatenate([sched.sigma[:1], sched.sigma[:-2]]),
         'alpha': sched.alpha[:-1],
-        'alpha_next': jnp.concatenate([sched.alpha[1:-1], sched.alpha[-2:-1]]),
-        'sigma_next': jnp.concatenate([sched.sigma[1:-1], sched.sigma[-2:-1]]),
+        'alpha_next': alpha_next, 'sigma_next': sigma_next,
         'order': orders, 'prev_order': jnp.concatenate([orders[:1], orders[:-1]])}
   if step_hook is not None:
     xs.update(t_reached=sched.reached_t(), last=sched.is_last())
@@ -173,11 +184,14 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
                            s['sigma_next'], s['order'], variant)
     if step_hook is not None:
       x_pred = core.apply_hook(step_hook, x_pred, s['i'], s['t_reached'], s['alpha_next'],
-                               s['sigma_next'], skip=s['last'])
+                               s['sigma_next'], skip=s['last'] if to_data else None)
     return (x, x_pred, m, lam_hist), x_pred
 
-  (x, _, m, _), info = core.scan_steps(step, carry, xs, x_T=x_T, num_steps=n,
-                                       return_trajectory=return_trajectory, callback=callback)
+  (x, x_pred, m, _), info = core.scan_steps(step, carry, xs, x_T=x_T, num_steps=n,
+                                            return_trajectory=return_trajectory,
+                                            callback=callback)
+  if not to_data:
+    return x_pred, {'nfe': n, **info}
   # The (corrected) state at the last grid time and the schedule's noise levels (weights
   # computed while tracing).
   with jax.ensure_compile_time_eval():
