@@ -3,7 +3,8 @@ r"""Entry point: ``python -m diffusion_jax.main --config=configs/X.py --workdir=
 This file is intentionally kept short: flags, the multi-process runtime, then one call into
 ``diffusion_jax.training``. ``--config.a.b=value`` overrides any config field. Modes: ``train``
 (resumes from the workdir's latest checkpoint), ``sample`` (EMA samples to ``workdir/samples``),
-``eval`` (bits/dim on ``data.eval_split``).
+``eval`` (bits/dim on ``data.eval_split``), ``img2img`` / ``inpaint`` / ``invert`` (edits of
+``--config.sampling.image``, written to ``workdir/samples``).
 
 Multi-host: on a TPU pod every host runs the same command and ``jax.distributed`` finds its peers;
 on GPU clusters pass ``--coordinator_address=host:port --num_processes=N --process_id=i``.
@@ -20,7 +21,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (e.g. configs/tiny.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'img2img', 'inpaint',
+                                            'invert'], 'What to do.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, for multi-process GPU/CPU runs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
@@ -116,6 +118,9 @@ def main(argv):
     config.keys()  # config_flags reports a file it could not load only when the config is read
   except OSError as e:
     raise FileNotFoundError(f'--config: {e.__cause__ or e}') from e
+  if _MODE.value in ('img2img', 'inpaint', 'invert'):  # their inputs first: nothing is created
+    from diffusion_jax.training import inference  # pylint: disable=import-outside-toplevel
+    inference.check_edit_inputs(config, _MODE.value)
   _check_workdir(_WORKDIR.value, _MODE.value)  # before jax starts: a bad path fails in a second
   import jax  # pylint: disable=import-outside-toplevel
   from diffusion_jax import cpu_runtime, training  # pylint: disable=import-outside-toplevel
@@ -130,8 +135,10 @@ def main(argv):
                jax.process_count(), jax.devices())
   if applied:
     logging.info('CPU runtime settings (diffusion_jax.cpu_runtime): %s', ', '.join(applied))
+  from diffusion_jax.training import inference  # pylint: disable=import-outside-toplevel,reimported
   run = {'train': training.train_and_evaluate, 'sample': training.sample,
-         'eval': training.evaluate}[_MODE.value]
+         'eval': training.evaluate, 'img2img': inference.img2img, 'inpaint': inference.inpaint,
+         'invert': inference.invert}[_MODE.value]
   run(config, _WORKDIR.value)
 
 

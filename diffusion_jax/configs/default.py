@@ -138,6 +138,11 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.snr = 0.16  # pc: signal-to-noise ratio of the Langevin corrector.
   sampling.rtol = 1e-5  # ode: relative tolerance of the adaptive PF-ODE solver.
   sampling.atol = 1e-5  # ode: absolute tolerance.
+  sampling.image = ''  # --mode=img2img/inpaint/invert: the input image (PNG or any file load_image reads).
+  sampling.mask = ''  # --mode=inpaint: mask image of the input's size, white = keep, black = generate (diffusers: the opposite).
+  sampling.strength = 0.8  # --mode=img2img: SDEdit strength in [0, 1], the last int(num_steps * strength) steps run.
+  sampling.label = -1  # --mode=img2img/inpaint/invert, class-conditional models: the class; -1: every class in turn (invert: the null class).
+  sampling.resample = 1  # --mode=inpaint: RePaint's resamplings per step (> 1 needs sampling.method 'ddpm' or 'ddim').
 
   # --- evaluation (--mode=eval) -----------------------------------------------------------------
   evaluation = config.eval = ml_collections.ConfigDict()
