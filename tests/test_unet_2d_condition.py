@@ -16,11 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 from diffusers.loaders import single_file_utils
 
 from diffusion_jax.models import attention as attention_lib
 from diffusion_jax.models import unet_2d_condition
+from diffusion_jax.weights import core
 from diffusion_jax.weights import unet as unet_weights
 
 UNet2DConditionModel = unet_2d_condition.UNet2DConditionModel
@@ -224,8 +226,13 @@ def test_ldm_layout_matches_diffusers_converter(saved, tmp_path):
       np.testing.assert_array_equal(converted[k].numpy(), v.numpy(), err_msg=k)
     # A single file holding VAE / text tensors too: only the U-Net's are read.
     ldm['first_stage_model.decoder.conv_in.weight'] = np.zeros((1,), np.float32)
-    loaded = unet_weights.unet_params_from_ldm(ldm, module)
+    path = tmp_path / f'{name}.safetensors'
+    safetensors.numpy.save_file(ldm, str(path))
+    loaded = unet_weights.unet_params_from_ldm(core.read_safetensors(path), module)
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
+  del ldm['model.diffusion_model.middle_block.1.proj_in.weight']
+  with pytest.raises(ValueError, match=r'middle_block\.1\.proj_in\.weight'):
+    unet_weights.unet_params_from_ldm(ldm, module)
 
 
 def test_param_counts_of_full_configs():

@@ -435,8 +435,10 @@ class UNet2DConditionModel(nn.Module):
       timesteps: ``[B]`` (or a scalar) on diffusers' scale (0..999 for SD); may be fractional.
       encoder_hidden_states: ``[B, L, cross_attention_dim]`` text-encoder hidden states.
       added_cond_kwargs: for ``addition_embed_type='text_time'`` (SDXL):
-        ``{'text_embeds': [B, P], 'time_ids': [B, 6]}`` (pooled text embedding; original size,
-        crop top-left, target size).
+        ``{'text_embeds': [B, P], 'time_ids': [B, K]}``: the pooled text embedding and the
+        micro-conditioning ids (SDXL base: K = 6, original size, crop top-left, target size;
+        the refiner: K = 5, with an aesthetic score in place of the target size), with
+        ``P + K * addition_time_embed_dim = projection_class_embeddings_input_dim``.
       down_block_additional_residuals: ControlNet residuals, one per skip connection
         (``conv_in``'s output, each down resnet/transformer output, each downsampling), each of
         its skip's shape ``[B, h_i, w_i, C_i]``; added to the skips as diffusers does. Given
@@ -552,13 +554,13 @@ class UNet2DConditionModel(nn.Module):
     if not added_cond_kwargs or 'text_embeds' not in added_cond_kwargs or (
         'time_ids' not in added_cond_kwargs):
       raise ValueError('UNet2DConditionModel with addition_embed_type="text_time" (SDXL) needs '
-                       "added_cond_kwargs={'text_embeds': [B, P], 'time_ids': [B, 6]}.")
+                       "added_cond_kwargs={'text_embeds': [B, P], 'time_ids': [B, K]}.")
     text_embeds = jnp.asarray(added_cond_kwargs['text_embeds'])
     time_ids = jnp.asarray(added_cond_kwargs['time_ids'])
     if text_embeds.ndim != 2 or time_ids.ndim != 2 or text_embeds.shape[0] != batch or (
         time_ids.shape[0] != batch):
       raise ValueError(f'UNet2DConditionModel: text_embeds must be [B={batch}, P] and time_ids '
-                       f'[B, 6], got {text_embeds.shape} and {time_ids.shape}.')
+                       f'[B, K], got {text_embeds.shape} and {time_ids.shape}.')
     width = text_embeds.shape[1] + time_ids.shape[1] * self.addition_time_embed_dim
     if width != self.projection_class_embeddings_input_dim:
       raise ValueError(f'UNet2DConditionModel: text_embeds {text_embeds.shape} and time_ids '
