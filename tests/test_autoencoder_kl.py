@@ -300,6 +300,8 @@ def test_from_config_checks(tiny):
                                                              'AttnDownEncoderBlock2D']))
   with pytest.raises(ValueError, match="'norm_type'"):
     AutoencoderKL.from_config(dict(config, norm_type='spatial'))
+  with pytest.raises(ValueError, match="use attention='xla'"):
+    AutoencoderKL.from_config(dict(config, block_out_channels=[32, 512]), attention='cudnn')
   with pytest.raises(ValueError, match='not an AutoencoderKL'):
     AutoencoderKL.from_config(dict(config, _class_name='AutoencoderTiny'))
 

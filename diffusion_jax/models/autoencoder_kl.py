@@ -12,6 +12,12 @@ parameter (``diffusion_jax.weights.vae``).
 The latent-diffusion models see ``scaling_factor * (z - shift_factor)``; a pipeline decodes
 ``decode(z_model / scaling_factor + shift_factor)``. Both factors are fields; the network itself
 never applies them.
+
+Precision, measured on one H200 (jax 0.11.2, 2026-11-29) against the same program on CPU: float32
+at JAX's default matmul precision runs its convolutions in TF32 there (max abs difference 2.5e-3 on
+decode of the tiny test VAE); under ``jax.default_matmul_precision('highest')`` 4e-6. SD's VAE
+decoding 64x64 latents (512x512 images): float32 10.5 ms, bfloat16 7.1 ms (relative max
+difference 0.018 from float32), bfloat16 at batch 4 21.4 ms; about 6 s to compile.
 """
 
 from __future__ import annotations
@@ -215,7 +221,8 @@ class AutoencoderKL(nn.Module):
     dtype: computation dtype (params stay float32); outputs are float32.
     attention: implementation of the mid blocks' attention
       (``diffusion_jax.models.attention``); at 512x512 its 4,096 tokens make ``'chunked'`` the
-      memory-frugal choice on CPU.
+      memory-frugal choice on CPU. Not ``'cudnn'``: the one head is 512 wide in SD's VAE, and
+      cuDNN's fused attention takes at most 256.
   """
   in_channels: int = 3
   out_channels: int = 3
@@ -259,6 +266,13 @@ class AutoencoderKL(nn.Module):
       raise ValueError(f'AutoencoderKL block_out_channels {bad} are not divisible by '
                        f'norm_num_groups={self.norm_num_groups}.')
     attention_lib.check_implementation(self.attention)
+    if self.attention == 'cudnn' and self.mid_block_add_attention and (
+        self.block_out_channels[-1] > 256 or self.block_out_channels[-1] % 8):
+      # The mid blocks attend with one head as wide as the channels (512 in SD's VAE); cuDNN's
+      # fused attention takes head dims <= 256, multiples of 8 (jax 0.11 on an H200 refuses 512).
+      raise ValueError(f'AutoencoderKL attention=\'cudnn\' cannot run the mid blocks\' single '
+                       f'{self.block_out_channels[-1]}-wide attention head (cuDNN takes head dims '
+                       "<= 256, multiples of 8); use attention='xla' (or 'chunked').")
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> AutoencoderKL:
