@@ -227,8 +227,8 @@ class UpBlock(_BlockOptions):
                ) -> jax.Array:
     """``h: [B, H, W, C]``, ``skips``: the level's ``num_layers`` skips, used last first.
 
-    ``upsample_size``: (height, width) after upsampling, the size of the next level's skips
-    (2x unless the input size was not divisible by the U-Net's total downsampling factor).
+    ``upsample_size``: (height, width) after upsampling, the next level's skips' size, when it
+    is not 2x (an input size not divisible by the U-Net's total downsampling factor); None: 2x.
     """
     skips = list(skips)
     for i in range(self.num_layers):
@@ -532,7 +532,10 @@ class UNet2DConditionModel(nn.Module):
       num_layers = levels['layers'][level] + 1
       level_skips, skips = skips[-num_layers:], skips[:-num_layers]
       is_final = i == num_levels - 1
-      upsample_size = None if is_final else tuple(skips[-1].shape[1:3])
+      upsample_size = None
+      if not is_final and tuple(skips[-1].shape[1:3]) != (2 * h.shape[1], 2 * h.shape[2]):
+        # An odd size on the way down: upsample to the skip's size, as diffusers' upsample_size.
+        upsample_size = tuple(skips[-1].shape[1:3])
       h = UpBlock(
           cross_attention=UP_BLOCK_TYPES[block_type], num_heads=levels['heads'][level],
           transformer_layers=levels['depth'][level],
