@@ -225,8 +225,11 @@ def strip_prefix(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.n
 
 
 def shapes_of(module, *args, **kwargs) -> PyTree:
-  """``jax.eval_shape`` of ``module.init(key, *args, **kwargs)['params']``: no memory, no FLOPs."""
-  return jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))['params']
+  """``jax.eval_shape`` of ``module.init(key, *args, **kwargs)['params']``: no memory, no FLOPs.
+
+  ``args`` may be arrays or ``jax.ShapeDtypeStruct`` s (traced either way).
+  """
+  return jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a, **kwargs), *args)['params']
 
 
 def cast(params: PyTree, dtype: Any) -> PyTree:
