@@ -1,0 +1,373 @@
+"""Stable Diffusion 1.x / 2.x / XL text-to-image over loaded parameter trees, one program per shape.
+
+``load_pretrained(path)`` reads a local diffusers-format directory (``model_index.json``; ``unet/``,
+``vae/``, ``text_encoder/``, ``tokenizer/``, for SDXL ``text_encoder_2/`` and ``tokenizer_2/``,
+``scheduler/``): safetensors through ``weights``, never pickle, never a download.
+``text_to_image`` tokenizes on the host, then runs the text encoders, the whole guided sampling loop
+(any method of ``sampling.METHODS``; by default the directory's own scheduler, step for step) and
+the VAE decode in one jitted program per (batch, size, steps, method), the batch sharded over
+every device on the mesh's data axes and the weights replicated (or FSDP-sharded with
+``mesh_fsdp``).
+
+The conditioning pytree the U-Net's ``model_fn(x, t, cond)`` sees (DESIGN.md):
+``{'context': [B, L, D]}`` for SD 1.x / 2.x, plus ``'pooled': [B, P]`` and ``'time_ids': [B, 6]``
+for SDXL, which diffusers calls ``encoder_hidden_states``, ``text_embeds`` and ``time_ids``
+(``added_cond_kwargs``). Prompt encoding follows diffusers' ``StableDiffusionPipeline`` /
+``StableDiffusionXLPipeline.encode_prompt``: SD 1.x / 2.x take the text encoder's last hidden
+state (SD 2's encoder config already stops one layer early); SDXL concatenates the penultimate
+hidden states of both encoders and takes the pooled projection of the second; an SDXL negative
+prompt left as ``None`` is all zeros when ``force_zeros_for_empty_prompt`` (the default in its
+``model_index.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from diffusion_jax import sampling
+from diffusion_jax import sharding
+from diffusion_jax import tokenization
+from diffusion_jax.pipelines import schedulers
+from diffusion_jax.weights import clip as clip_weights
+from diffusion_jax.weights import unet as unet_weights
+from diffusion_jax.weights import vae as vae_weights
+
+PyTree = Any
+
+PIPELINE_CLASSES = {
+    'StableDiffusionPipeline': 'sd',
+    'StableDiffusionXLPipeline': 'sdxl',
+}
+_REQUIRED = {'sd': ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler'),
+             'sdxl': ('unet', 'vae', 'text_encoder', 'tokenizer', 'text_encoder_2', 'tokenizer_2',
+                      'scheduler')}
+
+
+@dataclasses.dataclass
+class StableDiffusionPipeline:
+  """A loaded SD 1.x / 2.x / XL pipeline: modules, parameter trees, tokenizers and scheduler.
+
+  Build it with ``load_pretrained``. Attributes are public so that research code can swap a tree
+  (``pipe.params['unet'] = ...``) or call a module directly.
+
+  Attributes:
+    kind: ``'sd'`` (1.x / 2.x) or ``'sdxl'``.
+    unet, vae: ``UNet2DConditionModel`` and ``AutoencoderKL`` modules.
+    text_encoders: one (SD) or two (SDXL) CLIP text modules.
+    tokenizers: the matching ``tokenization.CLIPTokenizer`` s.
+    scheduler: the directory's ``schedulers.Scheduler`` (process, method, prediction).
+    params: ``{'unet', 'vae', 'text_encoder'[, 'text_encoder_2']}`` parameter trees.
+    mesh: the device mesh the batch is sharded over.
+    force_zeros_for_empty_prompt: SDXL: a ``None`` negative prompt is zero embeddings.
+  """
+
+  kind: str
+  unet: Any
+  vae: Any
+  text_encoders: tuple[Any, ...]
+  tokenizers: tuple[Any, ...]
+  scheduler: schedulers.Scheduler
+  params: dict[str, PyTree]
+  mesh: jax.sharding.Mesh
+  force_zeros_for_empty_prompt: bool = True
+  _programs: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  @property
+  def vae_scale_factor(self) -> int:
+    """Pixels per latent cell along each side: ``2 ** (len(vae.block_out_channels) - 1)``."""
+    return 2 ** (len(self.vae.block_out_channels) - 1)
+
+  @property
+  def default_size(self) -> int:
+    """``unet.sample_size * vae_scale_factor`` (512 for SD 1.5, 768 for SD 2 at v, 1024 for SDXL)."""
+    return int(self.unet.sample_size) * self.vae_scale_factor
+
+  # --- prompts -------------------------------------------------------------------------------
+
+  def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, ...]:
+    """Token ids ``int32 [B, 77]`` per tokenizer (truncated and padded as diffusers does)."""
+    return tuple(np.asarray(tok(list(prompts)), np.int32) for tok in self.tokenizers)
+
+  def _encode(self, params: PyTree, ids: tuple[jax.Array, ...]) -> dict[str, jax.Array]:
+    if self.kind == 'sd':
+      out = self.text_encoders[0].apply({'params': params['text_encoder']}, ids[0])
+      return {'context': out['last_hidden_state']}
+    hidden, pooled = [], None
+    for i, (module, name) in enumerate(zip(self.text_encoders, ('text_encoder', 'text_encoder_2'))):
+      out = module.apply({'params': params[name]}, ids[i])
+      hidden.append(out['hidden_states'][-2])
+      if i == 1:
+        pooled = out['text_embeds']
+    return {'context': jnp.concatenate(hidden, axis=-1), 'pooled': pooled}
+
+  def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None
+                    = None, *, height: int | None = None, width: int | None = None
+                    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """The conditioning pytrees ``(cond, null_cond)`` of the prompts, as the U-Net takes them.
+
+    Args:
+      prompt: one prompt or a list of B.
+      negative_prompt: ``None`` (the empty prompt; zeros for SDXL with
+        ``force_zeros_for_empty_prompt``), one string for all, or a list of B.
+      height, width: SDXL's size conditioning (``time_ids``), default ``default_size``.
+
+    Returns:
+      ``cond`` and ``null_cond``: ``{'context': [B, 77, D]}`` (SDXL also ``'pooled': [B, P]``,
+      ``'time_ids': [B, 6]``), float32.
+    """
+    prompts, negatives = _prompt_lists(prompt, negative_prompt)
+    height, width = self._size(height, width)
+    fn = self._program(('encode', len(prompts), height, width, negatives is None),
+                       lambda: jax.jit(lambda p, i, n: self._conds(p, i, n, height, width)))
+    ids = self.tokenize(prompts)
+    neg_ids = None if negatives is None else self.tokenize(negatives)
+    return fn(self.params, ids, neg_ids)
+
+  def _conds(self, params, ids, neg_ids, height, width):
+    cond = self._encode(params, ids)
+    if neg_ids is None and self.kind == 'sdxl' and self.force_zeros_for_empty_prompt:
+      null = jax.tree.map(jnp.zeros_like, cond)
+    else:
+      if neg_ids is None:
+        neg_ids = tuple(jnp.asarray(t) for t in self.tokenize([''] * ids[0].shape[0]))
+      null = self._encode(params, neg_ids)
+    if self.kind == 'sdxl':
+      time_ids = jnp.tile(jnp.asarray([[height, width, 0, 0, height, width]], jnp.float32),
+                          (ids[0].shape[0], 1))
+      cond['time_ids'] = null['time_ids'] = time_ids
+    return cond, null
+
+  # --- sampling ------------------------------------------------------------------------------
+
+  def model_fn(self, unet_params: PyTree):
+    """``model_fn(x, t, cond)`` of the U-Net for ``sampling``: ``t`` in the process's time."""
+    def fn(x, t, cond):
+      added = None
+      if self.kind == 'sdxl':
+        added = {'text_embeds': cond['pooled'], 'time_ids': cond['time_ids']}
+      timesteps = self.scheduler.model_timestep(t)
+      return self.unet.apply({'params': unet_params}, x, timesteps, cond['context'],
+                             added_cond_kwargs=added)
+    return fn
+
+  def decode_latents(self, latents: jax.Array) -> jax.Array:
+    """``[B, h, w, C]`` latents -> images float32 ``[B, H, W, 3]`` in [0, 1] (jitted per shape)."""
+    fn = self._program(('decode',) + tuple(latents.shape), lambda: jax.jit(self._decode))
+    return fn(self.params['vae'], latents)
+
+  def _decode(self, vae_params, latents):
+    z = latents / self.vae.scaling_factor + (self.vae.shift_factor or 0.0)
+    image = self.vae.apply({'params': vae_params}, z, method=self.vae.decode)
+    return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+  def text_to_image(self, prompt: str | Sequence[str], *,
+                    negative_prompt: str | Sequence[str] | None = None, num_steps: int = 50,
+                    guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+                    method: str | None = None, key: jax.Array | None = None,
+                    latents: jax.Array | np.ndarray | None = None, height: int | None = None,
+                    width: int | None = None, output_type: str = 'np',
+                    **sampler_options: Any) -> jax.Array:
+    """Images from prompts (diffusers' ``StableDiffusion[XL]Pipeline.__call__`` semantics).
+
+    Args:
+      prompt: one prompt or a list of B.
+      negative_prompt: ``None``, one string, or a list of B (see ``encode_prompt``).
+      num_steps: sampler steps (diffusers' ``num_inference_steps``).
+      guidance_scale: classifier-free guidance weight w of ``null + w (cond - null)``; at
+        ``<= 1`` the negative branch is not evaluated (as diffusers).
+      guidance_rescale: phi of Lin et al. (2024), eq. 16 (diffusers' ``guidance_rescale``).
+      method: a name of ``sampling.METHODS``; ``None`` is the directory's scheduler,
+        reproduced step for step (``scheduler.method``).
+      key: PRNG key for the start noise (when ``latents`` is None) and stochastic samplers;
+        default ``jax.random.key(0)``.
+      latents: start noise ``[B, h, w, C]`` (NHWC, unit variance, as diffusers takes it
+        before ``init_noise_sigma``), ``h = height / vae_scale_factor``.
+      height, width: image size in pixels, multiples of ``vae_scale_factor``; default
+        ``default_size``.
+      output_type: ``'np'`` (images float32 ``[B, H, W, 3]`` in [0, 1]) or ``'latent'`` (the
+        final latents ``[B, h, w, C]``, before the VAE's scaling).
+      **sampler_options: forwarded to the sampler (``sampling.method_options(method)``).
+
+    Returns:
+      ``[B, H, W, 3]`` float32 images in [0, 1], or ``[B, h, w, C]`` latents.
+
+    Raises:
+      ValueError: prompt and negative lists of different lengths, a size not divisible by the
+        VAE factor, latents of the wrong shape, an unknown method or output type.
+    """
+    if output_type not in ('np', 'latent'):
+      raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
+    prompts, negatives = _prompt_lists(prompt, negative_prompt)
+    height, width = self._size(height, width)
+    batch = len(prompts)
+    shape = (batch, height // self.vae_scale_factor, width // self.vae_scale_factor,
+             int(self.unet.in_channels))
+    key = jax.random.key(0) if key is None else key
+    noise_key, sample_key = jax.random.split(key)
+    if latents is None:
+      latents = jax.random.normal(noise_key, shape, jnp.float32)
+    elif tuple(latents.shape) != shape:
+      raise ValueError(f'latents have shape {tuple(latents.shape)}; for {batch} prompts at '
+                       f'{height}x{width} they must be {shape} (NHWC, [B, height / '
+                       f'{self.vae_scale_factor}, width / {self.vae_scale_factor}, '
+                       f'{self.unet.in_channels}]).')
+    method = method or self.scheduler.method
+    if method not in sampling.METHODS:
+      raise ValueError(f'unknown method {method!r}; use one of {sorted(sampling.METHODS)} or None '
+                       f'for the scheduler of the directory ({self.scheduler.method!r}).')
+    use_cfg = float(guidance_scale) > 1.0
+    options = self.scheduler.sample_options(method, num_steps)
+    options.update(sampler_options)
+    program_key = ('txt2img', batch, height, width, num_steps, method, use_cfg,
+                   negatives is None, float(guidance_rescale), output_type,
+                   tuple(sorted((k, repr(v)) for k, v in options.items())))
+
+    def build():
+      def run(params, ids, neg_ids, x_T, key, guidance_scale):
+        cond, null = self._conds(params, ids, neg_ids, height, width)
+        x0 = sampling.sample(
+            self.model_fn(params['unet']), self.scheduler.process, method=method,
+            num_steps=num_steps, key=key,
+            x_T=self.scheduler.x_T(x_T, method=method, num_steps=num_steps),
+            prediction=self.scheduler.prediction, cond=cond,
+            null_cond=null if use_cfg else None,
+            guidance_scale=guidance_scale if use_cfg else 1.0,
+            guidance_rescale=guidance_rescale, **options)
+        if output_type == 'latent':
+          return x0
+        return self._decode(params['vae'], x0)
+      batch_sharding = _batch_sharding(self.mesh, batch)
+      return jax.jit(run, out_shardings=batch_sharding)
+
+    fn = self._program(program_key, build)
+    ids = self._put_batch(self.tokenize(prompts))
+    neg_ids = None if negatives is None else self._put_batch(self.tokenize(negatives))
+    x_T = self._put_batch(jnp.asarray(latents, jnp.float32))
+    return fn(self.params, ids, neg_ids, x_T, sample_key, jnp.float32(guidance_scale))
+
+  # --- helpers -------------------------------------------------------------------------------
+
+  def _size(self, height, width) -> tuple[int, int]:
+    height = self.default_size if height is None else int(height)
+    width = self.default_size if width is None else int(width)
+    f = self.vae_scale_factor
+    if height % f or width % f or height <= 0 or width <= 0:
+      raise ValueError(f'height and width must be positive multiples of the VAE factor {f}; got '
+                       f'{height}x{width}.')
+    return height, width
+
+  def _program(self, key, build):
+    if key not in self._programs:
+      self._programs[key] = build()
+    return self._programs[key]
+
+  def _put_batch(self, tree):
+    def put(x):
+      return jax.device_put(x, _batch_sharding(self.mesh, x.shape[0]))
+    return jax.tree.map(put, tree)
+
+
+def _batch_sharding(mesh, batch: int):
+  """Batch on the data axes when it divides the device count, else replicated."""
+  if batch % mesh.devices.size == 0:
+    return sharding.batch_sharding(mesh)
+  return sharding.replicated(mesh)
+
+
+def _prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str] | None]:
+  prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+  if not prompts or not all(isinstance(p, str) for p in prompts):
+    raise ValueError(f'prompt must be a string or a non-empty list of strings; got {prompt!r}.')
+  if negative_prompt is None:
+    return prompts, None
+  negatives = ([negative_prompt] * len(prompts) if isinstance(negative_prompt, str)
+               else list(negative_prompt))
+  if len(negatives) != len(prompts):
+    raise ValueError(f'{len(prompts)} prompts but {len(negatives)} negative prompts: give one '
+                     'negative prompt per prompt, or one string for all.')
+  return prompts, negatives
+
+
+def _read_json(path: epath.Path) -> dict[str, Any]:
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON: {e}') from e
+
+
+def load_pretrained(path: str | epath.PathLike, *, dtype: Any = jnp.float32,
+                    variant: str | None = None, controlnet: Any = None,
+                    mesh: jax.sharding.Mesh | None = None,
+                    mesh_fsdp: int = 1) -> StableDiffusionPipeline:
+  """Loads a local diffusers-format SD 1.x / 2.x / XL directory (no download, no pickle).
+
+  Args:
+    path: the directory holding ``model_index.json``.
+    dtype: parameter and compute dtype of the networks (``jnp.float32`` or ``jnp.bfloat16``);
+      sampling integrates in float32 whatever it is.
+    variant: weights file variant, e.g. ``'fp16'`` for ``*.fp16.safetensors``.
+    controlnet: reserved for ControlNet directories (not supported yet: must be None).
+    mesh: device mesh; default every device on the data axis (``mesh_fsdp`` on the FSDP axis).
+    mesh_fsdp: FSDP axis size when ``mesh`` is None: 1 replicates the weights.
+
+  Returns:
+    A ``StableDiffusionPipeline``.
+
+  Raises:
+    FileNotFoundError: no such directory, no ``model_index.json``, a missing component.
+    ValueError: a pipeline class other than ``PIPELINE_CLASSES``, or weights that do not match
+      their configs (naming the tensor and both shapes).
+  """
+  if controlnet is not None:
+    raise NotImplementedError('ControlNet is not supported yet; load without controlnet=.')
+  root = epath.Path(path)
+  if not root.is_dir():
+    raise FileNotFoundError(f'{root} is not a directory; pass the local directory of a diffusers '
+                            'pipeline (the one holding model_index.json).')
+  index_path = root / 'model_index.json'
+  if not index_path.exists():
+    raise FileNotFoundError(f'{root} has no model_index.json, so it is not a diffusers pipeline '
+                            'directory (as written by save_pretrained).')
+  index = _read_json(index_path)
+  class_name = index.get('_class_name')
+  if class_name not in PIPELINE_CLASSES:
+    raise ValueError(f'{index_path} names pipeline class {class_name!r}; supported: '
+                     f'{sorted(PIPELINE_CLASSES)}.')
+  kind = PIPELINE_CLASSES[class_name]
+  for name in _REQUIRED[kind]:
+    if not (root / name).is_dir():
+      raise FileNotFoundError(f'{class_name} needs the component directory {root / name}, which '
+                              'is missing.')
+  unet, unet_params = unet_weights.load_unet(root / 'unet', variant=variant, dtype=dtype)
+  vae, vae_params = vae_weights.load_vae(root / 'vae', variant=variant, dtype=dtype)
+  encoders, encoder_params, toks = [], {}, []
+  for name, tok_name in (('text_encoder', 'tokenizer'), ('text_encoder_2', 'tokenizer_2')):
+    if name not in _REQUIRED[kind]:
+      continue
+    module, params = clip_weights.load_text_encoder(root / name, variant=variant, dtype=dtype)
+    encoders.append(module)
+    encoder_params[name] = params
+    toks.append(tokenization.CLIPTokenizer.from_directory(root / tok_name))
+  scheduler_path = root / 'scheduler' / 'scheduler_config.json'
+  if not scheduler_path.exists():
+    raise FileNotFoundError(f'{scheduler_path} is missing.')
+  scheduler = schedulers.from_config(_read_json(scheduler_path))
+  if mesh is None:
+    mesh = sharding.make_mesh(data=-1, fsdp=mesh_fsdp)
+  params = {'unet': unet_params, 'vae': vae_params, **encoder_params}
+  params = sharding.put_params(params, mesh) if mesh.devices.size > 1 else jax.device_put(params)
+  return StableDiffusionPipeline(
+      kind=kind, unet=unet, vae=vae, text_encoders=tuple(encoders), tokenizers=tuple(toks),
+      scheduler=scheduler, params=params, mesh=mesh,
+      force_zeros_for_empty_prompt=bool(index.get('force_zeros_for_empty_prompt', True)))
+
+
+__all__ = ['PIPELINE_CLASSES', 'StableDiffusionPipeline', 'load_pretrained']
