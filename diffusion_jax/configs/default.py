@@ -16,6 +16,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # PRNG seed of the parameters, the training noise and the data order.
+  config.pretrained = ''  # a local diffusers-format pipeline directory (model_index.json), e.g. for --mode=txt2img.
 
   # --- data -------------------------------------------------------------------------------------
   data = config.data = ml_collections.ConfigDict()
@@ -143,6 +144,14 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.strength = 0.8  # --mode=img2img: SDEdit strength in [0, 1], the last int(num_steps * strength) steps run.
   sampling.label = -1  # --mode=img2img/inpaint/invert, class-conditional models: the class; -1: every class in turn (invert: the null class).
   sampling.resample = 1  # --mode=inpaint: RePaint's resamplings per step (> 1 needs sampling.method 'ddpm' or 'ddim').
+  sampling.prompt = ''  # text-to-image: one prompt (or use prompts_file).
+  sampling.prompts_file = ''  # text-to-image: a text file, one prompt per line (num_samples images each).
+  sampling.negative_prompt = ''  # --mode=txt2img: the negative prompt of classifier-free guidance ('' = the empty prompt).
+  sampling.guidance_rescale = 0.0  # --mode=txt2img: phi of Lin et al. (2024), eq. 16 (diffusers' guidance_rescale).
+  sampling.height = 0  # --mode=txt2img: image height in pixels (0 = the model's default size).
+  sampling.width = 0  # --mode=txt2img: image width in pixels (0 = the model's default size).
+  sampling.dtype = 'float32'  # --mode=txt2img: weights and compute dtype, 'float32' | 'bfloat16' (sampling integrates in float32).
+  sampling.variant = ''  # --mode=txt2img: weights file variant, e.g. 'fp16' for *.fp16.safetensors.
 
   # --- evaluation (--mode=eval) -----------------------------------------------------------------
   evaluation = config.eval = ml_collections.ConfigDict()
