@@ -198,6 +198,29 @@ def test_chunked_attention_equals_einsum(saved, monkeypatch):
   np.testing.assert_allclose(out, _torch_out(model, *_inputs('sd2')), atol=1e-4, rtol=0)
 
 
+def test_remat_same_gradients():
+  # One level (no resampling) is enough: remat wraps every resnet and transformer alike.
+  module = UNet2DConditionModel(
+      block_out_channels=(32,), down_block_types=('CrossAttnDownBlock2D',),
+      up_block_types=('CrossAttnUpBlock2D',), layers_per_block=1, norm_num_groups=8,
+      cross_attention_dim=24, attention_head_dim=4)
+  sample, t, context, _ = _inputs('sd1', batch=1, height=4, width=4)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: 0.2 * rng.standard_normal(x.shape).astype(np.float32),
+                        unet_weights.unet_shapes(module))
+
+  def grads(m):
+    loss = lambda p: jnp.mean(m.apply({'params': p}, sample, t, context) ** 2)  # noqa: E731
+    return jax.jit(jax.grad(loss))(params)
+
+  ref = grads(module)
+  rematted = grads(module.clone(remat_policy='full'))
+  assert jax.tree.structure(rematted) == jax.tree.structure(ref)  # the same parameter paths
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), rematted, ref)
+  with pytest.raises(ValueError, match='remat_policy'):
+    module.clone(remat_policy='some').check_config()
+
+
 def test_state_round_trip_and_keys(saved):
   model, directory = saved['sdxl']
   module, params = unet_weights.load_unet(directory)
@@ -275,6 +298,8 @@ def test_from_config_errors_and_load_errors(saved, tmp_path):
     apply(np.moveaxis(sample, -1, 1), t, context)
   with pytest.raises(ValueError, match='both'):
     apply(sample, t, context, mid_block_additional_residual=sample)
+  with pytest.raises(ValueError, match='width 12.*cross_attention_dim'):
+    apply(sample, t, context[..., :12])
 
 
 def test_sdxl_needs_added_cond_kwargs(saved):

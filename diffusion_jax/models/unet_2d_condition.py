@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from diffusion_jax.models import attention as attention_lib
 from diffusion_jax.models import layers
 from diffusion_jax.models import sd_blocks
+from diffusion_jax.models import unet as unet_lib
 
 Dtype = Any
 
@@ -137,17 +138,23 @@ class _BlockOptions(nn.Module):
   use_linear_projection: bool = False
   upcast_attention: bool = False
   attention: str = 'auto'
+  remat_policy: str = 'none'
   dtype: Dtype = jnp.float32
 
+  def _maybe_remat(self, cls):
+    if self.remat_policy == 'none':
+      return cls
+    return nn.remat(cls, policy=unet_lib.REMAT_POLICIES[self.remat_policy])
+
   def resnet(self, out_channels: int, name: str) -> nn.Module:
-    return sd_blocks.ResnetBlock2D(out_channels=out_channels, groups=self.groups, eps=self.eps,
-                                   dtype=self.dtype, name=name)
+    return self._maybe_remat(sd_blocks.ResnetBlock2D)(
+        out_channels=out_channels, groups=self.groups, eps=self.eps, dtype=self.dtype, name=name)
 
   def transformer(self, channels: int, name: str) -> nn.Module:
     if channels % self.num_heads:
       raise ValueError(f'{channels} channels cannot be split into {self.num_heads} attention heads '
                        '(attention_head_dim / num_attention_heads of the U-Net config).')
-    return sd_blocks.Transformer2DModel(
+    return self._maybe_remat(sd_blocks.Transformer2DModel)(
         num_attention_heads=self.num_heads, attention_head_dim=channels // self.num_heads,
         num_layers=self.transformer_layers, cross_attention_dim=self.cross_attention_dim,
         norm_num_groups=self.groups,
@@ -300,6 +307,10 @@ class UNet2DConditionModel(nn.Module):
     dtype: computation dtype (float32 or bfloat16); parameters float32; output float32.
     attention: attention implementation (``diffusion_jax.models.attention``): ``'auto'``,
       ``'xla'``, ``'cudnn'``, ``'einsum'`` or ``'chunked'``; the same function and parameters.
+    remat_policy: rematerialization (gradient checkpointing) of every resnet and spatial
+      transformer for training: ``'none'``, ``'full'`` (save nothing), ``'dots_saveable'`` or
+      ``'dots_with_no_batch_dims_saveable'`` (``jax.checkpoint_policies``); the same function
+      and parameter paths.
   """
   sample_size: int | Sequence[int] | None = None
   in_channels: int = 4
@@ -329,6 +340,7 @@ class UNet2DConditionModel(nn.Module):
   resnet_time_scale_shift: str = 'default'
   dtype: Dtype = jnp.float32
   attention: str = 'auto'
+  remat_policy: str = 'none'
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> UNet2DConditionModel:
@@ -409,6 +421,9 @@ class UNet2DConditionModel(nn.Module):
         raise ValueError(f'UNet2DConditionModel: {name}={getattr(self, name)} nests per-layer '
                          'values, which are not supported (one value per level).')
     attention_lib.check_implementation(self.attention)
+    if self.remat_policy not in unet_lib.REMAT_POLICIES:
+      raise ValueError(f'UNet2DConditionModel: remat_policy={self.remat_policy!r} is not known; '
+                       f'use one of {tuple(unet_lib.REMAT_POLICIES)}.')
 
   def _levels(self) -> dict[str, tuple]:
     n = len(self.block_out_channels)
@@ -463,6 +478,14 @@ class UNet2DConditionModel(nn.Module):
     if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch:
       raise ValueError(f'UNet2DConditionModel: encoder_hidden_states must be [B={batch}, L, D], got'
                        f' shape {encoder_hidden_states.shape}.')
+    widths = {d for d, t in zip(levels['context_dim'], self.down_block_types)
+              if DOWN_BLOCK_TYPES[t]}
+    if self.mid_block_type == 'UNetMidBlock2DCrossAttn':
+      widths.add(levels['context_dim'][-1])
+    if any(encoder_hidden_states.shape[-1] != d for d in widths):
+      raise ValueError(f'UNet2DConditionModel: encoder_hidden_states has width '
+                       f'{encoder_hidden_states.shape[-1]}, the model cross-attends to width '
+                       f'{sorted(widths)} (cross_attention_dim): text states of another encoder?')
     if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
       raise ValueError('UNet2DConditionModel: ControlNet residuals come as both '
                        'down_block_additional_residuals and mid_block_additional_residual (or '
@@ -489,7 +512,8 @@ class UNet2DConditionModel(nn.Module):
     num_levels = len(self.block_out_channels)
     common = dict(groups=self.norm_num_groups, eps=self.norm_eps,
                   use_linear_projection=self.use_linear_projection,
-                  upcast_attention=self.upcast_attention, attention=self.attention, dtype=dt)
+                  upcast_attention=self.upcast_attention, attention=self.attention,
+                  remat_policy=self.remat_policy, dtype=dt)
     for i, block_type in enumerate(self.down_block_types):
       h, level_skips = DownBlock(
           cross_attention=DOWN_BLOCK_TYPES[block_type], num_heads=levels['heads'][i],
