@@ -9,6 +9,7 @@ agree within 1e-4 (float32). Parameter counts of the full SD 1.5 / SD 2 / SDXL c
 
 from __future__ import annotations
 
+import copy
 import json
 
 import diffusers
@@ -229,6 +230,12 @@ def test_state_round_trip_and_keys(saved):
   assert set(state) == set(torch_state)
   for k, v in torch_state.items():
     np.testing.assert_array_equal(state[k], v, err_msg=k)
+  # An fp16 variant beside the float32 weights: read when asked for, as float32 parameters.
+  copy.deepcopy(model).half().save_pretrained(directory, variant='fp16', safe_serialization=True)
+  _, params16 = unet_weights.load_unet(directory, variant='fp16')
+  assert {x.dtype for x in jax.tree.leaves(params16)} == {np.dtype(np.float32)}
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b.astype(np.float16)), params16,
+               params)
   path = ('down_blocks_1', 'attentions_1', 'transformer_blocks_0', 'attn2', 'to_k', 'kernel')
   key = 'down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k.weight'
   assert unet_weights.unet_key(path) == key
