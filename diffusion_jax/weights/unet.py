@@ -74,8 +74,7 @@ _MID_KEY = re.compile(r'^mid_block\.(resnets|attentions)\.(\d+)\.(.*)$')
 
 
 def unet_key(path: tuple[str, ...]) -> str:
-  """The diffusers key of our parameter ``path``: ``('conv_in', 'kernel')`` -> ``conv_in.weight``.
-  """
+  """The diffusers key of our parameter ``path`` (``conv_in/kernel`` -> ``conv_in.weight``)."""
   return core.torch_key(path, lists=sd_blocks.MODULE_LISTS)
 
 
