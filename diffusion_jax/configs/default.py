@@ -69,6 +69,27 @@ def get_config() -> ml_collections.ConfigDict:
   mlp.hidden_dim = 256  # width.
   mlp.num_layers = 4  # hidden layers.
   mlp.embed_dim = 128  # noise-embedding width.
+  # training.task='latent_diffusion' / 'ldm': the text-conditioned U-Net (diffusers' UNet2DConditionModel keys).
+  cond_unet = model.cond_unet = ml_collections.ConfigDict()
+  cond_unet.block_out_channels = (64, 128)  # channels per level.
+  cond_unet.layers_per_block = 1  # resnets per down level (up levels: one more).
+  cond_unet.down_block_types = ('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D')  # per level: 'CrossAttnDownBlock2D' | 'DownBlock2D'.
+  cond_unet.up_block_types = ('CrossAttnUpBlock2D', 'CrossAttnUpBlock2D')  # per level, lowest resolution first.
+  cond_unet.mid_block_type = 'UNetMidBlock2DCrossAttn'  # 'UNetMidBlock2DCrossAttn' | 'UNetMidBlock2D' | '' (none).
+  cond_unet.attention_head_dim = 4  # diffusers' name for the number of attention heads (SD 1.x: 8).
+  cond_unet.transformer_layers_per_block = 1  # transformer blocks per spatial transformer.
+  cond_unet.use_linear_projection = True  # Linear proj_in/proj_out (SD 2.x, XL) rather than 1x1 convs (SD 1.x).
+  cond_unet.norm_num_groups = 32  # GroupNorm groups.
+  cond_unet.attention = 'auto'  # attention implementation ('auto' | 'xla' | 'cudnn' | 'einsum' | 'chunked').
+  cond_unet.remat_policy = 'none'  # 'none' | 'full' | 'dots_saveable' | 'dots_with_no_batch_dims_saveable'.
+  text_encoder = model.text_encoder = ml_collections.ConfigDict()  # latent diffusion's text encoder.
+  text_encoder.source = 'vocab'  # 'vocab' (word vocabulary of the captions, a small CLIP-style transformer trained jointly) | 'pretrained' (frozen CLIP).
+  text_encoder.path = ''  # 'pretrained': a diffusers directory with tokenizer/ and text_encoder/.
+  text_encoder.max_length = 0  # tokens per caption incl. start/end (0: vocab, longest caption + 2; pretrained, the tokenizer's 77).
+  text_encoder.hidden_size = 64  # 'vocab': width (the U-Net's cross-attention dim).
+  text_encoder.intermediate_size = 128  # 'vocab': MLP width.
+  text_encoder.num_layers = 2  # 'vocab': transformer layers.
+  text_encoder.num_heads = 4  # 'vocab': attention heads.
 
   # --- noise process ----------------------------------------------------------------------------
   process = config.process = ml_collections.ConfigDict()
@@ -106,6 +127,31 @@ def get_config() -> ml_collections.ConfigDict:
   # checkpoint directory (a run's checkpoints/ or one step's directory) whose EMA parameters start
   # training; ignored when the workdir already has a checkpoint.
   training.init_from = ''
+  # 'denoising' (pixel/vector diffusion) | 'autoencoder' (latent diffusion's stage 1) | 'latent_diffusion' (stage 2, autoencoder.path frozen) | 'ldm' (both: WORKDIR/autoencoder, WORKDIR/ldm).
+  training.task = 'denoising'
+  training.text_dropout = 0.1  # latent diffusion: P(caption -> empty prompt) for classifier-free guidance.
+  training.cache_latents = False  # latent diffusion: encode the data set once (posterior mean/log-variance); later epochs skip the autoencoder.
+  training.cache_text = False  # with cache_latents and a frozen text encoder: cache the caption embeddings too.
+
+  # --- autoencoder (latent diffusion; training.task 'autoencoder' trains it, 'latent_diffusion' reads it) ---
+  autoencoder = config.autoencoder = ml_collections.ConfigDict()  # AutoencoderKL fields and stage-1 losses.
+  autoencoder.path = ''  # stage 2: a diffusers-format vae/ directory ('' with task 'ldm': WORKDIR/autoencoder/vae).
+  autoencoder.block_out_channels = (32, 64, 64)  # channels per level; latents are 2^(levels-1) times smaller.
+  autoencoder.layers_per_block = 1  # resnets per encoder level.
+  autoencoder.latent_channels = 4  # latent channels.
+  autoencoder.norm_num_groups = 16  # GroupNorm groups.
+  autoencoder.mid_block_add_attention = True  # self-attention in the mid blocks.
+  autoencoder.rec_loss = 'l1'  # 'l1' (LDM) | 'l2', summed over pixels.
+  autoencoder.kl_weight = 1e-6  # weight of KL(q(z|x) || N(0, I)) (LDM: 1e-6).
+  autoencoder.disc_weight = 0.0  # patch discriminator's factor of Esser et al.'s adaptive weight (LDM: 0.5; 0 = no discriminator).
+  autoencoder.disc_start = 0  # step from which the discriminator trains and its loss counts.
+  autoencoder.disc_channels = 64  # discriminator's first conv width.
+  autoencoder.disc_layers = 3  # discriminator's stride-2 conv layers.
+  autoencoder.sample_posterior = True  # stage 2 trains on posterior samples (LDM) rather than means.
+  autoencoder.scale_examples = 1024  # training images whose latents' std gives the scale factor (1 / std).
+  autoencoder.num_train_steps = 2000  # task 'ldm': stage-1 steps.
+  autoencoder.learning_rate = 1e-3  # task 'ldm': stage-1 peak learning rate.
+  autoencoder.batch_size = 0  # task 'ldm': stage-1 global batch (0 = training.batch_size).
 
   # --- optimizer --------------------------------------------------------------------------------
   optim = config.optim = ml_collections.ConfigDict()
