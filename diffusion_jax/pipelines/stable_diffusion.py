@@ -36,7 +36,11 @@ from diffusion_jax import sampling
 from diffusion_jax import sharding
 from diffusion_jax import tokenization
 from diffusion_jax.pipelines import schedulers
+from diffusion_jax.models import autoencoder_kl
+from diffusion_jax.models import clip as clip_models
+from diffusion_jax.models import unet_2d_condition
 from diffusion_jax.weights import clip as clip_weights
+from diffusion_jax.weights import core as weights_core
 from diffusion_jax.weights import unet as unet_weights
 from diffusion_jax.weights import vae as vae_weights
 
@@ -329,6 +333,47 @@ def load_pretrained(path: str | epath.PathLike, *, dtype: Any = jnp.float32,
   if controlnet is not None:
     raise NotImplementedError('ControlNet is not supported yet; load without controlnet=.')
   root = epath.Path(path)
+  index, kind = _read_index(root)
+  for name in _REQUIRED[kind]:
+    if not (root / name).is_dir():
+      raise FileNotFoundError(f'{index["_class_name"]} needs the component directory '
+                              f'{root / name}, which is missing.')
+  unet, unet_params = unet_weights.load_unet(root / 'unet', variant=variant, dtype=dtype)
+  vae, vae_params = vae_weights.load_vae(root / 'vae', variant=variant, dtype=dtype)
+  encoders, encoder_params = [], {}
+  for name in _encoder_names(kind):
+    module, params = clip_weights.load_text_encoder(root / name, variant=variant, dtype=dtype)
+    encoders.append(module)
+    encoder_params[name] = params
+  return _assemble(root, index, kind, unet=unet, vae=vae, encoders=encoders,
+                   params={'unet': unet_params, 'vae': vae_params, **encoder_params}, mesh=mesh,
+                   mesh_fsdp=mesh_fsdp)
+
+
+def _encoder_names(kind: str) -> tuple[str, ...]:
+  return ('text_encoder',) if kind == 'sd' else ('text_encoder', 'text_encoder_2')
+
+
+def _assemble(root: epath.Path, index: Mapping[str, Any], kind: str, *, unet, vae, encoders,
+              params, mesh, mesh_fsdp) -> StableDiffusionPipeline:
+  """The pipeline from loaded modules and trees, with the tokenizers and scheduler of ``root``."""
+  toks = [tokenization.CLIPTokenizer.from_directory(root / name.replace('text_encoder', 'tokenizer'))
+          for name in _encoder_names(kind)]
+  scheduler_path = root / 'scheduler' / 'scheduler_config.json'
+  if not scheduler_path.exists():
+    raise FileNotFoundError(f'{scheduler_path} is missing.')
+  scheduler = schedulers.from_config(_read_json(scheduler_path))
+  if mesh is None:
+    mesh = sharding.make_mesh(data=-1, fsdp=mesh_fsdp)
+  params = sharding.put_params(params, mesh) if mesh.devices.size > 1 else jax.device_put(params)
+  return StableDiffusionPipeline(
+      kind=kind, unet=unet, vae=vae, text_encoders=tuple(encoders), tokenizers=tuple(toks),
+      scheduler=scheduler, params=params, mesh=mesh,
+      force_zeros_for_empty_prompt=bool(index.get('force_zeros_for_empty_prompt', True)))
+
+
+def _read_index(root: epath.Path) -> tuple[dict[str, Any], str]:
+  """``model_index.json`` of ``root`` and the pipeline kind it names; errors name the problem."""
   if not root.is_dir():
     raise FileNotFoundError(f'{root} is not a directory; pass the local directory of a diffusers '
                             'pipeline (the one holding model_index.json).')
@@ -341,33 +386,73 @@ def load_pretrained(path: str | epath.PathLike, *, dtype: Any = jnp.float32,
   if class_name not in PIPELINE_CLASSES:
     raise ValueError(f'{index_path} names pipeline class {class_name!r}; supported: '
                      f'{sorted(PIPELINE_CLASSES)}.')
-  kind = PIPELINE_CLASSES[class_name]
-  for name in _REQUIRED[kind]:
-    if not (root / name).is_dir():
-      raise FileNotFoundError(f'{class_name} needs the component directory {root / name}, which '
-                              'is missing.')
-  unet, unet_params = unet_weights.load_unet(root / 'unet', variant=variant, dtype=dtype)
-  vae, vae_params = vae_weights.load_vae(root / 'vae', variant=variant, dtype=dtype)
-  encoders, encoder_params, toks = [], {}, []
-  for name, tok_name in (('text_encoder', 'tokenizer'), ('text_encoder_2', 'tokenizer_2')):
-    if name not in _REQUIRED[kind]:
-      continue
-    module, params = clip_weights.load_text_encoder(root / name, variant=variant, dtype=dtype)
+  return index, PIPELINE_CLASSES[class_name]
+
+
+# Keys that tell the family of an original (LDM / SGM) single-file checkpoint.
+_SINGLE_FILE_KINDS = (
+    (clip_weights.SDXL_OPEN_CLIP_PREFIX, 'sdxl'),
+    (clip_weights.SD1_PREFIX, 'sd'),
+)
+
+
+def load_single_file(path: str | epath.PathLike, *, config: str | epath.PathLike,
+                     dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None,
+                     mesh_fsdp: int = 1) -> StableDiffusionPipeline:
+  """Loads an original single-file SD 1.x or SDXL checkpoint (``.safetensors``, LDM key layout).
+
+  Such a file holds the U-Net (``model.diffusion_model.``), the VAE (``first_stage_model.``) and
+  the text encoders (SD 1.x ``cond_stage_model.transformer.``; SDXL
+  ``conditioner.embedders.0.transformer.`` and the OpenCLIP ``conditioner.embedders.1.model.``),
+  but no configs, tokenizers or scheduler: those come from ``config``, a local diffusers-format
+  directory of the same architecture (as diffusers' ``from_single_file(config=...)``; its weights
+  files are not read and need not be there).
+
+  Args:
+    path: the ``.safetensors`` file (pickled ``.ckpt`` files are never read).
+    config: diffusers-format directory with ``model_index.json``, each component's
+      ``config.json``, ``tokenizer*/`` and ``scheduler/``.
+    dtype, mesh, mesh_fsdp: as ``load_pretrained``.
+
+  Raises:
+    FileNotFoundError: no such file or config directory (or a component's config missing).
+    ValueError: a file that is not an SD 1.x / SDXL single-file checkpoint, a config directory of
+      the other family, or tensors that do not match the configs (naming the key).
+  """
+  path = epath.Path(path)
+  if path.suffix != '.safetensors':
+    raise ValueError(f'{path}: only .safetensors single files are read (never pickled .ckpt); '
+                     'convert it first.')
+  state = weights_core.read_safetensors(path)
+  kind = next((k for prefix, k in _SINGLE_FILE_KINDS if any(key.startswith(prefix)
+                                                             for key in state)), None)
+  if kind is None:
+    raise ValueError(f'{path} holds no text encoder under {clip_weights.SD1_PREFIX!r} (SD 1.x) or '
+                     f'{clip_weights.SDXL_OPEN_CLIP_PREFIX!r} (SDXL): not an SD 1.x / SDXL '
+                     'single-file checkpoint.')
+  root = epath.Path(config)
+  index, config_kind = _read_index(root)
+  if config_kind != kind:
+    raise ValueError(f'{path} is an {kind} checkpoint but {root} is an {config_kind} pipeline: '
+                     'pass a config directory of the same family.')
+  unet = unet_2d_condition.UNet2DConditionModel.from_config(
+      _read_json(root / 'unet' / 'config.json'), dtype=dtype)
+  vae = autoencoder_kl.AutoencoderKL.from_config(_read_json(root / 'vae' / 'config.json'),
+                                                 dtype=dtype)
+  params = {'unet': unet_weights.unet_params_from_ldm(state, unet, dtype=dtype),
+            'vae': vae_weights.vae_params_from_ldm(state, vae, dtype=dtype)}
+  encoders = []
+  for name in _encoder_names(kind):
+    module = clip_models.from_config(clip_weights.read_config(root / name), dtype=dtype,
+                                     param_dtype=dtype)
+    if name == 'text_encoder':
+      prefix = clip_weights.SD1_PREFIX if kind == 'sd' else clip_weights.SDXL_CLIP_L_PREFIX
+      params[name] = clip_weights.from_ldm_clip(module, state, prefix=prefix, dtype=dtype)
+    else:
+      params[name] = clip_weights.from_ldm_open_clip(module, state, dtype=dtype)
     encoders.append(module)
-    encoder_params[name] = params
-    toks.append(tokenization.CLIPTokenizer.from_directory(root / tok_name))
-  scheduler_path = root / 'scheduler' / 'scheduler_config.json'
-  if not scheduler_path.exists():
-    raise FileNotFoundError(f'{scheduler_path} is missing.')
-  scheduler = schedulers.from_config(_read_json(scheduler_path))
-  if mesh is None:
-    mesh = sharding.make_mesh(data=-1, fsdp=mesh_fsdp)
-  params = {'unet': unet_params, 'vae': vae_params, **encoder_params}
-  params = sharding.put_params(params, mesh) if mesh.devices.size > 1 else jax.device_put(params)
-  return StableDiffusionPipeline(
-      kind=kind, unet=unet, vae=vae, text_encoders=tuple(encoders), tokenizers=tuple(toks),
-      scheduler=scheduler, params=params, mesh=mesh,
-      force_zeros_for_empty_prompt=bool(index.get('force_zeros_for_empty_prompt', True)))
+  return _assemble(root, index, kind, unet=unet, vae=vae, encoders=encoders, params=params,
+                   mesh=mesh, mesh_fsdp=mesh_fsdp)
 
 
-__all__ = ['PIPELINE_CLASSES', 'StableDiffusionPipeline', 'load_pretrained']
+__all__ = ['PIPELINE_CLASSES', 'StableDiffusionPipeline', 'load_pretrained', 'load_single_file']
