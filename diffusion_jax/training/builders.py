@@ -46,7 +46,7 @@ def create_data(config: ml_collections.ConfigDict, *, split: str | None = None,
       random_flip=d.random_flip if random_flip is None else random_flip,
       use_labels=d.use_labels, process_index=jax.process_index(),
       process_count=jax.process_count(), worker_count=d.worker_count,
-      background=tuple(d.background))
+      background=tuple(d.background), captions=d.captions or None, text_key=d.text_key or None)
 
 
 @dataclasses.dataclass
@@ -59,11 +59,25 @@ class Task:
       placed like params (``sharding.put_params``); None when there are none.
     save_frozen: also write ``frozen`` into every checkpoint (for trees that cannot be reloaded
       from where they came from).
+    prepare: ``prepare(local_batch, step) -> local_batch`` on the host before the batch becomes
+      device arrays (tokenizes ``'text'``: strings cannot be JAX arrays); None: drop ``'text'``.
+    data: a pipeline that replaces the config's (e.g. cached latents), or None.
+    counters: host counts logged with the metrics (e.g. ``{'truncated': n}`` captions).
+    prompts: text-to-image models: the prompts of the training-time sample grids.
   """
 
   loss_fn: objectives.LossFn
   frozen: Any = None
   save_frozen: bool = False
+  prepare: Callable[[dict, int], dict] | None = None
+  data: Any = None
+  counters: dict[str, int] | None = None
+  prompts: list[str] | None = None  # text-to-image: the prompts of the training-time grids
+
+  def prepare_batch(self, batch: dict, step: int) -> dict:
+    if self.prepare is not None:
+      return self.prepare(batch, step)
+    return {k: v for k, v in batch.items() if k != 'text'}
 
 
 @dataclasses.dataclass
@@ -82,6 +96,7 @@ class Setup:
   abstract_state: TrainState  # jax.ShapeDtypeStruct leaves carrying their shardings
   state_shardings: TrainState
   checkpointer: checkpointing.Checkpointer
+  latent: Any = None  # latent.LatentModels of a latent-diffusion task (frozen VAE, text encoder)
 
   @property
   def abstract_params(self) -> Any:
@@ -100,25 +115,49 @@ def setup(config: ml_collections.ConfigDict, workdir: str | epath.Path,
   mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp)
   sharding.check_batch_size(config.training.batch_size, mesh)
   process = config_lib.build_process(config.process)
-  module, network_fn = config_lib.build_network(config.model)
   tx, lr_schedule = config_lib.build_optimizer(config)
-  x = jnp.zeros((1,) + tuple(example_shape), jnp.float32)
-  cond, _ = config_lib.sampler_cond(config, 1)
+  latent_models = None
+  task = config.training.task
+  if task in ('autoencoder', 'latent_diffusion'):
+    from diffusion_jax.training import latent  # pylint: disable=import-outside-toplevel
+    if task == 'autoencoder':
+      parts = latent.autoencoder_parts(config, tuple(example_shape))
+    else:
+      parts = latent.ldm_parts(config, workdir, tuple(example_shape),
+                               captions_fn=lambda: create_data(config).captions())
+    module, network_fn, latent_models = parts.module, parts.network_fn, parts.latent
+    example_shape = parts.element_shape
 
-  def init_fn(key):
-    params = module.init({'params': key}, x, jnp.ones((1,)), **(cond or {}), train=False)['params']
-    return TrainState.create(params=params, tx=tx)
+    def init_fn(key):
+      return TrainState.create(params=parts.init_params(key), tx=tx)
+  elif task == 'denoising':
+    module, network_fn = config_lib.build_network(config.model)
+    x = jnp.zeros((1,) + tuple(example_shape), jnp.float32)
+    cond, _ = config_lib.sampler_cond(config, 1)
+
+    def init_fn(key):
+      params = module.init({'params': key}, x, jnp.ones((1,)), **(cond or {}),
+                           train=False)['params']
+      return TrainState.create(params=params, tx=tx)
+  else:
+    raise ValueError(f'training.task={task!r} runs as two stages (training/latent.py), not here.')
 
   shapes = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   shardings = sharding.param_sharding(shapes, mesh, min_size=config.mesh.fsdp_min_size)
   ckpt = checkpointing.Checkpointer(str(epath.Path(workdir) / 'checkpoints'),
                                     max_to_keep=config.training.keep_checkpoints)
   return Setup(config, mesh, process, module, network_fn, tx, lr_schedule, tuple(example_shape),
-               init_fn, sharding.with_shardings(shapes, shardings), shardings, ckpt)
+               init_fn, sharding.with_shardings(shapes, shardings), shardings, ckpt,
+               latent_models)
 
 
-def build_task(s: Setup) -> Task:
-  """The config's task: the denoising objective of its network, nothing frozen."""
+def build_task(s: Setup, data: Any = None) -> Task:
+  """The config's task (``training.task``): the denoising objective of its network, nothing
+  frozen; the autoencoder objective; or latent diffusion with its frozen trees (``latent``)."""
+  task = s.config.training.task
+  if task in ('autoencoder', 'latent_diffusion'):
+    from diffusion_jax.training import latent  # pylint: disable=import-outside-toplevel
+    return latent.autoencoder_task(s) if task == 'autoencoder' else latent.ldm_task(s, data)
   return Task(loss_fn=config_lib.build_objective(s.config, s.process, s.network_fn))
 
 

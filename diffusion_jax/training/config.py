@@ -21,6 +21,7 @@ from diffusion_jax import models as models_lib
 from diffusion_jax.configs import default
 
 PROCESS_TYPES = ('discrete', 'vp', 'subvp', 've', 'rectified_flow')
+TASKS = ('denoising', 'autoencoder', 'latent_diffusion', 'ldm')  # training/latent.py
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -162,7 +163,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.model.num_classes > 0 and not config.data.use_labels:
     raise ValueError(f'model.num_classes={config.model.num_classes} needs labels: set '
                      '--config.data.use_labels=True (or model.num_classes=0 for unconditional).')
-  if config.sampling.guidance_scale != 1.0 and config.model.num_classes == 0:
+  _choice('training.task', config.training.task, TASKS)
+  latent = config.training.task != 'denoising'
+  if latent:
+    _validate_latent(config)
+  if config.sampling.guidance_scale != 1.0 and config.model.num_classes == 0 and not latent:
     raise ValueError('sampling.guidance_scale != 1 needs a class-conditional model '
                      '(model.num_classes > 0, trained with training.label_dropout > 0).')
   k = config.training.steps_per_call
@@ -170,7 +175,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.training[name] % k:
       raise ValueError(f'training.{name}={config.training[name]} must be a multiple of '
                        f'training.steps_per_call={k}.')
-  if config.model.name == 'unet':
+  if config.model.name == 'unet' and not latent:
     try:
       models_lib.validate_unet_config(image_size=config.data.image_size,
                                       ch_mult=tuple(config.model.unet.ch_mult),
@@ -183,6 +188,45 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   preconditioning.check_model_process(config.model.noise_input, config.model.parameterization,
                                       build_process(config.process))
   check_sampler_options(config)
+
+
+def _validate_latent(config: ml_collections.ConfigDict) -> None:
+  """The fields of latent text-to-image training (``training/latent.py``)."""
+  from diffusion_jax import autoencoder_losses  # pylint: disable=import-outside-toplevel
+  a, t = config.autoencoder, config.model.text_encoder
+  if not 0.0 <= config.training.text_dropout < 1.0:
+    raise ValueError('training.text_dropout must be in [0, 1), got '
+                     f'{config.training.text_dropout}.')
+  _choice('autoencoder.rec_loss', a.rec_loss, autoencoder_losses.REC_LOSSES)
+  _choice('model.text_encoder.source', t.source, ('vocab', 'pretrained'))
+  for name in ('kl_weight', 'disc_weight', 'disc_start', 'batch_size'):
+    _positive(f'autoencoder.{name}', a[name], allow_zero=True)
+  for name in ('num_train_steps', 'learning_rate', 'scale_examples', 'latent_channels',
+               'disc_channels', 'disc_layers'):
+    _positive(f'autoencoder.{name}', a[name])
+  bad = [c for c in a.block_out_channels if c % a.norm_num_groups]
+  if bad:
+    raise ValueError(f'Config field autoencoder.block_out_channels {tuple(a.block_out_channels)}: '
+                     f'{bad} not divisible by autoencoder.norm_num_groups={a.norm_num_groups}.')
+  u = config.model.cond_unet
+  n = len(u.block_out_channels)
+  for name in ('down_block_types', 'up_block_types'):
+    if len(u[name]) != n:
+      raise ValueError(f'Config field model.cond_unet.{name} has {len(u[name])} entries; '
+                       f'model.cond_unet.block_out_channels has {n} levels.')
+  if t.source == 'pretrained' and not t.path:
+    raise ValueError("model.text_encoder.source='pretrained' needs "
+                     '--config.model.text_encoder.path=DIR (a diffusers directory with '
+                     'tokenizer/ and text_encoder/).')
+  if config.training.task == 'latent_diffusion' and not a.path:
+    raise ValueError("training.task='latent_diffusion' needs --config.autoencoder.path=DIR, a "
+                     "diffusers-format vae/ directory (or use training.task='ldm' to train "
+                     'the autoencoder first).')
+  if config.training.task == 'autoencoder' and config.training.steps_per_call != 1:
+    raise ValueError("training.task='autoencoder' runs one step per call "
+                     '(training.steps_per_call=1).')
+  if config.data.random_flip and config.data.source == 'digits_text':
+    raise ValueError('data.random_flip would swap the digits that digits_text captions order.')
 
 
 # --- builders -------------------------------------------------------------------------------------

@@ -115,12 +115,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The final TrainState.
   """
   config_lib.validate_config(config)
+  if config.training.task == 'ldm':  # both stages of latent diffusion, each its own run
+    from diffusion_jax.training import latent  # pylint: disable=import-outside-toplevel
+    return latent.run_two_stages(config, workdir, functools.partial(train_and_evaluate,
+                                                                    init_params=init_params))
   is_chief = jax.process_index() == 0
   data = builders.create_data(config)
   _check_data(config, data)
-  element_shape = data.element_shape
-  s = builders.setup(config, workdir, element_shape)
-  task = builders.build_task(s)
+  s = builders.setup(config, workdir, data.element_shape)
+  element_shape = s.element_shape
+  task = builders.build_task(s, data)
+  if task.data is not None:  # e.g. cached latents: the encoders are not run again
+    data = task.data
   state, start_step = _initial_state(s, data, init_params)
   frozen = task.frozen
   if frozen is not None:
@@ -152,9 +158,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   sampler = None
   num_grid = config.training.num_sample_images
 
+  grid_prompts = list(task.prompts or [])
+
   def write_grid(st, step):
     nonlocal sampler
-    if not num_grid or len(element_shape) != 3:
+    if not num_grid or len(element_shape) != 3 or config.training.task == 'autoencoder':
+      return
+    if s.latent is not None:  # text-to-image: the first captions of the data, guided
+      from diffusion_jax.training import latent  # pylint: disable=import-outside-toplevel
+      if grid_prompts:
+        images = latent.generate(config, s, st.ema_params, grid_prompts[:num_grid],
+                                 key=jax.random.PRNGKey(step), batch_size=len(grid_prompts))
+        inference.write_png(workdir, f'step_{step:07d}.png', images)
       return
     n = inference.devices_multiple(num_grid, s.mesh)
     sampler = sampler or inference.make_sampler(config, s, n)
@@ -191,7 +206,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   step = start_step
   with Preemption() as preemption:
     while step < total:
-      batches = [next(data.iterator) for _ in range(k)]
+      batches = []
+      for i in range(k):
+        batches.append(task.prepare_batch(next(data.iterator), step + i))
       batch = _global_batches(batches, s.mesh, stacked=k > 1)
       state, metrics = step_fn(state, batch, base_key, frozen)
       step += k
@@ -214,6 +231,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         summary.update(skipped_steps=int(skipped.sum()), steps_per_sec=steps_per_s,
                        images_per_sec=steps_per_s * config.training.batch_size,
                        data_skipped_files=data.num_skipped())
+        if task.counters:
+          summary.update({f'{name}_captions': count for name, count in task.counters.items()})
         writer.write(step, summary)
         bar.set_postfix(loss=f'{summary["loss"]:.4f}', step_s=f'{steps_per_s:.2f}',
                         img_s=f'{summary["images_per_sec"]:.0f}')
@@ -246,6 +265,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   s.checkpointer.wait_until_finished()
   s.checkpointer.close()
   writer.close()
+  if config.training.task == 'autoencoder':  # the scale factor, and the model as a vae/ dir
+    from diffusion_jax.training import latent  # pylint: disable=import-outside-toplevel
+    latent.finish_autoencoder(config, workdir, state.ema_params)
   if is_chief:
     samples = f', samples {epath.Path(workdir) / "samples"}' if num_grid else ''
     print(f'diffusion_jax: trained to step {step}. Checkpoints {s.checkpointer.directory}, metrics '
