@@ -307,10 +307,14 @@ class UNet2DConditionModel(nn.Module):
     dtype: computation dtype (float32 or bfloat16); parameters float32; output float32.
     attention: attention implementation (``diffusion_jax.models.attention``): ``'auto'``,
       ``'xla'``, ``'cudnn'``, ``'einsum'`` or ``'chunked'``; the same function and parameters.
+      ``'cudnn'`` runs inference (bf16; measured on an H200, SD 1.5 and SDXL), but JAX 0.11's
+      cuDNN gradient rejects the cross-attention's 77 keys ("Unsupported sequence length Q
+      4096, KV 77"): train with ``'xla'``.
     remat_policy: rematerialization (gradient checkpointing) of every resnet and spatial
       transformer for training: ``'none'``, ``'full'`` (save nothing), ``'dots_saveable'`` or
       ``'dots_with_no_batch_dims_saveable'`` (``jax.checkpoint_policies``); the same function
-      and parameter paths.
+      and parameter paths. SD 1.5's gradient at 64x64 latents, batch 4, bf16, one H200:
+      ``'full'`` cuts XLA's temporary memory from 20.7 to 5.2 GiB, the step from 69 to 105 ms.
   """
   sample_size: int | Sequence[int] | None = None
   in_channels: int = 4
