@@ -4,7 +4,8 @@ This file is intentionally kept short: flags, the multi-process runtime, then on
 ``diffusion_jax.training``. ``--config.a.b=value`` overrides any config field. Modes: ``train``
 (resumes from the workdir's latest checkpoint), ``sample`` (EMA samples to ``workdir/samples``),
 ``eval`` (bits/dim on ``data.eval_split``), ``img2img`` / ``inpaint`` / ``invert`` (edits of
-``--config.sampling.image``, written to ``workdir/samples``).
+``--config.sampling.image``, written to ``workdir/samples``), ``txt2img`` (images from the
+pretrained diffusers-format directory ``--config.pretrained`` for ``--config.sampling.prompt``).
 
 Multi-host: on a TPU pod every host runs the same command and ``jax.distributed`` finds its peers;
 on GPU clusters pass ``--coordinator_address=host:port --num_processes=N --process_id=i``.
@@ -22,7 +23,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (e.g. con
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'img2img', 'inpaint',
-                                            'invert'], 'What to do.')
+                                            'invert', 'txt2img'], 'What to do.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, for multi-process GPU/CPU runs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
@@ -104,7 +105,7 @@ def _check_workdir(workdir: str, mode: str) -> bool:
                              'existing run directory.')
   ckpts = path / 'checkpoints'
   has_checkpoints = ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
-  if mode != 'train' and not has_checkpoints:
+  if mode not in ('train', 'txt2img') and not has_checkpoints:
     raise FileNotFoundError(f'No checkpoint in {ckpts} for --mode={mode}: train first with '
                             f'--mode=train and --workdir={workdir}.')
   return has_checkpoints
@@ -121,12 +122,16 @@ def main(argv):
   if _MODE.value in ('img2img', 'inpaint', 'invert'):  # their inputs first: nothing is created
     from diffusion_jax.training import inference  # pylint: disable=import-outside-toplevel
     inference.check_edit_inputs(config, _MODE.value)
+  if _MODE.value == 'txt2img':
+    from diffusion_jax.training import txt2img  # pylint: disable=import-outside-toplevel
+    txt2img.check_inputs(config)
   _check_workdir(_WORKDIR.value, _MODE.value)  # before jax starts: a bad path fails in a second
   import jax  # pylint: disable=import-outside-toplevel
   from diffusion_jax import cpu_runtime, training  # pylint: disable=import-outside-toplevel
   _init_distributed()
   applied = cpu_runtime.configure()  # after jax.distributed, before any computation
-  training.validate_config(config)  # a config error before the first line of output
+  if _MODE.value != 'txt2img':  # which reads only pretrained and sampling.* (checked above)
+    training.validate_config(config)  # a config error before the first line of output
   # Set only now: every path is checked, so a run that fails before it starts leaves no
   # .jax_cache behind (sample/eval got here only with a checkpoint in the workdir).
   cache = config.training.compilation_cache_dir or os.path.join(_WORKDIR.value, '.jax_cache')
@@ -138,8 +143,13 @@ def main(argv):
   from diffusion_jax.training import inference  # pylint: disable=import-outside-toplevel,reimported
   run = {'train': training.train_and_evaluate, 'sample': training.sample,
          'eval': training.evaluate, 'img2img': inference.img2img, 'inpaint': inference.inpaint,
-         'invert': inference.invert}[_MODE.value]
+         'invert': inference.invert, 'txt2img': _txt2img}[_MODE.value]
   run(config, _WORKDIR.value)
+
+
+def _txt2img(config, workdir):
+  from diffusion_jax.training import txt2img  # pylint: disable=import-outside-toplevel
+  return txt2img.text_to_image(config, workdir)
 
 
 # The errors that our own checks raise for something the user can fix: one line, no traceback.

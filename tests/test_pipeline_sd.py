@@ -219,3 +219,30 @@ def test_single_file_checkpoint_equals_its_directory(tmp_path, kind):
   sd_fixtures.make_sd_pipeline(other, kind='sdxl' if kind == 'sd' else 'sd')
   with pytest.raises(ValueError, match='same family'):
     pipelines.load_single_file(single, config=other)
+
+
+def test_txt2img_command_writes_images_and_prompts(tmp_path):
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path = tmp_path / 'pipe'
+  sd_fixtures.make_sd_pipeline(path, kind='sd', scheduler='PNDMScheduler')
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('a photo of an astronaut\n\nA RED fox in the snow\n')
+  base = [sys.executable, '-m', 'diffusion_jax.main', f'--config={repo}/configs/sd.py',
+          '--mode=txt2img', f'--config.pretrained={path}']
+  run = subprocess.run(base + [f'--workdir={tmp_path / "run"}',
+                               f'--config.sampling.prompts_file={prompts}',
+                               '--config.sampling.num_samples=2', '--config.sampling.num_steps=3'],
+                       capture_output=True, text=True, check=False, cwd=tmp_path)
+  assert run.returncode == 0, run.stderr[-2000:]
+  out = np.load(tmp_path / 'run' / 'samples' / 'txt2img_plms_3.npz')
+  assert out['images'].shape == (4, 16, 16, 3) and out['images'].dtype == np.uint8
+  assert list(out['prompts']) == ['a photo of an astronaut'] * 2 + ['A RED fox in the snow'] * 2
+  assert (tmp_path / 'run' / 'samples' / 'txt2img_plms_3.png').exists()
+  bad = subprocess.run(base + [f'--workdir={tmp_path / "run2"}'], capture_output=True, text=True,
+                       check=False, cwd=tmp_path)
+  assert bad.returncode != 0
+  assert bad.stderr.strip().splitlines()[-1].startswith('error: --mode=txt2img needs exactly one')
+  assert not (tmp_path / 'run2').exists()
