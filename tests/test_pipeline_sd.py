@@ -246,3 +246,48 @@ def test_txt2img_command_writes_images_and_prompts(tmp_path):
   assert bad.returncode != 0
   assert bad.stderr.strip().splitlines()[-1].startswith('error: --mode=txt2img needs exactly one')
   assert not (tmp_path / 'run2').exists()
+
+
+@pytest.mark.parametrize('scheduler', ['DDIMScheduler', 'EulerDiscreteScheduler',
+                                       'DPMSolverMultistepScheduler', 'UniPCMultistepScheduler'])
+def test_image_to_image_matches_diffusers(tmp_path, scheduler):
+  """diffusers' img2img pipeline with latents as its image (so it draws nothing but the noise)."""
+  import diffusers  # pylint: disable=import-outside-toplevel
+  path = tmp_path / 'pipe'
+  ref = diffusers.StableDiffusionImg2ImgPipeline(
+      **sd_fixtures.make_sd_pipeline(path, kind='sd', scheduler=scheduler).components)
+  ours = pipelines.load_pretrained(path)
+  x0 = _latents(2, seed=6)
+  for strength in (0.3, 0.75, 1.0):
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+      expected = ref(PROMPTS, image=torch.from_numpy(x0.transpose(0, 3, 1, 2).copy()),
+                     strength=strength, negative_prompt=NEGATIVE, num_inference_steps=6,
+                     guidance_scale=7.5, generator=torch.Generator().manual_seed(7),
+                     output_type='latent').images.numpy().transpose(0, 2, 3, 1)
+    got = np.asarray(ours.image_to_image(PROMPTS, x0, strength=strength, negative_prompt=NEGATIVE,
+                                         num_steps=6, noise=noise.numpy().transpose(0, 2, 3, 1),
+                                         output_type='latent'))
+    assert np.abs(got - expected).max() <= TOL * np.abs(expected).max(), strength
+  assert np.array_equal(np.asarray(ours.image_to_image(PROMPTS, x0, strength=0.0, num_steps=6,
+                                                       output_type='latent')), x0)
+
+
+def test_image_to_image_encodes_rgb_images_as_diffusers_vae(tmp_path):
+  path = tmp_path / 'pipe'
+  ref = sd_fixtures.make_sd_pipeline(path, kind='sd', scheduler='DDIMScheduler')
+  ours = pipelines.load_pretrained(path)
+  image = np.random.default_rng(8).uniform(size=(2, 16, 16, 3)).astype(np.float32)
+  with torch.no_grad():
+    dist = ref.vae.encode(torch.from_numpy(image.transpose(0, 3, 1, 2) * 2 - 1)).latent_dist
+  expected = dist.mean.numpy().transpose(0, 2, 3, 1) * ref.vae.config.scaling_factor
+  latents = np.asarray(ours.encode_image(image))
+  assert np.abs(latents - expected).max() <= 1e-4 * np.abs(expected).max()
+  a = ours.image_to_image(PROMPTS, image, strength=0.5, num_steps=4, key=jax.random.key(1))
+  b = ours.image_to_image(PROMPTS, latents, strength=0.5, num_steps=4, key=jax.random.key(1))
+  assert a.shape == (2, 16, 16, 3)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  with pytest.raises(ValueError, match='strength'):
+    ours.image_to_image(PROMPTS, image, strength=1.5, num_steps=4)
+  with pytest.raises(ValueError, match=r'image has shape \(2, 16, 16, 2\)'):
+    ours.image_to_image(PROMPTS, image[..., :2], num_steps=4)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from diffusion_jax import editing
 from diffusion_jax import sampling
 from diffusion_jax import sharding
 from diffusion_jax import tokenization
@@ -256,6 +257,142 @@ class StableDiffusionPipeline:
     neg_ids = None if negatives is None else self._put_batch(self.tokenize(negatives))
     x_T = self._put_batch(jnp.asarray(latents, jnp.float32))
     return fn(self.params, ids, neg_ids, x_T, sample_key, jnp.float32(guidance_scale))
+
+  # --- editing -------------------------------------------------------------------------------
+
+  def encode_image(self, image: jax.typing.ArrayLike) -> jax.Array:
+    """Images ``[B, H, W, 3]`` in [0, 1] -> latents ``[B, h, w, C]`` as the U-Net sees them.
+
+    The posterior mean (diffusers draws from the posterior; the two differ by its standard
+    deviation, ~1e-3 of the latents for SD's VAE), shifted and scaled:
+    ``(mean - shift_factor) * scaling_factor``.
+    """
+    image = jnp.asarray(image, jnp.float32)
+    fn = self._program(('encode_image',) + tuple(image.shape), lambda: jax.jit(self._encode_image))
+    return fn(self.params['vae'], image)
+
+  def _encode_image(self, vae_params, image):
+    mean, _ = self.vae.apply({'params': vae_params}, image * 2.0 - 1.0, method=self.vae.encode)
+    return (mean.astype(jnp.float32) - (self.vae.shift_factor or 0.0)) * self.vae.scaling_factor
+
+  def _kept_steps(self, method: str, num_steps: int, strength: float, sampler_options):
+    """The sampler options of the last ``int(num_steps * strength)`` steps and their start level.
+
+    For the directory's own scheduler (DDIM, Euler, DPM-Solver++, UniPC) these are diffusers'
+    img2img steps exactly (``get_timesteps``: the full schedule cut at ``num_steps - init``, the
+    multistep orders restarting at one); for any other method, the cut of our own grid
+    (``editing.strength_times``). Returns ``(options, (alpha, sigma) of the start)`` with
+    ``options`` None when no step is kept.
+    """
+    strength = editing.check_strength(strength)
+    init = min(int(num_steps * strength), num_steps)
+    if init == 0:
+      return None, None
+    start = num_steps - init
+    sched = self.scheduler
+    if method == sched.method and sched.exact and sched.class_name != 'PNDMScheduler':
+      opts = sched.sample_options(method, num_steps)
+      levels = opts['levels']
+      cut = lambda a: None if a is None else np.asarray(a)[start:]  # noqa: E731
+      opts['times'] = cut(opts['times'])
+      opts['levels'] = type(levels)(*(cut(a) for a in levels))
+      if 'orders' in opts:  # DPM-Solver: lower orders until its history fills again
+        opts['orders'] = np.minimum(opts['orders'][start:], np.arange(1, init + 1))
+      if 'order' in opts:
+        opts['order'] = min(int(opts['order']), init)
+      alpha, sigma = float(opts['levels'].alpha[0]), float(opts['levels'].sigma[0])
+    else:
+      times = editing.strength_times(sched.process, method=method, num_steps=num_steps,
+                                     strength=strength)
+      opts = {'times': times}
+      t0 = jnp.asarray(times[0], jnp.float32)
+      with jax.ensure_compile_time_eval():
+        alpha, sigma = float(sched.process.alpha(t0)), float(sched.process.sigma(t0))
+    opts.update(sampler_options)
+    return opts, (alpha, sigma)
+
+  def image_to_image(self, prompt: str | Sequence[str], image: jax.typing.ArrayLike, *,
+                     strength: float = 0.8, negative_prompt: str | Sequence[str] | None = None,
+                     num_steps: int = 50, guidance_scale: float = 7.5,
+                     guidance_rescale: float = 0.0, method: str | None = None,
+                     key: jax.Array | None = None, noise: jax.typing.ArrayLike | None = None,
+                     output_type: str = 'np', **sampler_options: Any) -> jax.Array:
+    """SDEdit img2img (Meng et al. 2022) with diffusers' ``StableDiffusionImg2ImgPipeline`` semantics.
+
+    The image is encoded, noised to the first of the last ``int(num_steps * strength)`` steps
+    (``x = alpha x_0 + sigma noise``) and sampled back over them with guidance.
+
+    Args:
+      prompt, negative_prompt, num_steps, guidance_scale, guidance_rescale, method, output_type,
+        **sampler_options: as ``text_to_image``.
+      image: ``[B, H, W, 3]`` in [0, 1] (or one image ``[H, W, 3]`` for all prompts), H and W
+        multiples of ``vae_scale_factor``; or latents ``[B, h, w, C]`` with C the U-Net's input
+        channels, used as they are (as diffusers takes a 4-channel ``image``).
+      strength: in [0, 1]; 0 returns the input, 1 starts from (almost) pure noise.
+      key: PRNG key of the noise (default ``jax.random.key(0)``).
+      noise: the start noise itself, ``[B, h, w, C]`` (e.g. diffusers' draw, for parity).
+
+    Returns:
+      ``[B, H, W, 3]`` float32 images in [0, 1], or latents for ``output_type='latent'``.
+
+    Raises:
+      ValueError: a bad strength, image shape or size, prompts, method or output type.
+    """
+    if output_type not in ('np', 'latent'):
+      raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
+    prompts, negatives = _prompt_lists(prompt, negative_prompt)
+    batch = len(prompts)
+    image = jnp.asarray(image, jnp.float32)
+    if image.ndim == 3:
+      image = jnp.broadcast_to(image[None], (batch,) + image.shape)
+    channels = int(self.unet.in_channels)
+    if image.ndim != 4 or image.shape[0] != batch or image.shape[-1] not in (3, channels):
+      raise ValueError(f'image has shape {tuple(image.shape)}; give [B, H, W, 3] images in [0, 1] '
+                       f'(or [B, h, w, {channels}] latents) with B = {batch}, the number of '
+                       'prompts.')
+    is_latent = image.shape[-1] == channels and image.shape[-1] != 3
+    scale = self.vae_scale_factor if is_latent else 1
+    height, width = self._size(image.shape[1] * scale, image.shape[2] * scale)
+    method = method or self.scheduler.method
+    if method not in sampling.METHODS:
+      raise ValueError(f'unknown method {method!r}; use one of {sorted(sampling.METHODS)} or None '
+                       f'for the scheduler of the directory ({self.scheduler.method!r}).')
+    opts, start = self._kept_steps(method, num_steps, strength, sampler_options)
+    latent_shape = (batch, height // self.vae_scale_factor, width // self.vae_scale_factor,
+                    channels)
+    key = jax.random.key(0) if key is None else key
+    noise_key, sample_key = jax.random.split(key)
+    if noise is None:
+      noise = jax.random.normal(noise_key, latent_shape, jnp.float32)
+    elif tuple(jnp.shape(noise)) != latent_shape:
+      raise ValueError(f'noise has shape {tuple(jnp.shape(noise))}; it must be {latent_shape}.')
+    use_cfg = float(guidance_scale) > 1.0
+    program_key = ('img2img', batch, height, width, is_latent, num_steps, float(strength), method,
+                   use_cfg, negatives is None, float(guidance_rescale), output_type,
+                   tuple(sorted((k, repr(v)) for k, v in sampler_options.items())))
+
+    def build():
+      def run(params, ids, neg_ids, image, noise, key, guidance_scale):
+        x0 = image if is_latent else self._encode_image(params['vae'], image)
+        if opts is not None:
+          cond, null = self._conds(params, ids, neg_ids, height, width)
+          x_t = start[0] * x0 + start[1] * noise
+          times = opts['times']
+          x0 = sampling.sample(
+              self.model_fn(params['unet']), self.scheduler.process, method=method,
+              num_steps=len(times), key=key, x_T=x_t, prediction=self.scheduler.prediction,
+              cond=cond, null_cond=null if use_cfg else None,
+              guidance_scale=guidance_scale if use_cfg else 1.0,
+              guidance_rescale=guidance_rescale, **opts)
+        return x0 if output_type == 'latent' else self._decode(params['vae'], x0)
+      return jax.jit(run, out_shardings=_batch_sharding(self.mesh, batch))
+
+    fn = self._program(program_key, build)
+    ids = self._put_batch(self.tokenize(prompts))
+    neg_ids = None if negatives is None else self._put_batch(self.tokenize(negatives))
+    return fn(self.params, ids, neg_ids, self._put_batch(image),
+              self._put_batch(jnp.asarray(noise, jnp.float32)), sample_key,
+              jnp.float32(guidance_scale))
 
   # --- helpers -------------------------------------------------------------------------------
 
