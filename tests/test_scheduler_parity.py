@@ -172,6 +172,7 @@ def test_zero_terminal_snr(name):
     ('DPMSolverMultistepScheduler', {'solver_order': 3}),
     ('DPMSolverMultistepScheduler', {'solver_order': 3, 'lower_order_final': False}),
     ('DPMSolverMultistepScheduler', {'euler_at_final': True, 'final_sigmas_type': 'sigma_min'}),
+    ('DPMSolverMultistepScheduler', {'solver_type': 'heun', 'solver_order': 3}),
     ('UniPCMultistepScheduler', {'solver_order': 3}),
     ('UniPCMultistepScheduler', {'solver_type': 'bh1', 'final_sigmas_type': 'sigma_min'}),
     ('DDIMScheduler', {'beta_schedule': 'squaredcos_cap_v2', 'prediction_type': 'sample'}),

@@ -15,10 +15,10 @@ and its noise levels as ``levels`` (``sampling.core.Levels``):
 
 - DDIMScheduler (eta = 0) -> ``ddim``: steps end at ``alphas_cumprod[t - N // n]`` (``alpha_to``:
   not the next timestep's with 'linspace' spacing), the last at ``final_alpha_cumprod``.
-- DPMSolverMultistepScheduler ('dpmsolver++', midpoint) -> ``dpmpp_2m`` (``dpmpp_3m`` for
+- DPMSolverMultistepScheduler ('dpmsolver++') -> ``dpmpp_2m`` (``dpmpp_3m`` for
   ``solver_order=3``, with the reference code's third-order term, ``reference_third_order``):
-  its sigmas (Karras too) and its per-step orders (``orders``: warm start, ``lower_order_final``,
-  ``euler_at_final``, ``final_sigmas_type``).
+  its sigmas (Karras too), its per-step orders (``orders``: warm start, ``lower_order_final``,
+  ``euler_at_final``, ``final_sigmas_type``) and ``solver_type`` (midpoint / heun).
 - EulerDiscreteScheduler -> ``euler``: its fractional timesteps and sigmas (linear in the
   timestep, or Karras); ``x_T`` carries ``init_noise_sigma``.
 - PNDMScheduler (``skip_prk_steps``) -> ``plms``: the pseudo-Heun start and AB of the raw model
@@ -426,6 +426,7 @@ class Scheduler:
                                    euler_at_final=bool(cfg['euler_at_final']),
                                    final_zero=cfg['final_sigmas_type'] == 'zero')
       opts['order'] = min(p, n)
+      opts['solver_type'] = cfg['solver_type']
       if p == 3:
         opts['reference_third_order'] = True
     elif self.class_name == 'UniPCMultistepScheduler':
@@ -475,8 +476,6 @@ def _unsupported(cls: str, cfg: Mapping[str, Any]) -> str | None:
     if cfg['algorithm_type'] != 'dpmsolver++':
       return (f"algorithm_type={cfg['algorithm_type']!r}: only 'dpmsolver++' is reproduced "
               '(the SDE variants draw torch noise; dpmsolver predicts noise).')
-    if cfg['solver_type'] != 'midpoint':
-      return f"solver_type={cfg['solver_type']!r}: only 'midpoint' is reproduced."
     if cfg['solver_order'] not in (1, 2, 3):
       return f"solver_order={cfg['solver_order']} is not 1, 2 or 3."
     if cfg['thresholding']:

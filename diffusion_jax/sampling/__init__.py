@@ -46,6 +46,10 @@ pc), all inside the one scan:
   before the final step to the data, so ``num_steps`` must equal ``len(times)`` (``pc``: its
   ``num_steps + 1`` times bound its predictor steps); a mismatch raises ValueError saying what
   ``num_steps`` to pass. A named grid's own times give that grid's samples, bit for bit.
+- ``levels=`` (with ``times``; ddim, euler, heun, dpmpp_2m / 3m, unipc, plms): the noise levels
+  (``core.Levels``) to convert the model's predictions with instead of the process's at
+  ``times``, and where the last step ends: another library's schedule step for step
+  (``pipelines.schedulers`` reproduces diffusers' schedulers with it).
 - ``t_start`` (a keyword of ``sample``): ``x_T`` is the state at the intermediate time
   ``t_start`` (img2img / SDEdit, Meng et al. 2022: ``x_T = alpha x_0 + sigma z`` there, not prior
   noise), and the named grid is laid out over ``[t_min, t_start]``. ``t_start = t_max`` is the

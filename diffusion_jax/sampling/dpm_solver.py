@@ -29,7 +29,7 @@ LOWER_ORDER_FINAL_BELOW = 15
 
 
 def _dpmpp_update(x, m, lam_hist, lam_next, alpha_next, sigma_next, sigma, order, max_order,
-                  d2_scale=2.0):
+                  d2_scale=2.0, solver_type='midpoint'):
   """One DPM-Solver++ step of order ``order`` in {1, 2, 3} (traced), from the history.
 
   Implements the data-prediction multistep updates of Lu et al. (2022b): first order is
@@ -48,7 +48,9 @@ def _dpmpp_update(x, m, lam_hist, lam_next, alpha_next, sigma_next, sigma, order
   ``D2 = (D1_0 - D1_1) / (r0 + r1) ~ h^2 x0'' / 2``, it is ``-2 alpha_s phi3 D2``. The reference code
   (and diffusers, k-diffusion) use ``-alpha_s phi3 D2``, half the term, which measures second order
   on a single Gaussian; with the factor 2 the order is 3 (tests/test_sampling.py). ``d2_scale``
-  is that factor: 1.0 reproduces the reference code.
+  is that factor: 1.0 reproduces the reference code. ``solver_type``: the second-order step's
+  derivative term, 'midpoint' (Algorithm 2, ``-alpha_s phi1 D1 / 2``) or 'heun' (the reference
+  code's other choice, ``alpha_s phi2 D1``); both are second order.
   """
   h = lam_next - lam_hist[0]
   safe = lambda v: jnp.where(v == 0, 1.0, v)
@@ -58,7 +60,10 @@ def _dpmpp_update(x, m, lam_hist, lam_next, alpha_next, sigma_next, sigma, order
     return base
   r0 = safe((lam_hist[0] - lam_hist[1]) / h)
   d1_0 = (m[0] - m[1]) / r0
-  second = base - 0.5 * alpha_next * phi1 * d1_0
+  if solver_type == 'heun':
+    second = base + alpha_next * (phi1 / h + 1.0) * d1_0
+  else:
+    second = base - 0.5 * alpha_next * phi1 * d1_0
   if max_order == 2:
     return jnp.where(order == 2, second, base)
   r1 = safe((lam_hist[1] - lam_hist[2]) / h)
@@ -86,8 +91,11 @@ def check_orders(orders, *, n: int, order: int, method: str) -> np.ndarray:
 def _multistep(model_fn, process, x_T, *, num_steps, prediction, order, grid, spacing, times,
                t_start, step_hook, clip_x0, dynamic_threshold, return_trajectory, callback,
                lower_order_final, method, sde_key=None, levels=None, orders=None,
-               d2_scale=2.0):
+               d2_scale=2.0, solver_type='midpoint'):
   n = num_steps
+  if solver_type not in ('midpoint', 'heun'):
+    raise ValueError(f"{method}: solver_type={solver_type!r} is not known; use 'midpoint' or "
+                     "'heun'.")
   sched = core.make_schedule(process, n, grid=grid, spacing=spacing, times=times, t_start=t_start,
                              method=method, levels=levels)
   n = sched.num_steps  # repeated grid times dropped (core.make_schedule)
@@ -137,7 +145,7 @@ def _multistep(model_fn, process, x_T, *, num_steps, prediction, order, grid, sp
     lam_hist = core.push(lam_hist, s['lam'])
     if sde_key is None:
       x_reg = _dpmpp_update(x, m, lam_hist, s['lam_next'], s['alpha_next'], s['sigma_next'],
-                            s['sigma'], s['order'], order, d2_scale)
+                            s['sigma'], s['order'], order, d2_scale, solver_type)
     else:
       # DPM-Solver++(2M) SDE, midpoint variant (Lu et al. 2022b, Sec. 5, and the k-diffusion /
       # diffusers ``sde-dpmsolver++`` update): exact in the linear part, noise of variance
@@ -195,7 +203,8 @@ def dpmpp_2m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num
              t_start: float | None = None, order: int = 2, grid: str | None = None,
              spacing: str | None = None, times=None, levels: core.Levels | None = None,
              orders=None, step_hook: core.StepHook | None = None,
-             lower_order_final: bool | None = None, clip_x0: bool = False,
+             lower_order_final: bool | None = None, solver_type: str = 'midpoint',
+             clip_x0: bool = False,
              dynamic_threshold: float | None = None, return_trajectory: bool = False,
              callback=None) -> tuple[jax.Array, dict]:
   """DPM-Solver++(2M): Algorithm 2 of Lu et al. (2022b), deterministic, NFE = num_steps.
@@ -221,6 +230,8 @@ def dpmpp_2m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num
     step_hook: ``step_hook(x, i, t, alpha, sigma) -> x`` after each step (``core.apply_hook``).
     lower_order_final: use first order for the final step to the data; default: only when
       ``num_steps < LOWER_ORDER_FINAL_BELOW`` (measured).
+    solver_type: the second-order update, 'midpoint' (Lu et al. 2022b, Algorithm 2) or 'heun'
+      (``_dpmpp_update``; diffusers' ``solver_type``).
     clip_x0, dynamic_threshold: see ``core.make_denoiser``.
     return_trajectory, callback: see ``core.scan_steps``.
 
@@ -234,7 +245,7 @@ def dpmpp_2m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num
                     step_hook=step_hook, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold,
                     return_trajectory=return_trajectory, callback=callback,
                     lower_order_final=lower_order_final, method='dpmpp_2m', levels=levels,
-                    orders=orders)
+                    orders=orders, solver_type=solver_type)
 
 
 def dpmpp_3m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
@@ -242,7 +253,8 @@ def dpmpp_3m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num
              t_start: float | None = None, order: int = 3, grid: str | None = None,
              spacing: str | None = None, times=None, levels: core.Levels | None = None,
              orders=None, step_hook: core.StepHook | None = None,
-             lower_order_final: bool | None = None, reference_third_order: bool = False, clip_x0: bool = False,
+             lower_order_final: bool | None = None, reference_third_order: bool = False,
+             solver_type: str = 'midpoint', clip_x0: bool = False,
              dynamic_threshold: float | None = None, return_trajectory: bool = False,
              callback=None) -> tuple[jax.Array, dict]:
   """DPM-Solver++(3M): the third-order multistep data-prediction solver of Lu et al. (2022b).
@@ -259,7 +271,8 @@ def dpmpp_3m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num
                     step_hook=step_hook, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold,
                     return_trajectory=return_trajectory, callback=callback,
                     lower_order_final=lower_order_final, method='dpmpp_3m', levels=levels,
-                    orders=orders, d2_scale=1.0 if reference_third_order else 2.0)
+                    orders=orders, d2_scale=1.0 if reference_third_order else 2.0,
+                    solver_type=solver_type)
 
 
 def dpmpp_2m_sde(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
