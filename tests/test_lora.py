@@ -22,7 +22,11 @@ import sd_fixtures
 from diffusion_jax import optim
 from diffusion_jax import pipelines
 from diffusion_jax.adapters import lora as lora_lib
+from diffusion_jax.models import clip
+from diffusion_jax.models import unet_2d_condition
+from diffusion_jax.weights import clip as clip_weights
 from diffusion_jax.weights import core
+from diffusion_jax.weights import unet as unet_weights
 
 PROMPTS = ['a photo of an astronaut riding a horse', 'a red fox in the snow']
 NEGATIVE = ['blurry', 'ugly, low resolution']
@@ -82,8 +86,9 @@ def test_merge_is_the_pytorch_formula_and_the_peft_conv_forward():
   back = lora_lib.unmerge(merged, lora, scale=0.7)
   for name in ('to_q', 'conv1'):
     err = np.abs(np.asarray(back['block'][name]['kernel']) - params['block'][name]['kernel'])
-    assert err.max() <= 4 * np.finfo(np.float32).eps * np.abs(
-        np.asarray(merged['block'][name]['kernel'])).max()
+    bound = np.finfo(np.float32).eps * np.abs(np.asarray(merged['block'][name]['kernel'])).max()
+    print(f'unmerge error {name}: {err.max():.3g} = {err.max() / bound:.2f} eps * max|W + delta|')
+    assert err.max() <= 4 * bound
 
   # Two LoRAs with their own scales add up.
   other = _random_lora(params, jax.random.key(5), rank=2, alpha=2.0, targets=('to_q',))
@@ -205,10 +210,10 @@ def test_lora_files_match_diffusers(sd_lora):
       'kernel']
   assert (w.rank, w.alpha) == (4, 8.0)  # alpha from diffusers' adapter metadata
   assert lora['text_encoder']['encoder']['layers_0']['self_attn']['q_proj']['kernel'].alpha == 3.0
-  errors = {}
+  errors, references = {}, {}
   for scale in (1.0, 0.5):
     lora_lib.set_lora_scale(pipe, name, scale)
-    expected = _reference(path, peft_file.parent, latents, scale=scale)
+    expected = references[scale] = _reference(path, peft_file.parent, latents, scale=scale)
     got = run()
     errors[scale] = np.abs(got - expected).max() / np.abs(expected).max()
     assert errors[scale] <= TOL, (scale, errors[scale])
@@ -223,7 +228,7 @@ def test_lora_files_match_diffusers(sd_lora):
 
   # The kohya file renamed from the same tensors gives the same result, at scale 0.5.
   lora_lib.load_lora_weights(pipe, kohya_file, scale=0.5, adapter_name='kohya')
-  expected = _reference(path, peft_file.parent, latents, scale=0.5)
+  expected = references[0.5]
   assert np.abs(run() - expected).max() <= TOL * np.abs(expected).max()
   # ... and diffusers reads it as it reads the PEFT file.
   np.testing.assert_allclose(_reference(path, kohya_file, latents, scale=0.5), expected,
@@ -245,9 +250,14 @@ def test_written_files_are_what_diffusers_and_kohya_write(sd_lora, tmp_path):
   again = lora_lib.read_lora(tmp_path / 'peft', pipe.params)
   alphas = lambda t: {p: w.alpha for p, w in lora_lib.flatten(t).items()}  # noqa: E731
   assert alphas(again) == alphas(lora)
+  # diffusers loads our file as its own (the alphas of our metadata included).
+  latents = np.random.default_rng(2).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  np.testing.assert_allclose(_reference(path, tmp_path / 'peft', latents, scale=1.0),
+                             _reference(path, peft_file.parent, latents, scale=1.0),
+                             rtol=1e-5, atol=1e-5)
   # Our kohya writer == the test's renaming of the PEFT file.
   kohya = core.read_safetensors(lora_lib.save_lora(tmp_path / 'k.safetensors', lora,
-                                                   format='kohya'))
+                                                   layout='kohya'))
   expected = core.read_safetensors(kohya_file)
   assert set(kohya) == set(expected)
   for k, v in kohya.items():
@@ -255,11 +265,7 @@ def test_written_files_are_what_diffusers_and_kohya_write(sd_lora, tmp_path):
 
 
 def test_mixed_alphas_conv_loras_and_the_ldm_names_round_trip(tmp_path):
-  import diffusers  # pylint: disable=import-outside-toplevel
-  # An SDXL-like U-Net's shapes only (no weights): kohya's SDXL files use the LDM names.
-  from diffusion_jax.models import unet_2d_condition  # pylint: disable=import-outside-toplevel
-  from diffusion_jax.weights import unet as unet_weights  # pylint: disable=import-outside-toplevel
-  del diffusers
+  # An SDXL-like pipeline's shapes only (no weights): kohya's SDXL files use the LDM names.
   module = unet_2d_condition.UNet2DConditionModel(
       sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
       layers_per_block=1, down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
@@ -267,20 +273,28 @@ def test_mixed_alphas_conv_loras_and_the_ldm_names_round_trip(tmp_path):
       transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), norm_num_groups=8,
       use_linear_projection=True, addition_embed_type='text_time', addition_time_embed_dim=8,
       projection_class_embeddings_input_dim=8 * 6 + 32)
-  shapes = {'unet': unet_weights.unet_shapes(module)}
+  text = dict(vocab_size=50, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=77, projection_dim=32)
+  shapes = {'unet': unet_weights.unet_shapes(module),
+            'text_encoder': clip_weights.input_shapes(clip.CLIPTextModel(**text)),
+            'text_encoder_2': clip_weights.input_shapes(clip.CLIPTextModelWithProjection(**text))}
   lora = _random_lora(shapes, jax.random.key(3), rank=2, alpha=1.0,
-                      targets=lora_lib.ATTENTION_TARGETS + lora_lib.CONV_TARGETS)
+                      targets=lora_lib.ATTENTION_TARGETS + lora_lib.CONV_TARGETS + (
+                          'fc1', 'text_projection'))
   flat = lora_lib.flatten(lora)
   first = sorted(flat)[0]
   flat[first] = flat[first].replace(alpha=7.0)  # one module with its own alpha
   lora = traverse_util.unflatten_dict(flat)
   assert any(w.a.ndim == 4 for w in flat.values())
-  for fmt, kwargs in (('peft', {}), ('kohya', {'unet_module': module}), ('kohya', {})):
-    file = lora_lib.save_lora(tmp_path / f'{fmt}{len(kwargs)}.safetensors', lora, format=fmt,
+  for fmt, kwargs in (('peft', {}), ('kohya', {'unet_module': module, 'sdxl': True}),
+                      ('kohya', {})):
+    file = lora_lib.save_lora(tmp_path / f'{fmt}{len(kwargs)}.safetensors', lora, layout=fmt,
                               **kwargs)
     keys = list(core.read_safetensors(file))
-    if kwargs:
-      assert any(k.startswith('lora_unet_input_blocks_') for k in keys), keys[:3]
+    if kwargs:  # kohya's SDXL names
+      for start in ('lora_unet_input_blocks_', 'lora_te1_text_model_encoder_layers_',
+                    'lora_te2_text_model_encoder_layers_', 'lora_te2_text_projection.'):
+        assert any(k.startswith(start) for k in keys), (start, keys[:3])
     back = lora_lib.flatten(lora_lib.read_lora(file, shapes, unet_module=module))
     assert set(back) == set(flat)
     for p, w in flat.items():
@@ -288,7 +302,39 @@ def test_mixed_alphas_conv_loras_and_the_ldm_names_round_trip(tmp_path):
       np.testing.assert_array_equal(back[p].b, w.b)
       assert back[p].alpha == w.alpha, (fmt, p)
   with pytest.raises(ValueError, match='LDM layout: pass unet_module'):
-    lora_lib.read_lora(tmp_path / 'kohya1.safetensors', shapes)
+    lora_lib.read_lora(tmp_path / 'kohya2.safetensors', shapes)
+
+
+def test_older_diffusers_layouts_read_the_same(sd_lora):
+  path, peft_file, _ = sd_lora
+  pipe = pipelines.load_pretrained(path)
+  state = core.read_safetensors(peft_file)
+  expected = lora_lib.flatten(lora_lib.lora_from_state(state, pipe.params))
+  proc = {'to_q': 'to_q_lora', 'to_k': 'to_k_lora', 'to_v': 'to_v_lora', 'to_out.0': 'to_out_lora',
+          'q_proj': 'to_q_lora', 'k_proj': 'to_k_lora', 'v_proj': 'to_v_lora',
+          'out_proj': 'to_out_lora'}
+  layouts = {
+      # LoRACompatibleLinear (diffusers 0.2x): <module>.lora.down.weight
+      'lora.down': lambda m, r: f'{m}.lora.{r}.weight',
+      # text encoders' monkey-patched form: <module>.lora_linear_layer.down.weight
+      'lora_linear_layer': lambda m, r: f'{m}.lora_linear_layer.{r}.weight',
+      # attention processors: <attn>.processor.to_q_lora.down.weight (the U-Net),
+      # <self_attn>.to_q_lora.down.weight (the text encoder)
+      'processor': lambda m, r: '{}{}.{}.{}.weight'.format(
+          m.rsplit('.', 2 if m.endswith('to_out.0') else 1)[0],
+          '.processor' if m.startswith('unet.') else '',
+          proc[m.split('.attn1.')[-1].split('.attn2.')[-1].split('self_attn.')[-1]], r),
+  }
+  for name, fn in layouts.items():
+    old = {}
+    for key, value in state.items():
+      module, role = key.rsplit('.lora_', 1)
+      old[fn(module, 'down' if role == 'A.weight' else 'up')] = value
+    got = lora_lib.flatten(lora_lib.lora_from_state(old, pipe.params))
+    assert set(got) == set(expected), name
+    for p, w in expected.items():
+      np.testing.assert_array_equal(got[p].a, w.a)
+      np.testing.assert_array_equal(got[p].b, w.b)
 
 
 def test_bad_files_are_named(sd_lora, tmp_path):

@@ -1,4 +1,4 @@
-"""Textual inversion: files, the token table and tokenizer, training rows only, parity with diffusers.
+"""Textual inversion: files, token table and tokenizer, training rows only, parity with diffusers.
 
 Reference: diffusers' ``load_textual_inversion`` on the same tiny SD pipeline and files (one
 single-vector and one multi-vector concept), then its ``StableDiffusionPipeline``: final latents

@@ -149,7 +149,7 @@ def num_parameters(lora: PyTree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lora))
 
 
-# --- merging -------------------------------------------------------------------------------------
+# --- merging --------------------------------------------------------------------------------------
 
 def merge(params: PyTree, lora: PyTree, *, scale: float | jax.Array = 1.0) -> PyTree:
   """``params`` with ``scale * delta`` added to each adapted kernel (the rest passed through).
@@ -213,7 +213,7 @@ def _check_fits(path: Path, w: LoraWeight, shape: tuple[int, ...]) -> None:
                      f'b {(w.rank, shape[-1])}.')
 
 
-# --- creating ------------------------------------------------------------------------------------
+# --- creating -------------------------------------------------------------------------------------
 
 def _matches(path: Path, targets: Sequence[str] | Callable[[Path], bool]) -> bool:
   if callable(targets):
@@ -271,7 +271,7 @@ def init_lora(params: PyTree, *, rank: int, key: jax.Array, alpha: float | None 
   return traverse_util.unflatten_dict(out)
 
 
-# --- the key table ---------------------------------------------------------------------------------
+# --- the key table --------------------------------------------------------------------------------
 
 def _component_key_fns(component: str) -> tuple[Callable[[Path], str], ...]:
   """Our path -> the component's PyTorch key(s); the first is the one written."""
@@ -345,7 +345,7 @@ def _with_component_prefix(state: Mapping[str, np.ndarray]) -> dict[str, np.ndar
   return {'unet.' + k: v for k, v in state.items()}
 
 
-# --- reading ---------------------------------------------------------------------------------------
+# --- reading --------------------------------------------------------------------------------------
 
 def _pattern_value(patterns: Mapping[str, Any], module: str) -> Any:
   """PEFT's rank/alpha pattern lookup: the key matching the end of the module name."""
@@ -507,19 +507,19 @@ def read_lora(path: str | epath.PathLike, shapes: Mapping[str, PyTree], *,
                          unet_module=unet_module, dtype=dtype)
 
 
-# --- writing ---------------------------------------------------------------------------------------
+# --- writing --------------------------------------------------------------------------------------
 
-FORMATS = ('peft', 'kohya')
+LAYOUTS = ('peft', 'kohya')
 
 
-def lora_state(lora: PyTree, *, format: str = 'peft', unet_module: Any = None,  # pylint: disable=redefined-builtin
+def lora_state(lora: PyTree, *, layout: str = 'peft', unet_module: Any = None,
                sdxl: bool = False, dtype: Any = np.float32
                ) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
   """The tensors (PyTorch layout) and adapter metadata of a LoRA tree, for a file.
 
   Args:
     lora: ``{component: {...: LoraWeight}}``.
-    format: ``'peft'`` (diffusers' ``save_lora_weights`` layout: ``lora_A`` / ``lora_B`` keys, the
+    layout: ``'peft'`` (diffusers' ``save_lora_weights`` layout: ``lora_A`` / ``lora_B`` keys, the
       alphas in diffusers' adapter metadata: ``lora_alpha`` the most common alpha, others in
       ``alpha_pattern``) or ``'kohya'`` (``lora_down`` / ``lora_up`` and an ``.alpha`` tensor per
       module).
@@ -532,10 +532,10 @@ def lora_state(lora: PyTree, *, format: str = 'peft', unet_module: Any = None,  
     ``(tensors, metadata)``; metadata is None for kohya.
 
   Raises:
-    ValueError: an unknown format or component.
+    ValueError: an unknown layout or component.
   """
-  if format not in FORMATS:
-    raise ValueError(f'format={format!r} is not known; use one of {FORMATS}.')
+  if layout not in LAYOUTS:
+    raise ValueError(f'layout={layout!r} is not known; use one of {LAYOUTS}.')
   tensors, metadata = {}, {}
   by_component: dict[str, dict[Path, LoraWeight]] = {}
   for path, w in flatten(lora).items():
@@ -551,7 +551,7 @@ def lora_state(lora: PyTree, *, format: str = 'peft', unet_module: Any = None,  
         a_t, b_t = a.transpose(3, 2, 0, 1), b.T[:, :, None, None]
       else:
         a_t, b_t = a.T, b.T
-      if format == 'peft':
+      if layout == 'peft':
         name = f'{component}.{module}'
         tensors[f'{name}.lora_A.weight'] = np.ascontiguousarray(a_t, dtype)
         tensors[f'{name}.lora_B.weight'] = np.ascontiguousarray(b_t, dtype)
@@ -565,9 +565,9 @@ def lora_state(lora: PyTree, *, format: str = 'peft', unet_module: Any = None,  
         tensors[f'{name}.lora_down.weight'] = np.ascontiguousarray(a_t, dtype)
         tensors[f'{name}.lora_up.weight'] = np.ascontiguousarray(b_t, dtype)
         tensors[f'{name}.alpha'] = np.asarray(w.alpha, np.float32)
-    if format == 'peft':
+    if layout == 'peft':
       metadata.update(_peft_metadata(component, alphas))
-  return tensors, (metadata if format == 'peft' else None)
+  return tensors, (metadata if layout == 'peft' else None)
 
 
 def _peft_metadata(component: str, alphas: Mapping[str, tuple[float, int]]) -> dict[str, Any]:
@@ -595,14 +595,14 @@ def _peft_metadata(component: str, alphas: Mapping[str, tuple[float, int]]) -> d
   }
 
 
-def save_lora(path: str | epath.PathLike, lora: PyTree, *, format: str = 'peft',  # pylint: disable=redefined-builtin
+def save_lora(path: str | epath.PathLike, lora: PyTree, *, layout: str = 'peft',
               unet_module: Any = None, sdxl: bool = False, dtype: Any = np.float32) -> epath.Path:
   """Writes a LoRA tree as a ``.safetensors`` file (``lora_state``'s layouts).
 
   Args:
     path: a ``.safetensors`` file, or a directory (created) that gets ``WEIGHT_NAME``, as
       diffusers' ``save_lora_weights`` writes it.
-    lora, format, unet_module, sdxl, dtype: as ``lora_state``.
+    lora, layout, unet_module, sdxl, dtype: as ``lora_state``.
 
   Returns:
     The file written.
@@ -611,7 +611,7 @@ def save_lora(path: str | epath.PathLike, lora: PyTree, *, format: str = 'peft',
   if not path.name.endswith('.safetensors'):
     path.mkdir(parents=True, exist_ok=True)
     path = path / WEIGHT_NAME
-  tensors, metadata = lora_state(lora, format=format, unet_module=unet_module, sdxl=sdxl,
+  tensors, metadata = lora_state(lora, layout=layout, unet_module=unet_module, sdxl=sdxl,
                                  dtype=dtype)
   header = {'format': 'pt'}
   if metadata:
@@ -620,7 +620,7 @@ def save_lora(path: str | epath.PathLike, lora: PyTree, *, format: str = 'peft',
   return path
 
 
-# --- pipelines -------------------------------------------------------------------------------------
+# --- pipelines ------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class _PipelineLoras:
@@ -732,7 +732,7 @@ def unload_lora_weights(pipe: Any) -> None:
   state.base.clear()
 
 
-__all__ = ['ATTENTION_TARGETS', 'CONV_TARGETS', 'COMPONENT_PREFIXES', 'FORMATS', 'LoraWeight',
+__all__ = ['ATTENTION_TARGETS', 'CONV_TARGETS', 'COMPONENT_PREFIXES', 'LAYOUTS', 'LoraWeight',
            'METADATA_KEY', 'WEIGHT_NAME', 'delete_adapter', 'flatten', 'get_adapters', 'init_lora',
            'load_lora_weights', 'lora_file', 'lora_from_state', 'lora_state', 'merge',
            'merge_many', 'num_parameters', 'read_lora', 'read_metadata', 'save_lora',

@@ -77,7 +77,7 @@ def _replace_table(params: PyTree, new: jax.Array) -> PyTree:
 
 
 def initial_rows(params: PyTree, ids: Sequence[int]) -> jax.Array:
-  """``[n, D]`` rows copied from existing tokens (Gal et al. start from a coarse word, e.g. 'digit')."""
+  """``[n, D]`` rows copied from existing tokens (Gal et al. start from a coarse word: 'digit')."""
   return jnp.asarray(table(params))[jnp.asarray(list(ids), jnp.int32)]
 
 
@@ -135,7 +135,7 @@ def save_embeddings(path: str | epath.PathLike, token: str, vectors: jax.Array |
   """Writes diffusers' ``learned_embeds.safetensors`` layout: ``{token: [n, D]}`` float32.
 
   Args:
-    path: a ``.safetensors`` file, or a directory (created) that gets ``learned_embeds.safetensors``.
+    path: a ``.safetensors`` file, or a directory (created) that gets ``WEIGHT_NAME``.
     token: the placeholder token.
     vectors: ``[n, D]`` (or ``[D]``).
   """
