@@ -80,7 +80,7 @@ def _check_x(x, name: str) -> jax.Array:
 def invert(model_fn: Callable[..., jax.Array], process, x_0: jax.Array, *, method: str = 'ddim',
            num_steps: int, prediction: str = 'eps', cond: Any = None, null_cond: Any = None,
            guidance_scale: float | jax.Array = 1.0, guidance_rescale: float = 0.0,
-           t_end: float | None = None, mix: float = 0.93, return_info: bool = False,
+           t_end: float | None = None, mix: float | None = None, return_info: bool = False,
            **options: Any):
   """The start at ``t_end`` from which ``regenerate`` with the same arguments returns ``x_0``.
 
@@ -93,7 +93,8 @@ def invert(model_fn: Callable[..., jax.Array], process, x_0: jax.Array, *, metho
       trip up to discretization error) or 'edict' (exact up to round-off, 2 NFE per step).
     num_steps: grid times.
     t_end: the time to invert to, in ``(t_min, t_max]`` (default t_max).
-    mix: EDICT's mixing weight p in [0.5, 1) (0.93, as Wallace et al.); 'edict' only.
+    mix: EDICT's mixing weight p in [0.5, 1); None: 0.93 (Wallace et al.) up to 50 steps, closer
+      to 1 beyond (``inversion.default_mix``: 0.93 diverged at 200 steps); 'edict' only.
     return_info: also return the info dict ('nfe', 'trajectory').
     **options: grid options (``grid``, ``spacing``, ``times``), ``return_trajectory``,
       ``callback``; for the samplers' inversions also ``order``, ``step_hook``
@@ -125,8 +126,8 @@ def invert(model_fn: Callable[..., jax.Array], process, x_0: jax.Array, *, metho
 def regenerate(model_fn: Callable[..., jax.Array], process, x_T, *, method: str = 'ddim',
                num_steps: int, prediction: str = 'eps', cond: Any = None,
                null_cond: Any = None, guidance_scale: float | jax.Array = 1.0,
-               guidance_rescale: float = 0.0, t_start: float | None = None, mix: float = 0.93,
-               return_info: bool = False, **options: Any):
+               guidance_rescale: float = 0.0, t_start: float | None = None,
+               mix: float | None = None, return_info: bool = False, **options: Any):
   """Samples back from ``invert``'s result: the inverse of ``invert`` with the same arguments.
 
   ``method`` 'edict' takes the ``Coupled`` pair (a plain array starts both states there, EDICT
@@ -168,14 +169,16 @@ def check_strength(strength) -> float:
 
 
 def strength_times(process, *, method: str, num_steps: int, strength: float,
-                   grid: str | None = None, spacing: str | None = None,
-                   shift: float = 1.0) -> np.ndarray:
+                   grid: str | None = None, spacing: str | None = None, shift: float = 1.0,
+                   times=None) -> np.ndarray:
   """The times img2img samples over: the last ``int(num_steps * strength)`` of the method's grid.
 
   As diffusers' ``StableDiffusionImg2ImgPipeline.get_timesteps``: ``init = min(int(num_steps *
   strength), num_steps)`` and the grid from index ``num_steps - init`` on. The grid is the method's
-  default (``sampling.DEFAULT_GRIDS``) or ``grid`` / ``spacing`` / ``shift``; repeated times (a
-  rounded grid with more steps than the process has) are dropped after the cut.
+  default (``sampling.DEFAULT_GRIDS``) or ``grid`` / ``spacing`` / ``shift``, or ``times``, the
+  full grid itself (``[num_steps]`` decreasing times, e.g. a scheduler's timesteps mapped to the
+  process's time domain); repeated times (a rounded grid with more steps than the process has)
+  are dropped after the cut.
 
   Returns:
     float32 ``[k]``, decreasing, possibly empty (strength 0, or too few steps).
@@ -191,9 +194,16 @@ def strength_times(process, *, method: str, num_steps: int, strength: float,
     raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}.')
   num_steps = int(num_steps)
   init = min(int(num_steps * strength), num_steps)
-  with jax.ensure_compile_time_eval():
-    t = np.asarray(grids.make_grid(process, num_steps, grid or sampling.DEFAULT_GRIDS[method],
-                                   spacing=spacing, shift=shift), np.float32)
+  if times is not None:
+    if grid is not None or spacing is not None or shift != 1.0:
+      raise ValueError('img2img: give either the full grid as times or grid / spacing / shift, '
+                       'not both.')
+    t = np.asarray(core.check_times(process, times, num_steps=num_steps, method='img2img'),
+                   np.float32)
+  else:
+    with jax.ensure_compile_time_eval():
+      t = np.asarray(grids.make_grid(process, num_steps, grid or sampling.DEFAULT_GRIDS[method],
+                                     spacing=spacing, shift=shift), np.float32)
   t = t[num_steps - init:]
   if t.size:
     t = t[np.concatenate([[True], np.diff(t) != 0])]
@@ -204,8 +214,8 @@ def img2img(model_fn: Callable[..., jax.Array], process, x_0: jax.Array, *, stre
             method: str, num_steps: int, key: jax.Array, cond: Any = None, null_cond: Any = None,
             guidance_scale: float | jax.Array = 1.0, guidance_rescale: float = 0.0,
             prediction: str = 'eps', noise: jax.Array | None = None, grid: str | None = None,
-            spacing: str | None = None, shift: float = 1.0, return_info: bool = False,
-            **options: Any):
+            spacing: str | None = None, shift: float = 1.0, times=None,
+            return_info: bool = False, **options: Any):
   """SDEdit (Meng et al. 2022): noise x_0 part of the way, then sample back.
 
   The kept times ``t_k = strength_times(...)`` (diffusers' count); ``x = alpha(t_k[0]) x_0 +
@@ -224,25 +234,26 @@ def img2img(model_fn: Callable[..., jax.Array], process, x_0: jax.Array, *, stre
     num_steps: the steps of the full grid; ``len(t_k)`` of them run.
     key: PRNG key: the start noise z (unless ``noise``) and a stochastic method's noise.
     noise: [B, ...] the start noise z itself (e.g. to match another implementation's draw).
-    grid, spacing, shift: the full grid (``strength_times``).
-    return_info: also return the info dict: the method's ('nfe', ...) plus 'times'.
+    grid, spacing, shift, times: the full grid of ``num_steps`` times (``strength_times``),
+      which strength cuts.
+    return_info: also return the info dict: the method's ('nfe', ...) plus 'times', the kept
+      times.
     **options: the method's options (``eta``, ``order``, ``step_hook``, ``clip_x0``, ...);
-      not ``times`` or ``t_start``, which strength sets.
+      not ``t_start``, which strength sets.
 
   Returns:
     [B, ...] float32, or ``(x, info)``.
 
   Raises:
     ValueError: strength outside [0, 1], a method without a grid, noise of another shape,
-      ``times`` / ``t_start`` in options, and whatever ``sampling.sample`` raises.
+      ``t_start`` in options, and whatever ``sampling.sample`` raises.
   """
   x_0 = _check_x(x_0, 'x_0').astype(jnp.float32)
-  for name in ('times', 't_start'):
-    if name in options:
-      raise ValueError(f'img2img: {name} is set by strength; pass strength (and grid / spacing '
-                       'for the full grid) instead.')
+  if 't_start' in options:
+    raise ValueError('img2img: t_start is set by strength; pass strength (and grid / spacing or '
+                     'times for the full grid) instead.')
   t_k = strength_times(process, method=method, num_steps=num_steps, strength=strength,
-                       grid=grid, spacing=spacing, shift=shift)
+                       grid=grid, spacing=spacing, shift=shift, times=times)
   if t_k.size == 0:
     return (x_0, {'nfe': 0, 'times': t_k}) if return_info else x_0
   k_noise, k_sample = jax.random.split(key)
