@@ -280,7 +280,9 @@ class ControlNetModel(nn.Module):
       if name in UNET_SUBTREES or name.startswith('down_blocks_'):
         if name not in unet_params:
           raise ValueError(f'ControlNetModel.from_unet: the U-Net parameters have no {name!r}.')
-        copied[name] = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), unet_params[name])
+        # Fresh buffers: the trainer donates the ControlNet's, never the frozen U-Net's.
+        copied[name] = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True),
+                                    unet_params[name])
     want = jax.tree.structure(params)
     if jax.tree.structure(copied) != want or any(
         a.shape != b.shape for a, b in zip(jax.tree.leaves(copied), jax.tree.leaves(params))):
