@@ -51,6 +51,17 @@ The rank is read from the shapes. A module without any stored alpha gets ``alpha
 (scale 1), the convention of diffusers, PEFT's loader and kohya. Every key is looked up in a table
 built from our parameter tree (never parsed back from kohya's underscores): a key that names no
 parameter is a ``ValueError`` naming the first such key.
+
+Pipelines: ``load_lora_weights(pipe, path, scale=, adapter_name=)`` merges a file into
+``pipe.params`` and keeps the base values of the leaves it touches (on the pipeline object), so
+several LoRAs add up with their own scales (``set_lora_scale``, ``delete_adapter``) and
+``unload_lora_weights`` restores the base bitwise. ``unmerge`` of a tree subtracts instead: float32
+round-off (measured 0.3-0.44 eps of ``max |W + delta|`` in tests/test_lora.py).
+
+Measured (tests/test_lora.py, CPU float32): a tiny SD 1.x pipeline with a PEFT LoRA on the U-Net's
+attention (r 4, alpha 8) and the text encoder's (r 2, alpha 3) written by diffusers'
+``save_lora_weights`` gives diffusers' final latents (3 DDIM steps, guidance 7.5) to 2.7e-6
+(scale 1) and 3.3e-6 (scale 0.5) of their largest value; its kohya renaming gives the same.
 """
 
 from __future__ import annotations
@@ -59,7 +70,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.struct
@@ -337,12 +348,11 @@ def _split_key(key: str) -> tuple[str, str] | None:
   return None
 
 
-def _with_component_prefix(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Old attention-processor files hold bare U-Net keys (no ``unet.``): give them the prefix."""
+def _component_prefix(state: Mapping[str, np.ndarray]) -> str:
+  """Old attention-processor files hold bare U-Net keys (no ``unet.``): the prefix they lack."""
   known = tuple(p for peft, kohya in COMPONENT_PREFIXES.values() for p in (peft, *kohya))
-  if any(k.startswith(known) for k in state):
-    return dict(state)
-  return {'unet.' + k: v for k, v in state.items()}
+  return '' if any(k.startswith(known) for k in state) else 'unet.'
+
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -380,12 +390,12 @@ def lora_from_state(state: Mapping[str, np.ndarray], shapes: Mapping[str, PyTree
       architecture), a LoRA type we do not read (DoRA, LoHa, ...), a module with only one factor,
       or factors whose shapes do not fit the kernel.
   """
-  state = _with_component_prefix(state)
+  prefix = _component_prefix(state)
   table = _table(shapes, unet_module)
   found: dict[_Entry, dict[str, Any]] = {}
   names: dict[_Entry, str] = {}
-  for key in sorted(state):
-    split = _split_key(key)
+  for key in sorted(state):  # errors name the key as the file spells it
+    split = _split_key(prefix + key)
     if split is None:
       raise ValueError(f'LoRA key {key!r} is not a LoRA factor or alpha we read (lora_A / lora_B, '
                        'lora_down / lora_up, .alpha); DoRA, LoHa, LoKr and other LyCORIS types '
