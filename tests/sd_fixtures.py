@@ -139,10 +139,12 @@ def make_scheduler(name: str, **overrides):
 
 
 def make_sd_pipeline(directory: pathlib.Path, *, kind: str = 'sd', scheduler: str = 'DDIMScheduler',
-                     seed: int = 0, **scheduler_overrides):
+                     seed: int = 0, inpainting: bool = False, **scheduler_overrides):
   """Builds, saves (safetensors) and returns a tiny diffusers SD ('sd') or SDXL ('sdxl') pipeline.
 
-  Latents are 8x8x4 for 16x16 images (VAE factor 2).
+  Latents are 8x8x4 for 16x16 images (VAE factor 2). ``inpainting``: an SD inpainting pipeline
+  (``StableDiffusionInpaintPipeline``) whose U-Net takes 9 channels (latents, mask, masked
+  image's latents).
   """
   import diffusers  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
@@ -157,13 +159,16 @@ def make_sd_pipeline(directory: pathlib.Path, *, kind: str = 'sd', scheduler: st
       latent_channels=4, norm_num_groups=8, layers_per_block=1, sample_size=16), seed + 1)
   if kind == 'sd':
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-        layers_per_block=1, down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
+        sample_size=8, in_channels=9 if inpainting else 4, out_channels=4,
+        block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
         up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), cross_attention_dim=32,
         attention_head_dim=4, norm_num_groups=8)
     text_encoder = _text_encoder(vocab_size, eos, projection=False, hidden_act='quick_gelu',
                                  seed=seed + 2)
-    pipe = diffusers.StableDiffusionPipeline(
+    cls = (diffusers.StableDiffusionInpaintPipeline if inpainting
+           else diffusers.StableDiffusionPipeline)
+    pipe = cls(
         unet=_randomize(unet, seed + 3), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         scheduler=make_scheduler(scheduler, **scheduler_overrides), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)

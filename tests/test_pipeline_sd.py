@@ -291,3 +291,37 @@ def test_image_to_image_encodes_rgb_images_as_diffusers_vae(tmp_path):
     ours.image_to_image(PROMPTS, image, strength=1.5, num_steps=4)
   with pytest.raises(ValueError, match=r'image has shape \(2, 16, 16, 2\)'):
     ours.image_to_image(PROMPTS, image[..., :2], num_steps=4)
+
+
+@pytest.mark.parametrize('inpainting,strength', [(True, 1.0), (False, 1.0), (False, 0.6)])
+def test_inpaint_matches_diffusers(tmp_path, monkeypatch, inpainting, strength):
+  """diffusers' inpainting pipeline, its VAE posterior draws replaced by the mean (as ours)."""
+  import diffusers  # pylint: disable=import-outside-toplevel
+  from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as inpaint_lib  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(inpaint_lib, 'retrieve_latents',
+                      lambda encoded, generator=None, sample_mode='sample':
+                      encoded.latent_dist.mode())
+  path = tmp_path / 'pipe'
+  made = sd_fixtures.make_sd_pipeline(path, kind='sd', scheduler='DDIMScheduler',
+                                      inpainting=inpainting)
+  ref = diffusers.StableDiffusionInpaintPipeline(**made.components)
+  ours = pipelines.load_pretrained(path)
+  rng = np.random.default_rng(9)
+  image = rng.uniform(size=(2, 16, 16, 3)).astype(np.float32)
+  mask = np.zeros((2, 16, 16, 1), np.float32)
+  mask[:, :, 8:] = 1.0  # repaint the right half
+  noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+  with torch.no_grad():
+    expected = ref(PROMPTS, image=torch.from_numpy(image.transpose(0, 3, 1, 2).copy()),
+                   mask_image=torch.from_numpy(mask.transpose(0, 3, 1, 2).copy()),
+                   negative_prompt=NEGATIVE, num_inference_steps=5, guidance_scale=7.5,
+                   strength=strength, height=16, width=16,
+                   generator=torch.Generator().manual_seed(3),
+                   output_type='latent').images.numpy().transpose(0, 2, 3, 1)
+  got = np.asarray(ours.inpaint(PROMPTS, image, mask, negative_prompt=NEGATIVE, num_steps=5,
+                                strength=strength, noise=noise.numpy().transpose(0, 2, 3, 1),
+                                output_type='latent'))
+  assert np.abs(got - expected).max() <= TOL * np.abs(expected).max()
+  if not inpainting:  # replacement: the kept half's latents are the image's, exactly
+    kept = np.asarray(ours.encode_image(image))[:, :, :4]
+    np.testing.assert_allclose(got[:, :, :4], kept, atol=1e-6)

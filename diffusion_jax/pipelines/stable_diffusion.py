@@ -49,7 +49,11 @@ PyTree = Any
 
 PIPELINE_CLASSES = {
     'StableDiffusionPipeline': 'sd',
+    'StableDiffusionImg2ImgPipeline': 'sd',
+    'StableDiffusionInpaintPipeline': 'sd',
     'StableDiffusionXLPipeline': 'sdxl',
+    'StableDiffusionXLImg2ImgPipeline': 'sdxl',
+    'StableDiffusionXLInpaintPipeline': 'sdxl',
 }
 _REQUIRED = {'sd': ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler'),
              'sdxl': ('unet', 'vae', 'text_encoder', 'tokenizer', 'text_encoder_2', 'tokenizer_2',
@@ -158,6 +162,8 @@ class StableDiffusionPipeline:
       added = None
       if self.kind == 'sdxl':
         added = {'text_embeds': cond['pooled'], 'time_ids': cond['time_ids']}
+      if 'inpaint' in cond:  # SD inpainting U-Nets: [latents, mask, masked-image latents]
+        x = jnp.concatenate([x, cond['inpaint'].astype(x.dtype)], axis=-1)
       timesteps = self.scheduler.model_timestep(t)
       return self.unet.apply({'params': unet_params}, x, timesteps, cond['context'],
                              added_cond_kwargs=added)
@@ -391,6 +397,132 @@ class StableDiffusionPipeline:
     ids = self._put_batch(self.tokenize(prompts))
     neg_ids = None if negatives is None else self._put_batch(self.tokenize(negatives))
     return fn(self.params, ids, neg_ids, self._put_batch(image),
+              self._put_batch(jnp.asarray(noise, jnp.float32)), sample_key,
+              jnp.float32(guidance_scale))
+
+  def inpaint(self, prompt: str | Sequence[str], image: jax.typing.ArrayLike,
+              mask_image: jax.typing.ArrayLike, *, strength: float = 1.0,
+              negative_prompt: str | Sequence[str] | None = None, num_steps: int = 50,
+              guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+              method: str | None = None, key: jax.Array | None = None,
+              noise: jax.typing.ArrayLike | None = None, output_type: str = 'np',
+              **sampler_options: Any) -> jax.Array:
+    """Inpainting with diffusers' ``StableDiffusionInpaintPipeline`` semantics.
+
+    A U-Net with 9 input channels (SD's inpainting models) is given the latents, the mask and
+    the masked image's latents concatenated on the channels (``cond['inpaint']``, so classifier-
+    free guidance carries them on both halves); any other U-Net inpaints by replacement: after
+    every step the kept region is set to the encoded image noised to the level the step reached
+    (the same noise throughout, the clean latents after the last step), as diffusers does.
+
+    Args:
+      prompt, negative_prompt, num_steps, guidance_scale, guidance_rescale, method, output_type,
+        **sampler_options: as ``text_to_image``.
+      image: ``[B, H, W, 3]`` (or ``[H, W, 3]``) in [0, 1].
+      mask_image: ``[B, H, W, 1]``, ``[B, H, W]`` or ``[H, W]`` in [0, 1]: **white (>= 0.5) is
+        repainted**, black kept (diffusers' convention; ``editing.inpaint`` takes 1 = keep). It
+        reaches the latents by nearest-neighbour subsampling, as diffusers' ``interpolate``.
+      strength: 1 starts from pure noise; below 1 from the image's latents noised to the first
+        of the last ``int(num_steps * strength)`` steps (``image_to_image``).
+      key, noise: the start noise (``[B, h, w, C]``, C = the latent channels) or its key.
+
+    Returns:
+      ``[B, H, W, 3]`` float32 in [0, 1], or the final latents.
+
+    Raises:
+      ValueError: image and mask shapes that do not match, a size not divisible by the VAE
+        factor, and what ``image_to_image`` raises.
+    """
+    if output_type not in ('np', 'latent'):
+      raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
+    prompts, negatives = _prompt_lists(prompt, negative_prompt)
+    batch = len(prompts)
+    image = jnp.asarray(image, jnp.float32)
+    if image.ndim == 3:
+      image = jnp.broadcast_to(image[None], (batch,) + image.shape)
+    if image.ndim != 4 or image.shape[0] != batch or image.shape[-1] != 3:
+      raise ValueError(f'image has shape {tuple(image.shape)}; give [B, H, W, 3] in [0, 1] with '
+                       f'B = {batch}, the number of prompts.')
+    mask = jnp.asarray(mask_image, jnp.float32)
+    if mask.ndim == 2:
+      mask = mask[None]
+    if mask.ndim == 3:
+      mask = mask[..., None]
+    mask = jnp.broadcast_to(mask, (batch,) + mask.shape[1:]) if mask.shape[0] == 1 else mask
+    if mask.shape != image.shape[:3] + (1,):
+      raise ValueError(f'mask_image has shape {tuple(jnp.shape(mask_image))}; it must cover the '
+                       f'image, [B, H, W(, 1)] with [H, W] = {tuple(image.shape[1:3])}.')
+    height, width = self._size(image.shape[1], image.shape[2])
+    method = method or self.scheduler.method
+    if method not in sampling.METHODS:
+      raise ValueError(f'unknown method {method!r}; use one of {sorted(sampling.METHODS)} or None '
+                       f'for the scheduler of the directory ({self.scheduler.method!r}).')
+    f = self.vae_scale_factor
+    in_channels = int(self.unet.in_channels)
+    latent_channels = int(self.vae.latent_channels)
+    nine = in_channels == 2 * latent_channels + 1
+    full = editing.check_strength(strength) == 1.0
+    if full:
+      opts = self.scheduler.sample_options(method, num_steps)
+      opts.update(sampler_options)
+      start = None
+    else:
+      opts, start = self._kept_steps(method, num_steps, strength, sampler_options)
+    latent_shape = (batch, height // f, width // f, latent_channels)
+    key = jax.random.key(0) if key is None else key
+    noise_key, sample_key = jax.random.split(key)
+    if noise is None:
+      noise = jax.random.normal(noise_key, latent_shape, jnp.float32)
+    elif tuple(jnp.shape(noise)) != latent_shape:
+      raise ValueError(f'noise has shape {tuple(jnp.shape(noise))}; it must be {latent_shape}.')
+    use_cfg = float(guidance_scale) > 1.0
+    program_key = ('inpaint', batch, height, width, num_steps, float(strength), method, use_cfg,
+                   negatives is None, float(guidance_rescale), output_type,
+                   tuple(sorted((k, repr(v)) for k, v in sampler_options.items())))
+
+    def build():
+      def run(params, ids, neg_ids, image, mask, noise, key, guidance_scale):
+        repaint = (mask >= 0.5).astype(jnp.float32)
+        repaint_latent = repaint[:, ::f, ::f]  # torch's 'nearest' interpolate at factor f
+        image_latents = self._encode_image(params['vae'], image)
+        cond, null = self._conds(params, ids, neg_ids, height, width)
+        options = dict(opts or {})
+        steps = len(options['times']) if 'times' in options else num_steps
+        if nine:
+          masked = self._encode_image(params['vae'], image * (1.0 - repaint) + 0.5 * repaint)
+          extra = jnp.concatenate([repaint_latent, masked], axis=-1)
+          cond, null = {**cond, 'inpaint': extra}, {**null, 'inpaint': extra}
+        else:
+          keep = 1.0 - repaint_latent
+
+          def replace(x, i, t, alpha, sigma):
+            del t
+            # After the last step the clean latents, whatever level the schedule ends at
+            # (diffusers' DDIM / PNDM stop at alphas_cumprod[0], not at the data).
+            noised = jnp.where(i == steps - 1, image_latents,
+                               alpha * image_latents + sigma * noise)
+            return keep * noised + (1.0 - keep) * x
+          options['step_hook'] = replace
+        if opts is None:
+          return image_latents if output_type == 'latent' else self._decode(params['vae'],
+                                                                            image_latents)
+        if full:
+          x_t = self.scheduler.x_T(noise, method=method, num_steps=num_steps)
+        else:
+          x_t = start[0] * image_latents + start[1] * noise
+        x0 = sampling.sample(
+            self.model_fn(params['unet']), self.scheduler.process, method=method,
+            num_steps=steps, key=key, x_T=x_t, prediction=self.scheduler.prediction, cond=cond,
+            null_cond=null if use_cfg else None,
+            guidance_scale=guidance_scale if use_cfg else 1.0,
+            guidance_rescale=guidance_rescale, **options)
+        return x0 if output_type == 'latent' else self._decode(params['vae'], x0)
+      return jax.jit(run, out_shardings=_batch_sharding(self.mesh, batch))
+
+    fn = self._program(program_key, build)
+    ids = self._put_batch(self.tokenize(prompts))
+    neg_ids = None if negatives is None else self._put_batch(self.tokenize(negatives))
+    return fn(self.params, ids, neg_ids, self._put_batch(image), self._put_batch(mask),
               self._put_batch(jnp.asarray(noise, jnp.float32)), sample_key,
               jnp.float32(guidance_scale))
 
