@@ -160,20 +160,23 @@ def _reference(path, lora_file, latents, *, scale):
   return out.images.numpy().transpose(0, 2, 3, 1)
 
 
+@pytest.fixture(scope='module', autouse=True)
 def _allow_peft_in_transformers():
   """transformers 5.24 refuses PEFT < 0.22 for text-encoder adapters; PyPI's newest is 0.21.2.
 
-  The check is a version gate only; PEFT 0.21.2's LoRA layers are what runs either way.
+  The check is a version gate only; PEFT 0.21.2's LoRA layers are what runs either way. Lifted
+  for this module's tests only.
   """
   import transformers.integrations.peft as tpeft  # pylint: disable=import-outside-toplevel
-  tpeft.check_peft_version = lambda min_version: None
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(tpeft, 'check_peft_version', lambda min_version: None)
+    yield
 
 
 @pytest.fixture(scope='module')
 def sd_lora(tmp_path_factory):
   import diffusers  # pylint: disable=import-outside-toplevel
   from peft import LoraConfig, get_peft_model_state_dict  # pylint: disable=import-outside-toplevel
-  _allow_peft_in_transformers()
   root = tmp_path_factory.mktemp('lora')
   ref = sd_fixtures.make_sd_pipeline(root / 'pipe', kind='sd', scheduler='DDIMScheduler')
   torch.manual_seed(0)
@@ -233,6 +236,43 @@ def test_lora_files_match_diffusers(sd_lora):
   # ... and diffusers reads it as it reads the PEFT file.
   np.testing.assert_allclose(_reference(path, kohya_file, latents, scale=0.5), expected,
                              rtol=1e-5, atol=1e-5)
+
+
+def test_sdxl_lora_on_both_text_encoders_matches_diffusers(tmp_path):
+  import diffusers  # pylint: disable=import-outside-toplevel
+  from peft import LoraConfig, get_peft_model_state_dict  # pylint: disable=import-outside-toplevel
+  ref = sd_fixtures.make_sd_pipeline(tmp_path / 'xl', kind='sdxl',
+                                     scheduler='EulerDiscreteScheduler')
+  torch.manual_seed(1)
+  configs = {'unet': LoraConfig(r=2, lora_alpha=4, target_modules=UNET_TARGETS,
+                                init_lora_weights=False),
+             'text_encoder': LoraConfig(r=2, lora_alpha=1, target_modules=TEXT_TARGETS,
+                                        init_lora_weights=False),
+             'text_encoder_2': LoraConfig(r=3, lora_alpha=6, target_modules=TEXT_TARGETS,
+                                          init_lora_weights=False)}
+  for name, cfg in configs.items():
+    getattr(ref, name).add_adapter(cfg)
+  diffusers.StableDiffusionXLPipeline.save_lora_weights(
+      tmp_path / 'lora', **{f'{n}_lora_layers': get_peft_model_state_dict(getattr(ref, n))
+                            for n in configs},
+      **{f'{n}_lora_adapter_metadata': cfg.to_dict() for n, cfg in configs.items()})
+  latents = np.random.default_rng(3).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  ref = diffusers.StableDiffusionXLPipeline.from_pretrained(tmp_path / 'xl')
+  ref.set_progress_bar_config(disable=True)
+  ref.load_lora_weights(tmp_path / 'lora')
+  with torch.no_grad():
+    expected = ref(PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=2, guidance_scale=5.0,
+                   latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
+                   output_type='latent', height=16, width=16).images.numpy().transpose(0, 2, 3, 1)
+  pipe = pipelines.load_pretrained(tmp_path / 'xl')
+  lora_lib.load_lora_weights(pipe, tmp_path / 'lora')
+  assert sorted(lora_lib.read_lora(tmp_path / 'lora', pipe.params)) == sorted(configs)
+  got = np.asarray(pipe.text_to_image(PROMPTS, negative_prompt=NEGATIVE, num_steps=2,
+                                      guidance_scale=5.0, latents=latents, height=16, width=16,
+                                      output_type='latent'))
+  err = np.abs(got - expected).max() / np.abs(expected).max()
+  print('SDXL relative max error vs diffusers:', err)
+  assert err <= TOL
 
 
 def test_written_files_are_what_diffusers_and_kohya_write(sd_lora, tmp_path):
