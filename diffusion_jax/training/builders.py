@@ -186,6 +186,12 @@ def load_init_params(s: Setup, init_params: Any = None) -> Any:
     tree = flax.serialization.from_state_dict(s.abstract_params,
                                               flax.serialization.to_state_dict(init_params))
     return sharding.put_params(tree, s.mesh, min_size=s.config.mesh.fsdp_min_size)
+  if init_from and s.latent is not None:
+    from diffusion_jax.training import latent  # pylint: disable=import-outside-toplevel
+    if latent.diffusers_root(init_from) is not None:  # fine-tuning released weights
+      tree = latent.load_pretrained_params(s)
+      checkpointing.check_tree(s.abstract_params, tree, name='init_from')
+      return sharding.put_params(tree, s.mesh, min_size=s.config.mesh.fsdp_min_size)
   if init_from:
     return checkpointing.load_params(init_from, s.abstract_params, which='ema_params')
   return None

@@ -274,10 +274,85 @@ def autoencoder_parts(config: ml_collections.ConfigDict, image_shape: tuple[int,
   return Parts(vae, network_fn, init_params, tuple(image_shape))
 
 
+def diffusers_root(path: str) -> epath.Path | None:
+  """``path`` when it is a diffusers pipeline directory (it has ``unet/config.json``), else None."""
+  if not path:
+    return None
+  root = epath.Path(path)
+  return root if (root / 'unet' / 'config.json').exists() else None
+
+
+def pretrained_unet(config: ml_collections.ConfigDict, root: epath.Path, *, context_dim: int
+                    ) -> UNet2DConditionModel:
+  """The U-Net of a diffusers directory's ``unet/config.json``, with the config's dtype,
+  attention and remat policy (fine-tuning).
+
+  Raises:
+    ValueError: an SDXL U-Net (its added conditioning is not trained here), or a cross-attention
+      width that is not the text encoder's.
+  """
+  cfg = json.loads((root / 'unet' / 'config.json').read_text())
+  u = config.model.cond_unet
+  unet = UNet2DConditionModel.from_config(cfg, dtype=DTYPES[config.model.dtype],
+                                          attention=u.attention, remat_policy=u.remat_policy)
+  if unet.addition_embed_type:
+    raise ValueError(f'{root}/unet is an SDXL U-Net (addition_embed_type='
+                     f'{unet.addition_embed_type!r}); fine-tuning here covers SD 1.x / 2.x U-Nets.')
+  dims = unet.cross_attention_dim
+  if any(d != context_dim for d in (dims if isinstance(dims, (tuple, list)) else (dims,))):
+    raise ValueError(f'{root}/unet attends to {dims}-wide text states; the text encoder gives '
+                     f'{context_dim} (model.text_encoder.path: use the same pipeline directory).')
+  return unet
+
+
+def load_pretrained_params(s) -> Any:
+  """``{'unet': ...}`` of ``training.init_from``'s diffusers directory (NumPy, float32)."""
+  from diffusion_jax.weights import unet as unet_weights  # pylint: disable=import-outside-toplevel
+  root = diffusers_root(s.config.training.init_from)
+  if s.latent.trains_text:
+    raise ValueError('Fine-tuning a diffusers U-Net (training.init_from) needs its own text '
+                     "encoder: set model.text_encoder.source='pretrained' and "
+                     'model.text_encoder.path to the same directory.')
+  _, params = unet_weights.load_unet(root / 'unet')
+  return {'unet': params}
+
+
+def save_diffusers(config: ml_collections.ConfigDict, workdir, params) -> epath.Path:
+  """Writes ``workdir/diffusers``: ``training.init_from``'s pipeline with the trained U-Net.
+
+  Every file of the source directory is copied except ``unet/``, which is written from
+  ``params['unet']`` (``config.json`` and ``diffusion_pytorch_model.safetensors``, float32), so
+  diffusers' ``from_pretrained`` and ``pipelines.load_pretrained`` load the result.
+  """
+  from diffusion_jax.weights import unet as unet_weights  # pylint: disable=import-outside-toplevel
+  root = diffusers_root(config.training.init_from)
+  out = epath.Path(workdir) / 'diffusers'
+  if jax.process_index() != 0:
+    return out
+  for src in root.rglob('*'):
+    rel = src.relative_to(root)
+    if rel.parts[0] == 'unet' or src.is_dir():
+      continue
+    dst = out / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(src.read_bytes())
+  (out / 'unet').mkdir(parents=True, exist_ok=True)
+  state = unet_weights.unet_state(jax.device_get(params['unet']))
+  safetensors.numpy.save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()},
+                              str(out / 'unet' / 'diffusion_pytorch_model.safetensors'))
+  (out / 'unet' / 'config.json').write_bytes((root / 'unet' / 'config.json').read_bytes())
+  print(f'diffusion_jax: fine-tuned pipeline written to {out}.', flush=True)
+  return out
+
+
 def ldm_parts(config: ml_collections.ConfigDict, workdir, image_shape: tuple[int, ...], *,
               captions_fn=None) -> Parts:
   lm = load_latent_models(config, workdir, image_shape, captions_fn=captions_fn)
-  unet = unet_module(config, in_channels=lm.latent_shape[-1], context_dim=lm.text.hidden_size)
+  root = diffusers_root(config.training.init_from)
+  if root is not None:
+    unet = pretrained_unet(config, root, context_dim=lm.text.hidden_size)
+  else:
+    unet = unet_module(config, in_channels=lm.latent_shape[-1], context_dim=lm.text.hidden_size)
   x = jnp.zeros((1,) + lm.latent_shape, jnp.float32)
   ids = jnp.zeros((1, lm.max_length), jnp.int32)
 

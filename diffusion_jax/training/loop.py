@@ -268,6 +268,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if config.training.task == 'autoencoder':  # the scale factor, and the model as a vae/ dir
     from diffusion_jax.training import latent  # pylint: disable=import-outside-toplevel
     latent.finish_autoencoder(config, workdir, state.ema_params)
+  elif config.training.task == 'latent_diffusion':
+    from diffusion_jax.training import latent  # pylint: disable=import-outside-toplevel
+    if latent.diffusers_root(config.training.init_from) is not None:
+      latent.save_diffusers(config, workdir, state.ema_params)  # fine-tuned, as diffusers reads
   if is_chief:
     samples = f', samples {epath.Path(workdir) / "samples"}' if num_grid else ''
     print(f'diffusion_jax: trained to step {step}. Checkpoints {s.checkpointer.directory}, metrics '
