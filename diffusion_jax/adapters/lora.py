@@ -248,7 +248,9 @@ def init_lora(params: PyTree, *, rank: int, key: jax.Array, alpha: float | None 
   the base model (Hu et al. 2021, Sec. 4.1).
 
   Args:
-    params: the base tree (arrays or ``jax.ShapeDtypeStruct`` s), any nesting.
+    params: the base tree (arrays or ``jax.ShapeDtypeStruct`` s), any nesting; for a pipeline
+      pass the components to adapt, e.g. ``{'unet': pipe.params['unet']}`` (the VAE's attention
+      has ``to_q`` too, and LoRA files hold only the U-Net and text encoders).
     rank: r, at least 1.
     key: PRNG key.
     alpha: the scale numerator; None: ``alpha = rank`` (scale 1).
