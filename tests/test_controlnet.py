@@ -100,6 +100,7 @@ def test_residuals_match_diffusers(saved, scale, guess_mode):
     theirs = nets[0](_nchw(x), torch.from_numpy(t), torch.from_numpy(context), _nchw(image),
                      conditioning_scale=scale, guess_mode=guess_mode, return_dict=False)
   err, ref_scale = _max_err(ours, theirs)
+  print(f'residuals: max error {err:.2e}, max |residual| {ref_scale:.2f}')
   assert ref_scale > 1.0 and err <= TOL, err
 
 
@@ -130,6 +131,7 @@ def test_sdxl_controlnet_residuals_match_diffusers(tmp_path):
                  added_cond_kwargs={'text_embeds': torch.from_numpy(pooled),
                                     'time_ids': torch.from_numpy(time_ids)})
   err, ref_scale = _max_err(ours, theirs)
+  print(f'residuals: max error {err:.2e}, max |residual| {ref_scale:.2f}')
   assert ref_scale > 1.0 and err <= TOL, err
 
 
@@ -228,11 +230,46 @@ def test_pipeline_matches_diffusers(saved, which, scales):
   expected = _diffusers_latents(ref, [ref_nets[k] for k in which], control, scales, latents,
                                 **kwargs)
   err = np.abs(ours - expected).max()
+  print(f'final latents: max error {err:.2e}, max |latent| {np.abs(expected).max():.2f}')
   assert err <= PIPE_TOL * np.abs(expected).max(), err
   # The ControlNets matter at this tolerance: without them the latents are far from diffusers'.
   plain = np.asarray(pipe.text_to_image(PROMPTS, negative_prompt=NEGATIVE, latents=latents,
                                         height=16, width=16, output_type='latent', **kwargs))
   assert np.abs(plain - expected).max() > 100 * PIPE_TOL * np.abs(expected).max()
+
+
+def test_sdxl_pipeline_matches_diffusers(tmp_path):
+  """StableDiffusionXLControlNetPipeline: the ControlNet also reads SDXL's pooled text and time ids."""
+  ref = sd_fixtures.make_sd_pipeline(tmp_path / 'pipe', kind='sdxl', scheduler='EulerDiscreteScheduler')
+  net = _diffusers_controlnet(ref.unet, seed=12)
+  net.save_pretrained(tmp_path / 'cn', safe_serialization=True)
+  pipe = pipelines.load_pretrained(tmp_path / 'pipe')
+  nets, nets_params = cn_pipeline.load_controlnets(tmp_path / 'cn')
+  control = _control_images(30)
+  latents = np.random.default_rng(6).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  cond, null = pipe.encode_prompt(PROMPTS, NEGATIVE, height=16, width=16)
+  cond = dict(cond, control=(control,))
+  null = dict(null, control=(control,))
+  s = pipe.scheduler
+  model_fn = cn_pipeline.controlnet_model_fn(pipe.unet, pipe.params['unet'], nets, nets_params,
+                                             scales=(0.7,), model_timestep=s.model_timestep,
+                                             sdxl=True)
+  ours = np.asarray(jax.jit(lambda x: sampling.sample(
+      model_fn, s.process, method=s.method, num_steps=3, x_T=s.x_T(x, method=s.method, num_steps=3),
+      prediction=s.prediction, cond=cond, null_cond=null, guidance_scale=5.0,
+      **s.sample_options(s.method, 3)))(jnp.asarray(latents)))
+  reference = diffusers.StableDiffusionXLControlNetPipeline(
+      vae=ref.vae, text_encoder=ref.text_encoder, text_encoder_2=ref.text_encoder_2,
+      tokenizer=ref.tokenizer, tokenizer_2=ref.tokenizer_2, unet=ref.unet, controlnet=net,
+      scheduler=ref.scheduler)
+  with torch.no_grad():
+    expected = _nhwc(reference(PROMPTS, negative_prompt=NEGATIVE, image=_nchw(control),
+                               num_inference_steps=3, guidance_scale=5.0,
+                               controlnet_conditioning_scale=0.7, latents=_nchw(latents),
+                               height=16, width=16, output_type='latent').images)
+  err = np.abs(ours - expected).max()
+  print(f'final latents: max error {err:.2e}, max |latent| {np.abs(expected).max():.2f}')
+  assert err <= PIPE_TOL * np.abs(expected).max(), err
 
 
 def test_training_reduces_the_loss_and_leaves_the_unet_alone(saved):
