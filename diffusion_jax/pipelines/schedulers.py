@@ -22,7 +22,9 @@ and its noise levels as ``levels`` (``sampling.core.Levels``):
 - EulerDiscreteScheduler -> ``euler``: its fractional timesteps and sigmas (linear in the
   timestep, or Karras); ``x_T`` carries ``init_noise_sigma``.
 - PNDMScheduler (``skip_prk_steps``) -> ``plms``: the pseudo-Heun start and AB of the raw model
-  outputs, every step onto the next level, the last onto ``final_alpha_cumprod``.
+  outputs, every step ending at ``alphas_cumprod[t - N // n]`` (the last at
+  ``final_alpha_cumprod``), the correction starting at ``t_1 + N // n`` (as DDIM, not the grid's
+  neighbours with 'linspace' spacing).
 - UniPCMultistepScheduler (``predict_x0``) -> ``unipc``: its sigmas (Karras too),
   ``solver_order``, ``solver_type`` (bh1 / bh2), ``lower_order_final``.
 
@@ -303,15 +305,16 @@ class Scheduler:
       abar_to = np.where(prev >= 0, abar[np.maximum(prev, 0)], final)
       alpha, sigma = _from_abar(np.concatenate([abar[ts], abar_to[-1:]]))
       alpha_to, sigma_to = _from_abar(abar_to)
-      if cls == 'PNDMScheduler':
-        if n > 1 and not np.array_equal(prev[:-1], ts[1:]):
-          raise ValueError(
-              f"PNDMScheduler with timestep_spacing={cfg['timestep_spacing']!r} and {n} steps "
-              f'steps by N // n = {self.num_train_timesteps // n} from timesteps {ts.tolist()} '
-              'that are not that far apart, so its pseudo-Heun start converts at a level that '
-              "is no timestep: not reproduced. Use 'leading' spacing (or 'trailing' with n "
-              f'dividing {self.num_train_timesteps}), or another method.')
-        return ts.astype(np.float32), core.Levels(alpha, sigma)
+      if cls == 'PNDMScheduler' and n > 1:
+        # Its pseudo-Heun correction steps from timestep ts[1] + N // n back to ts[1].
+        heun = ts[1] + self.num_train_timesteps // n
+        if heun >= self.num_train_timesteps:
+          raise ValueError(f'PNDMScheduler at {n} steps: its pseudo-Heun correction starts at '
+                           f'timestep {heun}, past num_train_timesteps (diffusers indexes out of '
+                           'range there).')
+        a_h, s_h = _from_abar(abar[heun])
+        return ts.astype(np.float32), core.Levels(alpha, sigma, alpha_to, sigma_to,
+                                                  a_h, s_h)
       return ts.astype(np.float32), core.Levels(alpha, sigma, alpha_to, sigma_to)
     sigmas_full = np.sqrt((1 - self.alphas_cumprod) / self.alphas_cumprod)  # float32
     log_sigmas = np.log(sigmas_full)

@@ -69,15 +69,20 @@ class Levels(NamedTuple):
       (1: the data).
     sigma: [n + 1] sigma likewise (the last 0: the data).
     alpha_to: [n] or None: where step i ends when that is not the next time's level (diffusers'
-      DDIM with 'linspace' spacing steps by N // n whatever the next timestep is); only ``ddim``
-      takes it. None: ``alpha[1:]``.
+      DDIM and PNDM with 'linspace' spacing step by N // n whatever the next timestep is); only
+      ``ddim`` and ``plms`` take it. None: ``alpha[1:]``.
     sigma_to: [n] or None, likewise.
+    alpha_heun, sigma_heun: ``plms`` only, scalars or None: the level its pseudo-Heun
+      correction of the first step starts from (diffusers' PNDM: that of timestep
+      ``t_1 + N // n``, not t_0's with 'linspace' spacing). None: ``alpha[0]``, ``sigma[0]``.
   """
 
   alpha: Any  # [n + 1]
   sigma: Any  # [n + 1]
   alpha_to: Any = None  # [n]
   sigma_to: Any = None  # [n]
+  alpha_heun: Any = None  # scalar
+  sigma_heun: Any = None  # scalar
 
 
 class Schedule(NamedTuple):
@@ -225,7 +230,7 @@ def make_schedule(process, num_steps: int, *, grid: str | None = None,
     shift: SD3's time shift of the named grid (``grids.make_grid``); 1: none.
     levels: with ``times``, the noise levels to use instead of the process's (``Levels``);
       the times may then repeat (non-increasing).
-    levels_to: whether the method takes ``Levels.alpha_to`` / ``sigma_to`` (``ddim``).
+    levels_to: whether the method takes ``Levels.alpha_to`` / ``sigma_to`` (``ddim``, ``plms``).
 
   With a concrete process (closed over, not a jit argument) the schedule is computed at trace time
   and enters the program as constants: nothing of it is compiled.
@@ -291,7 +296,9 @@ def _schedule_from_levels(t: jax.Array, levels, *, method: str, levels_to: bool)
     raise ValueError(f'{method}: give both levels.alpha_to and levels.sigma_to, or neither.')
   if 'alpha_to' in arrays and not levels_to:
     raise ValueError(f'{method}: levels.alpha_to / sigma_to (steps that end off the next time\'s '
-                     "level) are taken by 'ddim' only.")
+                     "level) are taken by 'ddim' and 'plms' only.")
+  if levels.alpha_heun is not None and method != 'plms':
+    raise ValueError(f"{method}: levels.alpha_heun / sigma_heun are taken by 'plms' only.")
   if np.any(arrays['sigma'][:-1] <= 0):
     raise ValueError(f'{method}: levels.sigma must be > 0 at every time (only the end of the '
                      f'final step may be the data, sigma = 0); got {arrays["sigma"]}.')

@@ -290,24 +290,41 @@ def _pndm_levels(model_fn, process, x_T, *, num_steps, prediction, times, levels
   As ``plms`` (the pseudo-Heun start, then AB2, AB3, AB4), with what diffusers does differently:
   the Adams-Bashforth combination is taken of the model's raw outputs (for 'v', of v) and
   converted to eps at the start of each step with that step's state and level; every step, the
-  last one too, is the DDIM transfer ``alpha_to (x - sigma e') / alpha + sigma_to e'`` onto the
-  next level (no extrapolation to the data, no fallback for long first steps). One step (n = 1)
-  is DDIM's. NFE = n + 1 (1 for n = 1).
+  last one too, is the DDIM transfer ``alpha_to (x - sigma e') / alpha + sigma_to e'`` onto its
+  end level (``Levels.alpha_to``, default the next time's; no extrapolation to the data, no
+  fallback for long first steps); the pseudo-Heun correction goes from ``Levels.alpha_heun``
+  (default the first time's) to the second time's. One step (n = 1) is DDIM's. NFE = n + 1
+  (1 for n = 1).
   """
   if prediction not in ('eps', 'v'):
     raise ValueError(f"plms with levels (diffusers' PNDM) takes prediction 'eps' or 'v', got "
                      f'{prediction!r}.')
-  sched = core.make_schedule(process, num_steps, times=times, method='plms', levels=levels)
+  sched = core.make_schedule(process, num_steps, times=times, method='plms', levels=levels,
+                             levels_to=True)
   n = sched.num_steps
+  levels = core.Levels(*levels)
+  alpha_to, sigma_to = sched.step_ends()
+  heun = [sched.alpha[0], sched.sigma[0]]
+  for k, name in enumerate(('alpha_heun', 'sigma_heun')):
+    value = getattr(levels, name)
+    if value is not None:
+      if np.ndim(value) != 0 or not 0 <= float(value) < np.inf:
+        raise ValueError(f'plms: levels.{name} must be a finite scalar >= 0, got {value!r}.')
+      heun[k] = jnp.float32(value)
   # n + 1 iterations (1 for n = 1): j = 0 predicts step 0, j = 1 corrects it with the mean of
-  # both outputs (not kept in the history), j >= 2 is step j - 1 with AB of the history.
+  # both outputs (not kept in the history), j >= 2 is step j - 1 with AB of the history. Each
+  # converts at its start level and ends at its step's end: diffusers' (timestep, prev_timestep).
   j = np.arange(n + 1) if n > 1 else np.arange(1)
   start = np.maximum(j - 1, 0)
   t_eval = np.where(j == 1, 1, start)
   ab_order = np.minimum(np.maximum(j, 1), order)
-  xs = {'i': jnp.asarray(j), 't': sched.t[t_eval], 'alpha': sched.alpha[start],
-        'sigma': sched.sigma[start], 'alpha_next': sched.alpha[start + 1],
-        'sigma_next': sched.sigma[start + 1], 'ab': jnp.asarray(_AB[ab_order])}
+  is_heun = jnp.asarray(j == 1)
+  xs = {'i': jnp.asarray(j), 't': sched.t[t_eval],
+        'alpha': jnp.where(is_heun, heun[0], sched.alpha[start]),
+        'sigma': jnp.where(is_heun, heun[1], sched.sigma[start]),
+        'alpha_next': jnp.where(is_heun, sched.alpha[1], alpha_to[start]),
+        'sigma_next': jnp.where(is_heun, sched.sigma[1], sigma_to[start]),
+        'ab': jnp.asarray(_AB[ab_order])}
   if step_hook is not None:
     xs['t_reached'] = jnp.concatenate([sched.t, jnp.zeros((1,), jnp.float32)])[start + 1]
     xs['no_step'] = jnp.asarray((j == 0) & (n > 1))
