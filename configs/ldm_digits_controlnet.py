@@ -8,7 +8,8 @@ trains a ControlNet (Zhang et al. 2023) on its frozen U-Net and text encoder, co
 training image's edge map (the ink's one-pixel boundary), writes it as a diffusers ControlNet
 directory into ``WORKDIR/controlnet`` and measures on held-out writers' images whether the samples'
 edges match the control (IoU) and the prompted digits are kept (``digit_classifier``), with and
-without the ControlNet on the same prompts and noise.
+without the ControlNet on the same prompts and noise. ``get_config`` is the job's own config (what
+the trainer validates); ``get_controlnet_config`` the ControlNet's settings.
 """
 
 import importlib.util
@@ -27,7 +28,12 @@ def _ldm_digits_config():
 
 
 def get_config():
-  config = _ldm_digits_config()
+  """The job the ControlNet is trained on: ``configs/ldm_digits.py``'s, unchanged."""
+  return _ldm_digits_config()
+
+
+def get_controlnet_config():
+  """The ControlNet's training and evaluation settings (read by the experiment only)."""
   c = ml_collections.ConfigDict()
   c.control = 'edges'  # the ink's boundary, {0, 1}, one channel
   # 32x32 control images -> 8x8 latents: three widths, two stride-2 steps.
@@ -42,6 +48,4 @@ def get_config():
   c.num_eval_singles = 150  # held-out writers' single digits (test_singles)
   c.num_eval_pairs = 150  # and pairs of seen classes (test_seen_pairs)
   c.conditioning_scale = 1.0
-  with config.unlocked():
-    config.controlnet = c
-  return config
+  return c

@@ -44,7 +44,7 @@ def _load_config(path: str):
   spec = importlib.util.spec_from_file_location('controlnet_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(), module.get_controlnet_config()
 
 
 def edge_map(images):
@@ -95,10 +95,7 @@ def main(argv):
   from experiments import digit_classifier  # pylint: disable=import-outside-toplevel
 
   cpu_runtime.configure()
-  config = _load_config(_CONFIG.value)
-  with config.unlocked():
-    c = config.controlnet
-    del config['controlnet']  # the job's own config, as it was trained
+  config, c = _load_config(_CONFIG.value)
   if _STEPS.value is not None:
     c.num_train_steps = _STEPS.value
   if _EVAL.value is not None:
