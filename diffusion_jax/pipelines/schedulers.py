@@ -244,6 +244,7 @@ class Scheduler:
     exact: whether ``method`` with ``sample_options(method, n)`` is diffusers' loop step for step.
     note: why not, when not exact.
     alphas_cumprod: [N] float32, diffusers' (clamped at zero terminal SNR as the class does).
+    nearest_options: the options of ``method`` for a class mapped to its nearest method.
   """
 
   class_name: str
@@ -274,18 +275,16 @@ class Scheduler:
                        f'{self.num_train_timesteps} of the {self.class_name} config.')
     return int(num_steps)
 
-  def _spaced(self, n: int, *, plus_one: bool) -> np.ndarray:
-    """Integer timesteps by ``timestep_spacing`` (DPM-Solver / UniPC lay out n + 1, keep n)."""
+  def _ddim_timesteps(self, n: int) -> np.ndarray:
+    """DDIM's and PNDM's integer timesteps ``[n]`` by ``timestep_spacing``, decreasing."""
     big_n, spacing = self.num_train_timesteps, self.config['timestep_spacing']
-    m = n + 1 if plus_one else n
     if spacing == 'linspace':
-      ts = np.linspace(0, big_n - 1, m).round()[::-1]
+      ts = np.linspace(0, big_n - 1, n).round()[::-1]
     elif spacing == 'leading':
-      ts = (np.arange(0, m) * (big_n // m)).round()[::-1] + self.config['steps_offset']
+      ts = (np.arange(0, n) * (big_n // n)).round()[::-1] + self.config['steps_offset']
     else:  # trailing
       ts = np.round(np.arange(big_n, 0, -big_n / n)) - 1
-      return ts.astype(np.int64)
-    return (ts[:n] if plus_one else ts).astype(np.int64)
+    return ts.astype(np.int64)
 
   def schedule(self, num_steps: int) -> tuple[np.ndarray, core.Levels]:
     """diffusers' timesteps ``[n]`` (what the model sees, float32) and the levels of its loop.
@@ -299,7 +298,7 @@ class Scheduler:
     cls, cfg, abar = self.class_name, self.config, self.alphas_cumprod.astype(np.float64)
     if cls in ('DDIMScheduler', 'PNDMScheduler'):
       # PNDM lays 'linspace' and 'trailing' out ascending and reverses them: the same numbers.
-      ts = self._spaced(n, plus_one=False)
+      ts = self._ddim_timesteps(n)
       final = 1.0 if cfg['set_alpha_to_one'] else abar[0]
       prev = ts - self.num_train_timesteps // n
       abar_to = np.where(prev >= 0, abar[np.maximum(prev, 0)], final)
