@@ -56,19 +56,16 @@ def test_sd_text_to_image_matches_diffusers(sd_dir):
   path, ref = sd_dir
   ours = pipelines.load_pretrained(path)
   latents = _latents(len(PROMPTS))
-  for num_steps in (1, 5):
-    expected = _diffusers_run(ref, latents, num_steps=num_steps, guidance_scale=7.5,
-                              output_type='latent')
-    got = np.asarray(ours.text_to_image(PROMPTS, negative_prompt=NEGATIVE, num_steps=num_steps,
-                                        guidance_scale=7.5, latents=latents, height=16, width=16,
-                                        output_type='latent'))
-    scale = np.abs(expected).max()
-    assert np.abs(got - expected).max() <= TOL * scale, (num_steps, np.abs(got - expected).max())
-  images = np.asarray(ours.text_to_image(PROMPTS, negative_prompt=NEGATIVE, num_steps=5,
-                                         guidance_scale=7.5, latents=latents, height=16, width=16))
-  expected = _diffusers_run(ref, latents, num_steps=5, guidance_scale=7.5, output_type='np')
-  assert images.shape == (2, 16, 16, 3) and images.dtype == np.float32
-  assert np.abs(images - expected).max() <= TOL
+  expected = _diffusers_run(ref, latents, num_steps=4, guidance_scale=7.5, output_type='latent')
+  got = np.asarray(ours.text_to_image(PROMPTS, negative_prompt=NEGATIVE, num_steps=4,
+                                      guidance_scale=7.5, latents=latents, height=16, width=16,
+                                      output_type='latent'))
+  assert np.abs(got - expected).max() <= TOL * np.abs(expected).max()
+  if type(ref.scheduler).__name__ == 'DDIMScheduler':  # the decode, once
+    images = np.asarray(ours.decode_latents(got))
+    expected = _diffusers_run(ref, latents, num_steps=4, guidance_scale=7.5, output_type='np')
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.float32
+    assert np.abs(images - expected).max() <= TOL
 
 
 @pytest.fixture(scope='module')
@@ -110,7 +107,7 @@ def test_every_method_runs_on_the_same_pipeline(tmp_path):
   path = tmp_path / 'pipe'
   sd_fixtures.make_sd_pipeline(path, kind='sd', scheduler='DDIMScheduler')
   ours = pipelines.load_pretrained(path)
-  for method in ('ddpm', 'heun', 'dpmpp_3m', 'dpmpp_2m_sde', 'euler'):
+  for method in ('heun', 'dpmpp_2m_sde'):  # two evaluations a step; stochastic
     out = np.asarray(ours.text_to_image(PROMPTS[:1], num_steps=4, method=method, height=16,
                                         width=16, key=jax.random.key(3)))
     assert out.shape == (1, 16, 16, 3) and np.isfinite(out).all(), method
@@ -325,3 +322,22 @@ def test_inpaint_matches_diffusers(tmp_path, monkeypatch, inpainting, strength):
   if not inpainting:  # replacement: the kept half's latents are the image's, exactly
     kept = np.asarray(ours.encode_image(image))[:, :, :4]
     np.testing.assert_allclose(got[:, :, :4], kept, atol=1e-6)
+
+
+def test_pipeline_lora_methods_change_and_restore_the_images(tmp_path):
+  """pipe.load_lora_weights / unload_lora_weights (adapters.lora; parity in tests/test_lora.py)."""
+  from diffusion_jax.adapters import lora  # pylint: disable=import-outside-toplevel
+  path = tmp_path / 'pipe'
+  sd_fixtures.make_sd_pipeline(path, kind='sd', scheduler='DDIMScheduler')
+  pipe = pipelines.load_pretrained(path)
+  adapter = lora.init_lora({'unet': pipe.params['unet']}, rank=2, key=jax.random.key(0))
+  adapter = jax.tree.map(lambda x: x + 0.1 if hasattr(x, 'shape') else x, adapter)  # B != 0
+  lora.save_lora(tmp_path / 'lora', adapter)
+  latents = _latents(1, seed=10)
+  run = lambda: np.asarray(pipe.text_to_image(PROMPTS[:1], num_steps=2, latents=latents,  # noqa: E731
+                                              height=16, width=16))
+  base = run()
+  assert pipe.load_lora_weights(tmp_path / 'lora', scale=0.5) == 'default_0'
+  assert np.abs(run() - base).max() > 1e-2
+  pipe.unload_lora_weights()
+  np.testing.assert_array_equal(run(), base)

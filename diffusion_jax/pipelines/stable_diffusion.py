@@ -33,6 +33,8 @@ import numpy as np
 from etils import epath
 
 from diffusion_jax import editing
+from diffusion_jax.adapters import lora
+from diffusion_jax.adapters import textual_inversion
 from diffusion_jax import sampling
 from diffusion_jax import sharding
 from diffusion_jax import tokenization
@@ -263,6 +265,34 @@ class StableDiffusionPipeline:
     neg_ids = None if negatives is None else self._put_batch(self.tokenize(negatives))
     x_T = self._put_batch(jnp.asarray(latents, jnp.float32))
     return fn(self.params, ids, neg_ids, x_T, sample_key, jnp.float32(guidance_scale))
+
+  # --- adapters ------------------------------------------------------------------------------
+
+  def load_lora_weights(self, path: str | epath.PathLike, *, scale: float = 1.0,
+                        adapter_name: str | None = None) -> str:
+    """Merges a LoRA file (diffusers / PEFT or kohya layout) into the weights; returns its name.
+
+    ``adapters.lora.load_lora_weights``: several LoRAs add up with their own scales, and
+    ``unload_lora_weights`` restores the base weights bitwise.
+    """
+    self._programs.clear()
+    return lora.load_lora_weights(self, path, scale=scale, adapter_name=adapter_name)
+
+  def unload_lora_weights(self) -> None:
+    """Removes every LoRA: the base weights again, bitwise (``adapters.lora``)."""
+    self._programs.clear()
+    lora.unload_lora_weights(self)
+
+  def load_textual_inversion(self, path: str | epath.PathLike, *,
+                             token: str | None = None) -> list[str]:
+    """Adds a textual-inversion embedding (``learned_embeds.safetensors`` or A1111 files) and its
+    placeholder token(s) to the tokenizer(s) and text encoder(s); returns the tokens added.
+
+    Raises:
+      ValueError: a token already in the vocabulary (nothing is changed).
+    """
+    self._programs.clear()
+    return textual_inversion.load_textual_inversion(self, path, token=token)
 
   # --- editing -------------------------------------------------------------------------------
 
