@@ -302,9 +302,11 @@ def _schedule_from_levels(t: jax.Array, levels, *, method: str, levels_to: bool)
   if np.any(arrays['sigma'][:-1] <= 0):
     raise ValueError(f'{method}: levels.sigma must be > 0 at every time (only the end of the '
                      f'final step may be the data, sigma = 0); got {arrays["sigma"]}.')
-  to = {k: jnp.asarray(arrays[k]) for k in ('alpha_to', 'sigma_to') if k in arrays}
-  return Schedule(t=t, alpha=jnp.asarray(arrays['alpha']), sigma=jnp.asarray(arrays['sigma']),
-                  **to)
+  # Constants even inside jit (a pipeline's whole program), so that to_data can read them.
+  with jax.ensure_compile_time_eval():
+    to = {k: jnp.asarray(arrays[k]) for k in ('alpha_to', 'sigma_to') if k in arrays}
+    return Schedule(t=t, alpha=jnp.asarray(arrays['alpha']), sigma=jnp.asarray(arrays['sigma']),
+                    **to)
 
 
 # --- the denoiser ---------------------------------------------------------------------------------
