@@ -329,13 +329,22 @@ def save_diffusers(config: ml_collections.ConfigDict, workdir, params) -> epath.
   out = epath.Path(workdir) / 'diffusers'
   if jax.process_index() != 0:
     return out
-  for src in root.rglob('*'):
-    rel = src.relative_to(root)
-    if rel.parts[0] == 'unet' or src.is_dir():
+  def copy(src: epath.Path, dst: epath.Path) -> None:  # epath has no recursive glob on gs://
+    for child in src.iterdir():
+      if child.is_dir():
+        copy(child, dst / child.name)
+      else:
+        dst.mkdir(parents=True, exist_ok=True)
+        (dst / child.name).write_bytes(child.read_bytes())
+
+  for child in root.iterdir():
+    if child.name == 'unet':
       continue
-    dst = out / rel
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_bytes(src.read_bytes())
+    if child.is_dir():
+      copy(child, out / child.name)
+    else:
+      out.mkdir(parents=True, exist_ok=True)
+      (out / child.name).write_bytes(child.read_bytes())
   (out / 'unet').mkdir(parents=True, exist_ok=True)
   state = unet_weights.unet_state(jax.device_get(params['unet']))
   safetensors.numpy.save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()},
