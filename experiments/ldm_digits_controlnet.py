@@ -10,7 +10,8 @@ r"""Does a ControlNet trained on the embedded digits job make its samples follow
    training images' edge maps (``edge_map``: the ink's one-pixel boundary) with their captions,
    with ``pipelines.controlnet.denoising_objective`` (the U-Net frozen; ``text_dropout`` of the
    prompts replaced by the empty one, the control kept). Writes it as a diffusers ControlNet
-   directory ``WORKDIR/controlnet`` (``weights.controlnet.save_controlnet``).
+   directory ``controlnet/`` (``weights.controlnet.save_controlnet``) into ``--output_dir``
+   (default: the workdir).
 3. Samples, with the job's sampler and guidance, one image per held-out writer's image
    (``num_eval_singles`` single digits, ``num_eval_pairs`` pairs), prompted with its caption and
    controlled by its edge map; and the same prompts and noise at conditioning scale 0 (the
@@ -18,8 +19,8 @@ r"""Does a ControlNet trained on the embedded digits job make its samples follow
    pixels, and after a 3x3 dilation of both, which forgives one-pixel shifts), and the share of
    samples whose digits ``digit_classifier`` reads as prompted (both, in place, for pairs).
 
-Writes ``WORKDIR/controlnet_quality.json`` and ``WORKDIR/controlnet_quality.png`` (rows of
-control, sample with ControlNet, sample without) and prints a Markdown table.
+Also writes ``controlnet_quality.json`` and ``controlnet_quality.png`` (rows of control, sample with
+the ControlNet, sample without) there, and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/ldm_digits', "The digits job's work directory.")
 _CONFIG = flags.DEFINE_string('config', 'configs/ldm_digits_controlnet.py', 'Config file.')
+_OUTPUT = flags.DEFINE_string('output_dir', None, 'Where to write the ControlNet and the report '
+                              '(default: --workdir).')
 _STEPS = flags.DEFINE_integer('steps', None, 'Override controlnet.num_train_steps.')
 _EVAL = flags.DEFINE_integer('num_eval', None, 'Override num_eval_singles and num_eval_pairs.')
 
@@ -101,6 +104,8 @@ def main(argv):
   if _EVAL.value is not None:
     c.num_eval_singles = c.num_eval_pairs = _EVAL.value
   workdir = _WORKDIR.value
+  out = _OUTPUT.value or workdir
+  os.makedirs(out, exist_ok=True)
   result = {'config': _CONFIG.value, 'controlnet': c.to_dict(), 'cpu_cores': os.cpu_count(),
             'load_average_before': os.getloadavg()}
 
@@ -160,7 +165,7 @@ def main(argv):
   result['train_wall_s'] = time.time() - t0
   result['train_log'] = log
   cn_final = jax.device_get(state.ema_params)
-  out_dir = cn_weights.save_controlnet(os.path.join(workdir, 'controlnet'), module, cn_final)
+  out_dir = cn_weights.save_controlnet(os.path.join(out, 'controlnet'), module, cn_final)
   result['controlnet_dir'] = str(out_dir)
 
   # 3. Held-out writers: sample with the ControlNet and without it (scale 0), same noise.
@@ -226,7 +231,7 @@ def main(argv):
   show = []
   for i in list(range(min(10, ns))) + list(range(ns, min(ns + 10, len(images)))):
     show += [control[i] * 2 - 1, samples['controlnet'][i], samples['unet_alone'][i]]
-  png = os.path.join(workdir, 'controlnet_quality.png')
+  png = os.path.join(out, 'controlnet_quality.png')
   writers.save_image_grid(png, np.stack(show), upscale=2)
   result['grid'] = png
 
@@ -239,9 +244,9 @@ def main(argv):
   for r in rows:
     print(f'| {r["samples"]} | {r["edge_iou"]:.3f} | {r["edge_iou_dilated"]:.3f} | '
           f'{100 * r["digits_correct_single"]:.1f}% | {100 * r["digits_correct_pairs"]:.1f}% |')
-  with open(os.path.join(workdir, 'controlnet_quality.json'), 'w') as f:
+  with open(os.path.join(out, 'controlnet_quality.json'), 'w') as f:
     json.dump(result, f, indent=2)
-  print(f'wrote {png}, {out_dir} and {os.path.join(workdir, "controlnet_quality.json")}')
+  print(f'wrote {png}, {out_dir} and {os.path.join(out, "controlnet_quality.json")}')
 
 
 if __name__ == '__main__':
