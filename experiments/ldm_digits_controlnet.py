@@ -207,11 +207,11 @@ def main(argv):
   t0 = time.time()
   for name, scale in (('controlnet', c.conditioning_scale), ('unet_alone', 0.0)):
     p = {'unet': params['unet'], 'cn': cn_final, 'scale': jnp.float32(scale)}
-    out = []
+    chunks = []
     for i in range(0, len(images), 100):
-      out.append(np.asarray(run(p, context[i:i + 100], control[i:i + 100],
-                                jax.random.fold_in(jax.random.key(1234), i))))
-    samples[name] = np.concatenate(out)
+      chunks.append(np.asarray(run(p, context[i:i + 100], control[i:i + 100],
+                                   jax.random.fold_in(jax.random.key(1234), i))))
+    samples[name] = np.concatenate(chunks)
   result['sample_wall_s'] = time.time() - t0
 
   rows = []
