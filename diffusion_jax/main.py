@@ -5,12 +5,14 @@ This file is intentionally kept short: flags, the multi-process runtime, then on
 (resumes from the workdir's latest checkpoint), ``sample`` (EMA samples to ``workdir/samples``),
 ``eval`` (bits/dim on ``data.eval_split``), ``img2img`` / ``inpaint`` / ``invert`` (edits of
 ``--config.sampling.image``, written to ``workdir/samples``), ``txt2img`` (images from the
-pretrained diffusers-format directory ``--config.pretrained`` for ``--config.sampling.prompt``).
+pretrained diffusers-format directory ``--config.pretrained`` for ``--config.sampling.prompt``;
+with ``pretrained`` set, ``img2img`` and ``inpaint`` edit through that pipeline too).
 
 Multi-host: on a TPU pod every host runs the same command and ``jax.distributed`` finds its peers;
 on GPU clusters pass ``--coordinator_address=host:port --num_processes=N --process_id=i``.
 """
 
+import functools
 import os
 import socket
 import sys
@@ -90,7 +92,7 @@ class _QuietLibraries:
     return record.levelno >= 30 or not noisy
 
 
-def _check_workdir(workdir: str, mode: str) -> bool:
+def _check_workdir(workdir: str, mode: str, *, pretrained: bool = False) -> bool:
   """Checks ``workdir`` before anything is compiled or created; returns whether it has checkpoints.
 
   Raises:
@@ -105,7 +107,7 @@ def _check_workdir(workdir: str, mode: str) -> bool:
                              'existing run directory.')
   ckpts = path / 'checkpoints'
   has_checkpoints = ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
-  if mode not in ('train', 'txt2img') and not has_checkpoints:
+  if mode not in ('train', 'txt2img') and not pretrained and not has_checkpoints:
     raise FileNotFoundError(f'No checkpoint in {ckpts} for --mode={mode}: train first with '
                             f'--mode=train and --workdir={workdir}.')
   return has_checkpoints
@@ -122,15 +124,18 @@ def main(argv):
   if _MODE.value in ('img2img', 'inpaint', 'invert'):  # their inputs first: nothing is created
     from diffusion_jax.training import inference  # pylint: disable=import-outside-toplevel
     inference.check_edit_inputs(config, _MODE.value)
-  if _MODE.value == 'txt2img':
+  # img2img / inpaint with --config.pretrained edit through a Stable Diffusion pipeline.
+  pretrained = _MODE.value == 'txt2img' or (_MODE.value in ('img2img', 'inpaint')
+                                            and bool(config.pretrained))
+  if pretrained:
     from diffusion_jax.training import txt2img  # pylint: disable=import-outside-toplevel
     txt2img.check_inputs(config)
-  _check_workdir(_WORKDIR.value, _MODE.value)  # before jax starts: a bad path fails in a second
+  _check_workdir(_WORKDIR.value, _MODE.value, pretrained=pretrained)  # a bad path fails fast
   import jax  # pylint: disable=import-outside-toplevel
   from diffusion_jax import cpu_runtime, training  # pylint: disable=import-outside-toplevel
   _init_distributed()
   applied = cpu_runtime.configure()  # after jax.distributed, before any computation
-  if _MODE.value != 'txt2img':  # which reads only pretrained and sampling.* (checked above)
+  if not pretrained:  # a pipeline reads only pretrained and sampling.* (checked above)
     training.validate_config(config)  # a config error before the first line of output
   # Set only now: every path is checked, so a run that fails before it starts leaves no
   # .jax_cache behind (sample/eval got here only with a checkpoint in the workdir).
@@ -144,12 +149,14 @@ def main(argv):
   run = {'train': training.train_and_evaluate, 'sample': training.sample,
          'eval': training.evaluate, 'img2img': inference.img2img, 'inpaint': inference.inpaint,
          'invert': inference.invert, 'txt2img': _txt2img}[_MODE.value]
+  if pretrained:
+    run = functools.partial(_txt2img, mode=_MODE.value)
   run(config, _WORKDIR.value)
 
 
-def _txt2img(config, workdir):
+def _txt2img(config, workdir, mode='txt2img'):
   from diffusion_jax.training import txt2img  # pylint: disable=import-outside-toplevel
-  return txt2img.text_to_image(config, workdir)
+  return txt2img.text_to_image(config, workdir, mode=mode)
 
 
 # The errors that our own checks raise for something the user can fix: one line, no traceback.

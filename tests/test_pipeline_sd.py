@@ -341,3 +341,29 @@ def test_pipeline_lora_methods_change_and_restore_the_images(tmp_path):
   assert np.abs(run() - base).max() > 1e-2
   pipe.unload_lora_weights()
   np.testing.assert_array_equal(run(), base)
+
+
+@pytest.mark.parametrize('mode', ['img2img', 'inpaint'])
+def test_editing_commands_with_a_pretrained_pipeline(tmp_path, mode):
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path = tmp_path / 'pipe'
+  sd_fixtures.make_sd_pipeline(path, kind='sd', scheduler='DDIMScheduler')
+  rng = np.random.default_rng(11)
+  Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / 'in.png')
+  mask = np.zeros((16, 16), np.uint8)
+  mask[:, :8] = 255  # white = keep the left half
+  Image.fromarray(mask).save(tmp_path / 'mask.png')
+  run = subprocess.run(
+      [sys.executable, '-m', 'diffusion_jax.main', f'--config={repo}/configs/sd.py',
+       f'--mode={mode}', f'--config.pretrained={path}', f'--workdir={tmp_path / "run"}',
+       '--config.sampling.prompt=a red fox', f'--config.sampling.image={tmp_path / "in.png"}',
+       f'--config.sampling.mask={tmp_path / "mask.png"}', '--config.sampling.strength=0.5',
+       '--config.sampling.num_steps=4'], capture_output=True, text=True, check=False,
+      cwd=tmp_path)
+  assert run.returncode == 0, run.stderr[-2000:]
+  out = np.load(tmp_path / 'run' / 'samples' / f'{mode}_ddim_4.npz')
+  assert out['images'].shape == (1, 16, 16, 3) and list(out['prompts']) == ['a red fox']

@@ -1,9 +1,13 @@
-"""``--mode=txt2img``: images from a pretrained diffusers-format Stable Diffusion directory.
+"""``--mode=txt2img`` (and img2img / inpaint) with a pretrained diffusers-format SD directory.
 
 Reads ``config.pretrained`` (a local directory, never a download), the prompts of
 ``sampling.prompt`` (one) or ``sampling.prompts_file`` (one per line), and writes
-``workdir/samples/txt2img_<method>_<steps>.png`` (a grid) and ``.npz`` with ``images`` (uint8
+``workdir/samples/<mode>_<method>_<steps>.png`` (a grid) and ``.npz`` with ``images`` (uint8
 ``[N, H, W, 3]``, ``sampling.num_samples`` per prompt, prompt-major) and ``prompts`` (``[N]``).
+``--mode=img2img`` / ``inpaint`` with ``pretrained`` set edit ``sampling.image`` (RGB, sides
+multiples of the VAE factor) through ``image_to_image`` / ``inpaint`` of the pipeline;
+``sampling.mask`` is white = keep, as for the pixel models (the pipeline's diffusers convention is
+the opposite; it is inverted here).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
+from PIL import Image
 from etils import epath
 
 from diffusion_jax import pipelines
@@ -83,8 +88,22 @@ def check_inputs(config: ml_collections.ConfigDict) -> list[str]:
   return read_prompts(config.sampling)
 
 
-def text_to_image(config: ml_collections.ConfigDict, workdir: str) -> str:
+def _read_image(path: str, *, mode: str) -> np.ndarray:
+  """``[H, W, 3]`` (``mode='RGB'``) or ``[H, W]`` (``'L'``) float32 in [0, 1]."""
+  with epath.Path(path).open('rb') as f:
+    image = Image.open(f)
+    image.load()
+  return np.asarray(image.convert(mode), np.float32) / 255.0
+
+
+def text_to_image(config: ml_collections.ConfigDict, workdir: str, *, mode: str = 'txt2img'
+                  ) -> str:
   """Runs the pipeline of ``config.pretrained`` on the configured prompts; returns the .npz path.
+
+  Args:
+    config: the run's config (``pretrained``, ``sampling.*``).
+    workdir: outputs go to ``workdir/samples``.
+    mode: 'txt2img', or 'img2img' / 'inpaint' on ``sampling.image`` (and ``sampling.mask``).
 
   Raises:
     ValueError: no ``pretrained`` directory, bad prompts or sampling fields (see
@@ -96,19 +115,27 @@ def text_to_image(config: ml_collections.ConfigDict, workdir: str) -> str:
                                    variant=smp.variant or None)
   method = smp.method or None
   options = dict(guidance_rescale=smp.guidance_rescale, method=method, num_steps=smp.num_steps,
-                 guidance_scale=smp.guidance_scale, height=smp.height or None,
-                 width=smp.width or None, negative_prompt=smp.negative_prompt or None)
+                 guidance_scale=smp.guidance_scale, negative_prompt=smp.negative_prompt or None)
+  if mode == 'txt2img':
+    options.update(height=smp.height or None, width=smp.width or None)
+    call = pipe.text_to_image
+  elif mode == 'img2img':
+    image = _read_image(smp.image, mode='RGB')
+    call = lambda batch, **kw: pipe.image_to_image(batch, image, strength=smp.strength, **kw)  # noqa: E731
+  else:
+    image = _read_image(smp.image, mode='RGB')
+    repaint = 1.0 - _read_image(smp.mask, mode='L')  # sampling.mask: white = keep
+    call = lambda batch, **kw: pipe.inpaint(batch, image, repaint, **kw)  # noqa: E731
   per_call = max(1, min(smp.batch_size, smp.num_samples))
   all_prompts = [p for p in prompts for _ in range(smp.num_samples)]
   key = jax.random.key(config.seed)
   images = []
-  for i in tqdm.trange(0, len(all_prompts), per_call, desc='txt2img',
+  for i in tqdm.trange(0, len(all_prompts), per_call, desc=mode,
                        disable=jax.process_index() != 0):
     batch = all_prompts[i:i + per_call]
-    out = pipe.text_to_image(batch, key=jax.random.fold_in(key, i), **options)
-    images.append(inference.to_host(out))
+    images.append(inference.to_host(call(batch, key=jax.random.fold_in(key, i), **options)))
   images = np.concatenate(images)
-  name = f'txt2img_{method or pipe.scheduler.method}_{smp.num_steps}'
+  name = f'{mode}_{method or pipe.scheduler.method}_{smp.num_steps}'
   path = epath.Path(workdir) / 'samples' / (name + '.npz')
   if jax.process_index() == 0:
     uint8 = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
