@@ -19,8 +19,8 @@ r"""Does a ControlNet trained on the embedded digits job make its samples follow
    pixels, and after a 3x3 dilation of both, which forgives one-pixel shifts), and the share of
    samples whose digits ``digit_classifier`` reads as prompted (both, in place, for pairs).
 
-Also writes ``controlnet_quality.json`` and ``controlnet_quality.png`` (rows of control, sample with
-the ControlNet, sample without) there, and prints a Markdown table.
+Also writes ``controlnet_quality.json`` and ``controlnet_quality.png`` (tiles of control, sample
+with the ControlNet, sample without) there, and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -230,7 +230,9 @@ def main(argv):
   result['rows'] = rows
   show = []
   for i in list(range(min(10, ns))) + list(range(ns, min(ns + 10, len(images)))):
-    show += [control[i] * 2 - 1, samples['controlnet'][i], samples['unet_alone'][i]]
+    # One tile per example: control | with the ControlNet | without, side by side.
+    show.append(np.concatenate([control[i] * 2 - 1, samples['controlnet'][i],
+                                samples['unet_alone'][i]], axis=1))
   png = os.path.join(out, 'controlnet_quality.png')
   writers.save_image_grid(png, np.stack(show), upscale=2)
   result['grid'] = png
