@@ -130,7 +130,10 @@ def main(argv):
   if pretrained:
     from diffusion_jax.training import txt2img  # pylint: disable=import-outside-toplevel
     txt2img.check_inputs(config)
-  _check_workdir(_WORKDIR.value, _MODE.value, pretrained=pretrained)  # a bad path fails fast
+  # The two-stage latent job keeps its diffusion checkpoints in WORKDIR/ldm.
+  checked = (os.path.join(_WORKDIR.value, 'ldm') if _MODE.value != 'train'
+             and config.training.task == 'ldm' else _WORKDIR.value)
+  _check_workdir(checked, _MODE.value, pretrained=pretrained)  # a bad path fails fast
   import jax  # pylint: disable=import-outside-toplevel
   from diffusion_jax import cpu_runtime, training  # pylint: disable=import-outside-toplevel
   _init_distributed()
@@ -151,12 +154,19 @@ def main(argv):
          'invert': inference.invert, 'txt2img': _txt2img}[_MODE.value]
   if pretrained:
     run = functools.partial(_txt2img, mode=_MODE.value)
+  elif _MODE.value == 'sample' and config.training.task in LATENT_TASKS:
+    from diffusion_jax.training import latent  # pylint: disable=import-outside-toplevel
+    run = latent.sample_text
   run(config, _WORKDIR.value)
 
 
 def _txt2img(config, workdir, mode='txt2img'):
   from diffusion_jax.training import txt2img  # pylint: disable=import-outside-toplevel
   return txt2img.text_to_image(config, workdir, mode=mode)
+
+
+# Training tasks whose --mode=sample is text-to-image from prompts (training/latent.py).
+LATENT_TASKS = ('ldm', 'latent_diffusion')
 
 
 # The errors that our own checks raise for something the user can fix: one line, no traceback.
