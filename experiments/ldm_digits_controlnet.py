@@ -21,6 +21,19 @@ r"""Does a ControlNet trained on the embedded digits job make its samples follow
 
 Also writes ``controlnet_quality.json`` and ``controlnet_quality.png`` (tiles of control, sample
 with the ControlNet, sample without) there, and prints a Markdown table.
+
+Measured 2026-11-29 on a shared 2-core CPU, ``--steps=1200 --num_eval=100`` on the job trained
+by ``configs/ldm_digits.py`` (4000 steps): training 305 s; held-out writers, 100 singles + 100
+pairs of seen classes, dpmpp_2m 25 steps, guidance 3:
+
+| samples | edge IoU | edge IoU (1 px tolerance) | digit correct (singles) | both correct (pairs) |
+|---|---|---|---|---|
+| with the ControlNet | 0.442 | 0.763 | 95.0% | 98.0% |
+| U-Net alone (scale 0, same noise) | 0.212 | 0.526 | 82.0% | 91.0% |
+| the real images | 1.000 | 1.000 | 99.0% | 98.0% |
+
+(600 steps on the job's step-2000 checkpoint: 0.240 / 0.548 / 44% / 45% against 0.103 / 0.317 /
+13% / 2% for that U-Net alone.)
 """
 
 from __future__ import annotations
