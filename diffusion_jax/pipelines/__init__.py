@@ -6,10 +6,11 @@ and samplers.
 """
 
 from diffusion_jax.pipelines import schedulers
+from diffusion_jax.pipelines import controlnet
 from diffusion_jax.pipelines.stable_diffusion import PIPELINE_CLASSES
 from diffusion_jax.pipelines.stable_diffusion import StableDiffusionPipeline
 from diffusion_jax.pipelines.stable_diffusion import load_pretrained
 from diffusion_jax.pipelines.stable_diffusion import load_single_file
 
-__all__ = ['PIPELINE_CLASSES', 'StableDiffusionPipeline', 'load_pretrained', 'load_single_file',
-           'schedulers']
+__all__ = ['PIPELINE_CLASSES', 'StableDiffusionPipeline', 'controlnet', 'load_pretrained',
+           'load_single_file', 'schedulers']

@@ -38,6 +38,7 @@ from diffusion_jax.adapters import textual_inversion
 from diffusion_jax import sampling
 from diffusion_jax import sharding
 from diffusion_jax import tokenization
+from diffusion_jax.pipelines import controlnet as controlnet_lib
 from diffusion_jax.pipelines import schedulers
 from diffusion_jax.models import autoencoder_kl
 from diffusion_jax.models import clip as clip_models
@@ -89,6 +90,7 @@ class StableDiffusionPipeline:
   params: dict[str, PyTree]
   mesh: jax.sharding.Mesh
   force_zeros_for_empty_prompt: bool = True
+  controlnets: tuple[Any, ...] = ()  # ControlNetModel s; their trees: params['controlnet']
   _programs: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @property
@@ -158,8 +160,15 @@ class StableDiffusionPipeline:
 
   # --- sampling ------------------------------------------------------------------------------
 
-  def model_fn(self, unet_params: PyTree):
-    """``model_fn(x, t, cond)`` of the U-Net for ``sampling``: ``t`` in the process's time."""
+  def model_fn(self, unet_params: PyTree, controlnet_params: Any = (), controlnet_scales: Any = ()):
+    """``model_fn(x, t, cond)`` of the U-Net for ``sampling``: ``t`` in the process's time.
+
+    With ControlNets, ``cond['control']`` holds one control image per ControlNet.
+    """
+    if self.controlnets:
+      return controlnet_lib.controlnet_model_fn(
+          self.unet, unet_params, self.controlnets, controlnet_params, scales=controlnet_scales,
+          model_timestep=self.scheduler.model_timestep, sdxl=self.kind == 'sdxl')
     def fn(x, t, cond):
       added = None
       if self.kind == 'sdxl':
@@ -187,6 +196,8 @@ class StableDiffusionPipeline:
                     method: str | None = None, key: jax.Array | None = None,
                     latents: jax.Array | np.ndarray | None = None, height: int | None = None,
                     width: int | None = None, output_type: str = 'np',
+                    control_image: Any = None,
+                    controlnet_conditioning_scale: float | Sequence[float] = 1.0,
                     **sampler_options: Any) -> jax.Array:
     """Images from prompts (diffusers' ``StableDiffusion[XL]Pipeline.__call__`` semantics).
 
@@ -207,6 +218,9 @@ class StableDiffusionPipeline:
         ``default_size``.
       output_type: ``'np'`` (images float32 ``[B, H, W, 3]`` in [0, 1]) or ``'latent'`` (the
         final latents ``[B, h, w, C]``, before the VAE's scaling).
+      control_image: with ControlNets (``load_pretrained(..., controlnet=)``): ``[B or 1, H, W,
+        3]`` in [0, 1] (NHWC, the generated size), or a list of them, one per ControlNet.
+      controlnet_conditioning_scale: a float for every ControlNet, or one per ControlNet.
       **sampler_options: forwarded to the sampler (``sampling.method_options(method)``).
 
     Returns:
@@ -214,7 +228,8 @@ class StableDiffusionPipeline:
 
     Raises:
       ValueError: prompt and negative lists of different lengths, a size not divisible by the
-        VAE factor, latents of the wrong shape, an unknown method or output type.
+        VAE factor, latents of the wrong shape, an unknown method or output type, control
+        images missing, of the wrong shape or range, or given without a ControlNet.
     """
     if output_type not in ('np', 'latent'):
       raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
@@ -244,10 +259,13 @@ class StableDiffusionPipeline:
                    tuple(sorted((k, repr(v)) for k, v in options.items())))
 
     def build():
-      def run(params, ids, neg_ids, x_T, key, guidance_scale):
+      def run(params, ids, neg_ids, x_T, key, guidance_scale, control, scales):
         cond, null = self._conds(params, ids, neg_ids, height, width)
+        if self.controlnets:
+          cond['control'] = null['control'] = control  # both CFG halves see the image
         x0 = sampling.sample(
-            self.model_fn(params['unet']), self.scheduler.process, method=method,
+            self.model_fn(params['unet'], params.get('controlnet', ()), tuple(scales)),
+            self.scheduler.process, method=method,
             num_steps=num_steps, key=key,
             x_T=self.scheduler.x_T(x_T, method=method, num_steps=num_steps),
             prediction=self.scheduler.prediction, cond=cond,
@@ -264,7 +282,18 @@ class StableDiffusionPipeline:
     ids = self._put_batch(self.tokenize(prompts))
     neg_ids = None if negatives is None else self._put_batch(self.tokenize(negatives))
     x_T = self._put_batch(jnp.asarray(latents, jnp.float32))
-    return fn(self.params, ids, neg_ids, x_T, sample_key, jnp.float32(guidance_scale))
+    control, scales = (), jnp.zeros((0,), jnp.float32)
+    if self.controlnets:
+      control = self._put_batch(controlnet_lib.prepare_control_images(
+          control_image, num_controlnets=len(self.controlnets), batch=batch, height=height,
+          width=width))
+      scales = jnp.asarray(controlnet_lib.control_scales(controlnet_conditioning_scale,
+                                                         len(self.controlnets)), jnp.float32)
+    elif control_image is not None:
+      raise ValueError('control_image was given but the pipeline has no ControlNet: load it with '
+                       'load_pretrained(path, controlnet=DIR or [DIRS]).')
+    return fn(self.params, ids, neg_ids, x_T, sample_key, jnp.float32(guidance_scale), control,
+              scales)
 
   # --- adapters ------------------------------------------------------------------------------
 
@@ -376,6 +405,7 @@ class StableDiffusionPipeline:
     """
     if output_type not in ('np', 'latent'):
       raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
+    self._check_no_controlnet()
     prompts, negatives = _prompt_lists(prompt, negative_prompt)
     batch = len(prompts)
     image = jnp.asarray(image, jnp.float32)
@@ -465,6 +495,7 @@ class StableDiffusionPipeline:
     """
     if output_type not in ('np', 'latent'):
       raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
+    self._check_no_controlnet()
     prompts, negatives = _prompt_lists(prompt, negative_prompt)
     batch = len(prompts)
     image = jnp.asarray(image, jnp.float32)
@@ -558,6 +589,11 @@ class StableDiffusionPipeline:
 
   # --- helpers -------------------------------------------------------------------------------
 
+  def _check_no_controlnet(self) -> None:
+    if self.controlnets:
+      raise ValueError('image_to_image and inpaint do not take ControlNets yet; load the pipeline '
+                       'without controlnet= for them.')
+
   def _size(self, height, width) -> tuple[int, int]:
     height = self.default_size if height is None else int(height)
     width = self.default_size if width is None else int(width)
@@ -617,7 +653,8 @@ def load_pretrained(path: str | epath.PathLike, *, dtype: Any = jnp.float32,
     dtype: parameter and compute dtype of the networks (``jnp.float32`` or ``jnp.bfloat16``);
       sampling integrates in float32 whatever it is.
     variant: weights file variant, e.g. ``'fp16'`` for ``*.fp16.safetensors``.
-    controlnet: reserved for ControlNet directories (not supported yet: must be None).
+    controlnet: a diffusers ControlNet directory, or a list of them (summed, as diffusers'
+      ``MultiControlNetModel``); ``text_to_image`` then takes ``control_image``.
     mesh: device mesh; default every device on the data axis (``mesh_fsdp`` on the FSDP axis).
     mesh_fsdp: FSDP axis size when ``mesh`` is None: 1 replicates the weights.
 
@@ -629,8 +666,6 @@ def load_pretrained(path: str | epath.PathLike, *, dtype: Any = jnp.float32,
     ValueError: a pipeline class other than ``PIPELINE_CLASSES``, or weights that do not match
       their configs (naming the tensor and both shapes).
   """
-  if controlnet is not None:
-    raise NotImplementedError('ControlNet is not supported yet; load without controlnet=.')
   root = epath.Path(path)
   index, kind = _read_index(root)
   for name in _REQUIRED[kind]:
@@ -644,9 +679,15 @@ def load_pretrained(path: str | epath.PathLike, *, dtype: Any = jnp.float32,
     module, params = clip_weights.load_text_encoder(root / name, variant=variant, dtype=dtype)
     encoders.append(module)
     encoder_params[name] = params
-  return _assemble(root, index, kind, unet=unet, vae=vae, encoders=encoders,
-                   params={'unet': unet_params, 'vae': vae_params, **encoder_params}, mesh=mesh,
-                   mesh_fsdp=mesh_fsdp)
+  params = {'unet': unet_params, 'vae': vae_params, **encoder_params}
+  controlnets = ()
+  if controlnet is not None:
+    controlnets, params['controlnet'] = controlnet_lib.load_controlnets(
+        controlnet, dtype=dtype, variant=variant)
+    controlnet_lib.check_compatible(unet, controlnets)
+  pipe = _assemble(root, index, kind, unet=unet, vae=vae, encoders=encoders, params=params,
+                   mesh=mesh, mesh_fsdp=mesh_fsdp)
+  return dataclasses.replace(pipe, controlnets=controlnets)
 
 
 def _encoder_names(kind: str) -> tuple[str, ...]:
