@@ -328,7 +328,8 @@ def test_a_frozen_tree_is_read_by_the_loss_and_saved_only_when_asked(tmp_path, m
                                  'training.label_dropout': 0.0})
 
   def task_with(table, save):
-    def build_task(s):
+    def build_task(s, data=None):  # builders.build_task(s, data)
+      del data
       loss_fn = objectives.denoising(
           network_fn=s.network_fn, process=s.process,
           cond_fn=lambda frozen, batch: {'label': frozen['table'][batch['label']]})

@@ -227,9 +227,18 @@ def strip_prefix(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.n
 def shapes_of(module, *args, **kwargs) -> PyTree:
   """``jax.eval_shape`` of ``module.init(key, *args, **kwargs)['params']``: no memory, no FLOPs.
 
-  ``args`` may be arrays or ``jax.ShapeDtypeStruct`` s (traced either way).
+  Array arguments may be arrays or ``jax.ShapeDtypeStruct`` s (traced either way); other
+  arguments (sizes, flags) stay Python values.
   """
-  return jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a, **kwargs), *args)['params']
+  is_array = [isinstance(a, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) for a in args]
+  arrays = [a for a, t in zip(args, is_array) if t]
+
+  def init(*traced):
+    it = iter(traced)
+    full = [next(it) if t else a for a, t in zip(args, is_array)]
+    return module.init(jax.random.key(0), *full, **kwargs)
+
+  return jax.eval_shape(init, *arrays)['params']
 
 
 def cast(params: PyTree, dtype: Any) -> PyTree:
