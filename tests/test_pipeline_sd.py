@@ -255,7 +255,7 @@ def test_image_to_image_matches_diffusers(tmp_path, scheduler):
       **sd_fixtures.make_sd_pipeline(path, kind='sd', scheduler=scheduler).components)
   ours = pipelines.load_pretrained(path)
   x0 = _latents(2, seed=6)
-  for strength in (0.3, 0.75, 1.0):
+  for strength in (0.3, 1.0):  # a cut schedule and the whole one
     noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
       expected = ref(PROMPTS, image=torch.from_numpy(x0.transpose(0, 3, 1, 2).copy()),
