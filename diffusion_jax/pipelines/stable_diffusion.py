@@ -231,8 +231,7 @@ class StableDiffusionPipeline:
         VAE factor, latents of the wrong shape, an unknown method or output type, control
         images missing, of the wrong shape or range, or given without a ControlNet.
     """
-    if output_type not in ('np', 'latent'):
-      raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
+    _check_output_type(output_type)
     prompts, negatives = _prompt_lists(prompt, negative_prompt)
     height, width = self._size(height, width)
     batch = len(prompts)
@@ -247,10 +246,7 @@ class StableDiffusionPipeline:
                        f'{height}x{width} they must be {shape} (NHWC, [B, height / '
                        f'{self.vae_scale_factor}, width / {self.vae_scale_factor}, '
                        f'{self.unet.in_channels}]).')
-    method = method or self.scheduler.method
-    if method not in sampling.METHODS:
-      raise ValueError(f'unknown method {method!r}; use one of {sorted(sampling.METHODS)} or None '
-                       f'for the scheduler of the directory ({self.scheduler.method!r}).')
+    method = self._method(method)
     use_cfg = float(guidance_scale) > 1.0
     options = self.scheduler.sample_options(method, num_steps)
     options.update(sampler_options)
@@ -403,8 +399,7 @@ class StableDiffusionPipeline:
     Raises:
       ValueError: a bad strength, image shape or size, prompts, method or output type.
     """
-    if output_type not in ('np', 'latent'):
-      raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
+    _check_output_type(output_type)
     self._check_no_controlnet()
     prompts, negatives = _prompt_lists(prompt, negative_prompt)
     batch = len(prompts)
@@ -419,19 +414,11 @@ class StableDiffusionPipeline:
     is_latent = image.shape[-1] == channels and image.shape[-1] != 3
     scale = self.vae_scale_factor if is_latent else 1
     height, width = self._size(image.shape[1] * scale, image.shape[2] * scale)
-    method = method or self.scheduler.method
-    if method not in sampling.METHODS:
-      raise ValueError(f'unknown method {method!r}; use one of {sorted(sampling.METHODS)} or None '
-                       f'for the scheduler of the directory ({self.scheduler.method!r}).')
+    method = self._method(method)
     opts, start = self._kept_steps(method, num_steps, strength, sampler_options)
     latent_shape = (batch, height // self.vae_scale_factor, width // self.vae_scale_factor,
                     channels)
-    key = jax.random.key(0) if key is None else key
-    noise_key, sample_key = jax.random.split(key)
-    if noise is None:
-      noise = jax.random.normal(noise_key, latent_shape, jnp.float32)
-    elif tuple(jnp.shape(noise)) != latent_shape:
-      raise ValueError(f'noise has shape {tuple(jnp.shape(noise))}; it must be {latent_shape}.')
+    noise, sample_key = _start_noise(key, noise, latent_shape)
     use_cfg = float(guidance_scale) > 1.0
     program_key = ('img2img', batch, height, width, is_latent, num_steps, float(strength), method,
                    use_cfg, negatives is None, float(guidance_rescale), output_type,
@@ -493,8 +480,7 @@ class StableDiffusionPipeline:
       ValueError: image and mask shapes that do not match, a size not divisible by the VAE
         factor, and what ``image_to_image`` raises.
     """
-    if output_type not in ('np', 'latent'):
-      raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
+    _check_output_type(output_type)
     self._check_no_controlnet()
     prompts, negatives = _prompt_lists(prompt, negative_prompt)
     batch = len(prompts)
@@ -514,10 +500,7 @@ class StableDiffusionPipeline:
       raise ValueError(f'mask_image has shape {tuple(jnp.shape(mask_image))}; it must cover the '
                        f'image, [B, H, W(, 1)] with [H, W] = {tuple(image.shape[1:3])}.')
     height, width = self._size(image.shape[1], image.shape[2])
-    method = method or self.scheduler.method
-    if method not in sampling.METHODS:
-      raise ValueError(f'unknown method {method!r}; use one of {sorted(sampling.METHODS)} or None '
-                       f'for the scheduler of the directory ({self.scheduler.method!r}).')
+    method = self._method(method)
     f = self.vae_scale_factor
     in_channels = int(self.unet.in_channels)
     latent_channels = int(self.vae.latent_channels)
@@ -530,12 +513,7 @@ class StableDiffusionPipeline:
     else:
       opts, start = self._kept_steps(method, num_steps, strength, sampler_options)
     latent_shape = (batch, height // f, width // f, latent_channels)
-    key = jax.random.key(0) if key is None else key
-    noise_key, sample_key = jax.random.split(key)
-    if noise is None:
-      noise = jax.random.normal(noise_key, latent_shape, jnp.float32)
-    elif tuple(jnp.shape(noise)) != latent_shape:
-      raise ValueError(f'noise has shape {tuple(jnp.shape(noise))}; it must be {latent_shape}.')
+    noise, sample_key = _start_noise(key, noise, latent_shape)
     use_cfg = float(guidance_scale) > 1.0
     program_key = ('inpaint', batch, height, width, num_steps, float(strength), method, use_cfg,
                    negatives is None, float(guidance_rescale), output_type,
@@ -589,6 +567,14 @@ class StableDiffusionPipeline:
 
   # --- helpers -------------------------------------------------------------------------------
 
+  def _method(self, method: str | None) -> str:
+    """``method`` or the directory's scheduler's; ValueError naming the known ones."""
+    method = method or self.scheduler.method
+    if method not in sampling.METHODS:
+      raise ValueError(f'unknown method {method!r}; use one of {sorted(sampling.METHODS)} or None '
+                       f'for the scheduler of the directory ({self.scheduler.method!r}).')
+    return method
+
   def _check_no_controlnet(self) -> None:
     if self.controlnets:
       raise ValueError('image_to_image and inpaint do not take ControlNets yet; load the pipeline '
@@ -612,6 +598,22 @@ class StableDiffusionPipeline:
     def put(x):
       return jax.device_put(x, _batch_sharding(self.mesh, x.shape[0]))
     return jax.tree.map(put, tree)
+
+
+def _check_output_type(output_type: str) -> None:
+  if output_type not in ('np', 'latent'):
+    raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
+
+
+def _start_noise(key, noise, shape: tuple[int, ...]):
+  """``(noise, sampler key)``: the given start noise (shape-checked) or a draw from ``key``."""
+  key = jax.random.key(0) if key is None else key
+  noise_key, sample_key = jax.random.split(key)
+  if noise is None:
+    return jax.random.normal(noise_key, shape, jnp.float32), sample_key
+  if tuple(jnp.shape(noise)) != shape:
+    raise ValueError(f'noise has shape {tuple(jnp.shape(noise))}; it must be {shape}.')
+  return noise, sample_key
 
 
 def _batch_sharding(mesh, batch: int):
