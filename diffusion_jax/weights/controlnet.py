@@ -44,22 +44,10 @@ def controlnet_shapes(module: ControlNetModel) -> PyTree:
 
 
 def _read_config(directory: epath.Path) -> dict[str, Any]:
-  path = directory / 'config.json'
-  if not path.exists():
-    found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
-    raise FileNotFoundError(f'no ControlNet config {path}: a diffusers ControlNet directory holds '
-                            'config.json and diffusion_pytorch_model.safetensors; '
-                            f'{directory} holds {found or "nothing (or does not exist)"}.')
-  try:
-    config = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path} is not valid JSON: {e}') from e
-  name = config.get('_class_name', 'ControlNetModel')
-  if name != 'ControlNetModel':
-    raise ValueError(f'{path} describes a {name}, not a ControlNetModel (SD 1.x / 2.x / XL '
-                     'ControlNets; ControlNet-XS, union and SD3/Flux ControlNets are other '
-                     'architectures).')
-  return config
+  return core.read_config(directory, component='ControlNet',
+                          layout='a diffusers ControlNet directory', class_name='ControlNetModel',
+                          other=' (SD 1.x / 2.x / XL ControlNets; ControlNet-XS, union and SD3/Flux '
+                          'ControlNets are other architectures)')
 
 
 def load_controlnet(directory: str | epath.PathLike, *, variant: str | None = None,

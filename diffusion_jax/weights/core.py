@@ -117,6 +117,38 @@ def read_component(directory: str | epath.PathLike, *, variant: str | None = Non
                           f'.index.json); the directory holds {found or "nothing"}.{hint}')
 
 
+def read_config(directory: str | epath.PathLike, *, component: str, layout: str,
+                class_name: str | None = None, other: str = '') -> dict[str, Any]:
+  """``directory/config.json`` of one diffusers component, checked.
+
+  Args:
+    directory: the component's directory.
+    component: its name in messages (``'U-Net'``).
+    layout: what such a directory is (``'a diffusers unet/ directory'``).
+    class_name: the ``_class_name`` required (a missing one is taken as it); None: any.
+    other: said after the class mismatch (e.g. which architectures those are).
+
+  Raises:
+    FileNotFoundError: no config.json (the message lists what the directory holds).
+    ValueError: invalid JSON, or another ``_class_name``.
+  """
+  directory = epath.Path(directory)
+  path = directory / 'config.json'
+  if not path.exists():
+    found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+    raise FileNotFoundError(f'no {component} config {path}: {layout} holds config.json and '
+                            f'diffusion_pytorch_model.safetensors; {directory} holds '
+                            f'{found or "nothing (or does not exist)"}.')
+  try:
+    config = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON: {e}') from e
+  name = config.get('_class_name', class_name)
+  if class_name is not None and name != class_name:
+    raise ValueError(f'{path} describes a {name}, not a {class_name}{other}.')
+  return config
+
+
 def torch_key(path: Path, *, lists: Collection[str] = ()) -> str:
   """The PyTorch key of our parameter ``path``: dotted, leaf renamed, list indices split off.
 
@@ -247,5 +279,5 @@ def cast(params: PyTree, dtype: Any) -> PyTree:
       lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
-__all__ = ['cast', 'read_component', 'read_safetensors', 'shapes_of', 'state_from_tree',
+__all__ = ['cast', 'read_component', 'read_config', 'read_safetensors', 'shapes_of', 'state_from_tree',
            'strip_prefix', 'torch_key', 'tree_from_state']

@@ -39,7 +39,6 @@ transformers' inner names are the same in both layouts.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -97,17 +96,8 @@ def unet_shapes(module: UNet2DConditionModel) -> PyTree:
 
 
 def _read_config(directory: epath.Path) -> dict[str, Any]:
-  path = directory / 'config.json'
-  if not path.exists():
-    found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
-    raise FileNotFoundError(f'no U-Net config {path}: a diffusers unet/ directory holds '
-                            'config.json and diffusion_pytorch_model.safetensors; '
-                            f'{directory} holds {found or "nothing (or does not exist)"}.')
-  config = json.loads(path.read_text())
-  name = config.get('_class_name', 'UNet2DConditionModel')
-  if name != 'UNet2DConditionModel':
-    raise ValueError(f'{path} describes a {name}, not a UNet2DConditionModel.')
-  return config
+  return core.read_config(directory, component='U-Net', layout='a diffusers unet/ directory',
+                          class_name='UNet2DConditionModel')
 
 
 def load_unet(directory: str | epath.PathLike, *, variant: str | None = None,

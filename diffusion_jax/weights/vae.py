@@ -29,7 +29,6 @@ names.) The 1x1-conv attention projections load into our Linear layers (``weight
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -73,13 +72,7 @@ def vae_shapes(module: AutoencoderKL) -> PyTree:
 
 
 def _read_config(directory: epath.Path) -> dict[str, Any]:
-  path = directory / 'config.json'
-  if not path.exists():
-    found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
-    raise FileNotFoundError(f'no VAE config {path}: a diffusers vae/ directory holds config.json '
-                            f'and diffusion_pytorch_model.safetensors; {directory} holds '
-                            f'{found or "nothing (or does not exist)"}.')
-  return json.loads(path.read_text())
+  return core.read_config(directory, component='VAE', layout='a diffusers vae/ directory')
 
 
 def _rename_deprecated(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
