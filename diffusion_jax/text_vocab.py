@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from absl import logging
 from etils import epath
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from diffusion_jax import tokenization
 
@@ -91,6 +91,40 @@ class WordTokenizer:
   def vocab(self) -> dict[str, int]:
     """Token -> id, special tokens included."""
     return self.tokenizer.get_vocab()
+
+  def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int] | None:
+    """Id of a word (or ids of words); None for a word outside the vocabulary."""
+    if isinstance(tokens, str):
+      return self.tokenizer.token_to_id(tokens)
+    return [self.tokenizer.token_to_id(t) for t in tokens]
+
+  def tokenize(self, text: str) -> list[str]:
+    """The words of ``text`` as tokens (``[UNK]`` for words outside the vocabulary)."""
+    return self.tokenizer.encode(text, add_special_tokens=False).tokens
+
+  def add_tokens(self, tokens: str | Sequence[str]) -> list[int]:
+    """Adds placeholder words (textual inversion) and returns their new ids, in order.
+
+    A placeholder is matched in prompts after normalization (lower-cased) and before the
+    pre-tokenizer, so ``'<new>'`` stays one token; its id follows the vocabulary, and the text
+    encoder's token table needs the matching new rows
+    (``adapters.textual_inversion.add_embeddings``). ``save`` keeps the added words.
+
+    Raises:
+      ValueError: a token already in the vocabulary or added, given twice, or not lower case
+        (prompts are lower-cased before matching, so it could never match).
+    """
+    tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+    known = [t for t in tokens if self.tokenizer.token_to_id(t) is not None]
+    if known or len(set(tokens)) != len(tokens):
+      raise ValueError(f'cannot add tokens {known or tokens}: already in the vocabulary or '
+                       'given twice; choose placeholder strings that are new.')
+    upper = [t for t in tokens if t != t.lower()]
+    if upper:
+      raise ValueError(f'placeholder {upper[0]!r} has upper-case letters; prompts are '
+                       f'lower-cased before matching: use {upper[0].lower()!r}.')
+    self.tokenizer.add_tokens([AddedToken(t, special=False, normalized=True) for t in tokens])
+    return [self.tokenizer.token_to_id(t) for t in tokens]
 
   def words(self, prompt: str) -> list[str]:
     """The words of `prompt` as the vocabulary sees them (normalized, pre-tokenized)."""

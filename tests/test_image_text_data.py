@@ -6,6 +6,8 @@ import json
 import os
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -446,6 +448,38 @@ def test_vocab_errors(tmp_path):
   tok = text_vocab.build_vocab(['a b', 'a'], min_count=2, max_length=4)
   assert set(tok.vocab()) == {'[PAD]', '[UNK]', '[BOS]', '[EOS]', 'a'}
   np.testing.assert_array_equal(tok('a b'), [[2, 4, 1, 3]])
+
+
+def test_vocab_placeholders_for_textual_inversion(tmp_path):
+  """A placeholder word is one token (not split at '<' and '>'), takes the next id, grows the
+  text encoder's table by ``add_embeddings``, and survives save / load."""
+  from diffusion_jax.adapters import textual_inversion  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.models.clip import CLIPTextModel  # pylint: disable=import-outside-toplevel
+  tok = text_vocab.build_vocab(['the digit seven', 'the digit one'], max_length=6)
+  v = tok.vocab()
+  assert tok.convert_tokens_to_ids('seven') == v['seven']
+  assert tok.convert_tokens_to_ids(['digit', '<new>']) == [v['digit'], None]
+  # Before it is added: '<', 'new', '>' are three unknown words (cut to the length).
+  np.testing.assert_array_equal(tok('the digit <new>'), [[2, v['the'], v['digit'], 1, 1, 3]])
+  module = CLIPTextModel(vocab_size=tok.vocab_size, hidden_size=8, intermediate_size=16,
+                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=6,
+                         bos_token_id=2, eos_token_id=3, pad_token_id=0)
+  params = module.init(jax.random.key(0), jnp.asarray(tok('the digit one')))['params']
+  vector = np.arange(8, dtype=np.float32)[None]
+  module, params, ids = textual_inversion.add_embeddings(module, params, tok, '<new>', vector)
+  assert ids == [len(v)] and tok.vocab_size == len(v) + 1 == module.vocab_size
+  np.testing.assert_array_equal(textual_inversion.table(params)[len(v)], vector[0])
+  assert tok.tokenize('The digit <NEW>') == ['the', 'digit', '<new>']
+  np.testing.assert_array_equal(tok('the digit <new>'), [[2, v['the'], v['digit'], len(v), 3, 0]])
+  module.apply({'params': params}, jnp.asarray(tok('the digit <new>')))  # the grown table fits
+  with pytest.raises(ValueError, match='already in the vocabulary'):
+    tok.add_tokens(['seven'])
+  with pytest.raises(ValueError, match='already in the tokenizer'):
+    textual_inversion.add_embeddings(module, params, tok, '<new>', vector)
+  with pytest.raises(ValueError, match='upper-case'):
+    tok.add_tokens(['<Other>'])
+  again = text_vocab.load(tok.save(tmp_path))
+  np.testing.assert_array_equal(again('the digit <new>'), tok('the digit <new>'))
 
 
 # ---------------------------------------------------------------------------
