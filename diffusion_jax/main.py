@@ -13,6 +13,7 @@ on GPU clusters pass ``--coordinator_address=host:port --num_processes=N --proce
 """
 
 import functools
+import logging as std_logging  # the records' levels; absl's logging.WARNING is -1
 import os
 import socket
 import sys
@@ -84,12 +85,31 @@ def _init_distributed() -> None:
     jax.distributed.initialize()  # a TPU pod: JAX finds the coordinator itself
 
 
+def _is_missing_libtpu_probe(record) -> bool:
+  """Whether ``record`` is JAX's probe of the TPU backend failing because libtpu is not installed.
+
+  Without ``JAX_PLATFORMS`` JAX tries every backend it knows and logs each failure at INFO, so
+  every run on a CPU or GPU host began with ``Unable to initialize backend 'tpu': ... Failed to
+  open libtpu.so``. Only that case is dropped: a TPU whose libtpu fails to start logs another
+  error, a TPU VM without libtpu gets JAX's own warning, and a backend named in ``JAX_PLATFORMS``
+  that fails raises.
+  """
+  if not record.name.startswith('jax.') or record.levelno >= std_logging.WARNING:
+    return False
+  message = record.getMessage()
+  return (message.startswith("Unable to initialize backend 'tpu'")
+          and 'libtpu.so: cannot open shared object file' in message)
+
+
 class _QuietLibraries:
-  """Drops the INFO chatter of orbax and grain (a line per save) from the console; warnings stay."""
+  """Drops INFO chatter from the console: orbax, grain and etils (a line per save) and JAX's TPU
+  probe on hosts without libtpu (``_is_missing_libtpu_probe``); warnings and errors stay."""
 
   def filter(self, record) -> bool:
+    if record.levelno >= std_logging.WARNING:
+      return True
     noisy = any(lib in record.pathname for lib in ('/orbax/', '/grain/', '/etils/'))
-    return record.levelno >= 30 or not noisy
+    return not noisy and not _is_missing_libtpu_probe(record)
 
 
 def _check_workdir(workdir: str, mode: str, *, pretrained: bool = False) -> bool:

@@ -57,3 +57,27 @@ def test_config_validation_error_then_verbose(tmp_path):
   out = _main(f'--workdir={workdir}', *bad, '--verbose')
   assert out.returncode == 1
   assert 'Traceback' in out.stderr and "ValueError: Config field 'process.t_eps'" in out.stderr
+
+
+# --- a quiet console: JAX's TPU probe on hosts without libtpu --------------------------------------
+
+def _record(name, level, message):
+  import logging  # pylint: disable=import-outside-toplevel
+  return logging.LogRecord(name, level, '/x/jax/_src/xla_bridge.py', 849, message, None, None)
+
+
+def test_the_tpu_probe_is_dropped_only_when_libtpu_is_missing():
+  import logging  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import main  # pylint: disable=import-outside-toplevel
+  quiet = main._QuietLibraries()  # pylint: disable=protected-access
+  missing = ("Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so: libtpu.so: "
+             'cannot open shared object file: No such file or directory')
+  assert not quiet.filter(_record('jax._src.xla_bridge', logging.INFO, missing))
+  # A TPU whose libtpu is there but fails, the same text as a warning, other backends: kept.
+  busy = ("Unable to initialize backend 'tpu': ABORTED: The TPU is already in use by process "
+          'with pid 42.')
+  assert quiet.filter(_record('jax._src.xla_bridge', logging.INFO, busy))
+  assert quiet.filter(_record('jax._src.xla_bridge', logging.WARNING, missing))
+  assert quiet.filter(_record('jax._src.xla_bridge', logging.INFO,
+                              "Unable to initialize backend 'cuda': no supported devices found"))
+  assert quiet.filter(_record('diffusion_jax', logging.INFO, 'JAX 0.10.2, process 0/1'))

@@ -32,6 +32,20 @@ from diffusion_jax.training.preemption import Preemption
 from diffusion_jax.training.state import TrainState
 
 
+# tqdm's default bar without its rate field ({rate_fmt}); the postfix carries the rates.
+BAR_FORMAT = '{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, ETA {remaining}{postfix}]'
+
+
+def _rate(x: float) -> str:
+  return f'{x:.0f}' if x >= 100 else f'{x:.3g}'
+
+
+def bar_postfix(summary: dict[str, float]) -> str:
+  """``loss=0.0312, 9.87 steps/s, 632 images/s``: the progress bar's figures of a log interval."""
+  return (f'loss={summary["loss"]:.4f}, {_rate(summary["steps_per_sec"])} steps/s, '
+          f'{_rate(summary["images_per_sec"])} images/s')
+
+
 def _global_batches(batches: list[dict[str, np.ndarray]], mesh, stacked: bool):
   """This process's batches as global arrays; ``stacked``: a leading axis of k steps."""
   if not stacked:
@@ -201,8 +215,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   nonfinite_run = 0
   t_last, step_last = time.time(), start_step
   total = config.training.num_train_steps
+  # One bar: steps done, elapsed and ETA (tqdm's), then loss, steps/s and images/s of the last
+  # log interval (ours). tqdm's own rate is left out: a second steps/s figure, smoothed over
+  # other intervals and counting the compilation, disagreed with the logged one.
   bar = tqdm.tqdm(total=total, initial=start_step, disable=not is_chief, unit='step',
-                  dynamic_ncols=True, mininterval=1.0)
+                  dynamic_ncols=True, mininterval=1.0, bar_format=BAR_FORMAT)
   step = start_step
   with Preemption() as preemption:
     while step < total:
@@ -234,8 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if task.counters:
           summary.update({f'{name}_captions': count for name, count in task.counters.items()})
         writer.write(step, summary)
-        bar.set_postfix(loss=f'{summary["loss"]:.4f}', step_s=f'{steps_per_s:.2f}',
-                        img_s=f'{summary["images_per_sec"]:.0f}')
+        bar.set_postfix_str(bar_postfix(summary))
         if nonfinite_run >= config.training.max_nonfinite_steps:
           bar.close()
           s.checkpointer.wait_until_finished()
