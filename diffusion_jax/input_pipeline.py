@@ -50,6 +50,7 @@ import functools
 import json
 import os
 import pathlib
+import zipfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -316,6 +317,40 @@ def create_dataset(
       has_text=spec.captions is not None,
       _captions=spec.captions,
   )
+
+
+def array_header(path: str, *, text_key: str | None = None
+                 ) -> tuple[tuple[int, ...], np.dtype] | None:
+  """Shape and dtype of the data array that the ``array`` source reads from `path`.
+
+  Read from the file's header only (an .npz member's header through its zip
+  entry), so checking a config costs nothing for large files. The array is the
+  one `create_dataset` takes: a .npy file's, or an .npz's ``'x'`` (else its one
+  array besides labels and `text_key`).
+
+  Returns:
+    ``(shape, dtype)``, or None when `path` is not a readable .npy / .npz file
+    or does not say which array holds the data (`create_dataset` names the
+    problem).
+  """
+  try:
+    if pathlib.Path(path).suffix.lower() == '.npy':
+      x = np.load(path, mmap_mode='r')
+      return tuple(x.shape), x.dtype
+    with zipfile.ZipFile(path) as npz:
+      keys = [n[:-len('.npy')] for n in npz.namelist() if n.endswith('.npy')]
+      data_keys = [k for k in keys if k not in _ARRAY_LABEL_KEYS + (text_key,)]
+      key = 'x' if 'x' in keys else data_keys[0] if len(data_keys) == 1 else None
+      if key is None:
+        return None
+      with npz.open(f'{key}.npy') as f:
+        read = (np.lib.format.read_array_header_1_0
+                if np.lib.format.read_magic(f) == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read(f)
+      return tuple(shape), np.dtype(dtype)
+  except (OSError, ValueError, zipfile.BadZipFile):
+    return None
 
 
 def load_digits_images(image_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -4,12 +4,14 @@ trees, starting from other params (init_from, init_params), parameter-only resto
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 from unittest import mock
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +21,7 @@ from PIL import Image
 
 from configs import tiny
 from diffusion_jax import checkpointing, models, objectives, processes, sharding, training
-from diffusion_jax.training import builders, loop
+from diffusion_jax.training import builders, evaluation, loop
 from diffusion_jax.training import config as config_lib
 from diffusion_jax.training import step as step_lib
 from diffusion_jax.training.state import TrainState
@@ -156,14 +158,22 @@ def test_restart_resumes_at_the_saved_step(tmp_path):
 
 def test_cli_trains_with_override_and_samples(tmp_path):
   workdir = str(tmp_path / 'run')
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  # JAX_PLATFORMS unset, as a user runs it: JAX probes every backend, the TPU's included.
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
   cmd = [sys.executable, '-m', 'diffusion_jax.main', '--config=configs/tiny.py',
          f'--workdir={workdir}', '--config.training.num_train_steps=2']
   out = subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True,
                        timeout=600)
-  # The console: the fields that differ from the defaults, not the config; a last line naming the
-  # outputs.
+  # The console: no backend-probe noise on this host without a TPU (issue 21); the fields that
+  # differ from the defaults, not the config; one progress bar whose only rates are the logged
+  # steps/s and images/s, with the ETA; a last line naming the outputs.
+  assert 'Unable to initialize backend' not in out.stderr and 'libtpu' not in out.stderr
   assert 'training.num_train_steps=2' in out.stderr and 'num_train_steps: 2' not in out.stderr
+  renders = re.split(r'[\r\n]', out.stderr)
+  final = [r for r in renders if '2/2 [' in r]
+  assert final and re.search(r'\| 2/2 \[\d\d:\d\d, ETA \d\d:\d\d, loss=\d+\.\d{4}, [\d.]+ steps/s, '
+                             r'[\d.]+ images/s\]', final[-1]), final
+  assert not re.search(r'\d(s/step|step/s)', out.stderr)  # tqdm's own rate, a second figure
   assert out.stdout.strip().splitlines()[-1] == (
       f'diffusion_jax: trained to step 2. Checkpoints {workdir}/checkpoints, metrics '
       f'{workdir}/metrics.jsonl.')
@@ -259,6 +269,69 @@ def test_vectors_with_a_unet(tmp_path):
   config = _tiny(**{'data.source': 'array', 'data.path': str(tmp_path / 'a.npy')})
   with pytest.raises(ValueError, match='model.name="mlp"'):
     training.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+# --- data.image_size means the same for every source (issue 21) --------------------------------
+
+
+def _digits_on_array(tmp_path, size, **overrides):
+  from configs import digits  # pylint: disable=import-outside-toplevel
+  images = np.random.default_rng(0).integers(0, 256, (16, size, size, 1), np.uint8)
+  np.savez(tmp_path / 'images.npz', x=images)
+  config = digits.get_config()
+  config.update_from_flattened_dict({'data.source': 'array',
+                                     'data.path': str(tmp_path / 'images.npz'), **overrides})
+  return config
+
+
+def test_array_images_of_another_size_than_image_size(tmp_path):
+  # The digits config (image_size 8) on 16x16 arrays: the network used to be built for 16x16
+  # silently, without the attention of the 4x4 level; now one error names both sizes.
+  config = _digits_on_array(tmp_path, 16)
+  with pytest.raises(ValueError) as info:
+    training.validate_config(config)
+  assert str(info.value) == (f'data.path={tmp_path / "images.npz"} holds 16x16 images but '
+                             'data.image_size=8; arrays are not resized: set '
+                             '--config.data.image_size=16.')
+  # At the right size, attention at 4x4 no longer exists: the error says what to set.
+  config.data.image_size = 16
+  with pytest.raises(ValueError, match=re.escape(
+      "'model.unet.attn_resolutions': attn_resolutions=(4,) contains [4], which are not "
+      'resolutions of this U-Net (image_size=16, ch_mult=(1, 2) gives [16, 8]). Set '
+      "--config.model.unet.attn_resolutions='(8,)' (any of [16, 8]), or '()' for no attention.")):
+    training.validate_config(config)
+  config.model.unet.attn_resolutions = (8,)
+  training.validate_config(config)
+
+
+def test_array_images_train_a_network_of_the_configured_size(tmp_path):
+  config = _tiny(**{'data.source': 'array', 'data.image_size': 16,
+                    'model.unet.attn_resolutions': (8,), 'training.num_train_steps': 2})
+  np.save(tmp_path / 'images.npy', np.zeros((16, 16, 16, 1), np.float32))
+  config.data.path = str(tmp_path / 'images.npy')
+  state = training.train_and_evaluate(config, str(tmp_path / 'run'))
+  # Attention in the 8x8 level's blocks besides the middle block's: built for 16x16 images.
+  attn = {k[0] for k in flax.traverse_util.flatten_dict(state.params) if 'Attn' in k[0]}
+  assert len(attn) > 1, attn
+  np.save(tmp_path / 'images.npy', np.zeros((16, 8, 8, 1), np.float32))
+  with pytest.raises(ValueError, match='holds 8x8 images but data.image_size=16'):
+    training.train_and_evaluate(config, str(tmp_path / 'run2'))
+
+
+@pytest.mark.parametrize('source, dtype, expected', [
+    ('digits', None, None), ('digits_text', None, None), ('folder', None, 'uniform'),
+    ('tfds', None, 'uniform'), ('array', np.uint8, 'uniform'), ('array', np.float32, None)])
+def test_eval_dequantizes_only_8bit_data_by_default(tmp_path, source, dtype, expected):
+  config = _tiny(**{'data.source': source})
+  if dtype is not None:
+    np.save(tmp_path / 'a.npy', np.zeros((4, 8, 8, 1), dtype))
+    config.data.path = str(tmp_path / 'a.npy')
+  assert config.eval.dequantize == 'auto'
+  assert evaluation.dequantization(config) == expected
+  config.eval.dequantize = 'none'
+  assert evaluation.dequantization(config) is None
+  config.eval.dequantize = 'uniform'
+  assert evaluation.dequantization(config) == 'uniform'
 
 
 def test_checkpoint_of_another_model(tmp_path):

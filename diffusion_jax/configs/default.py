@@ -206,7 +206,9 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.num_draws = 1  # dequantization / Hutchinson draws per example.
   evaluation.rtol = 1e-5  # PF-ODE relative tolerance.
   evaluation.atol = 1e-5  # PF-ODE absolute tolerance.
-  evaluation.dequantize = 'uniform'  # 'uniform' (8-bit images) | 'none' (continuous data).
+  # 'auto': 'uniform' for 8-bit images (folder, tfds, uint8 arrays), 'none' for the rest (the
+  # 17-level digits, float arrays) | 'uniform' | 'none' (bits/dim of a continuous density).
+  evaluation.dequantize = 'auto'
   evaluation.t_start = 0.0  # PF-ODE start time for likelihoods (0 = process.t_min; score_sde: 1e-5).
 
   # --- device mesh ------------------------------------------------------------------------------

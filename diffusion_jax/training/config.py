@@ -145,7 +145,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("Config field 'sampling.analytic_first_step' = True needs "
                      "sampling.method='plms' with sampling.warm_start='ab' (iPNDM); got "
                      f'sampling.method={config.sampling.method!r}.')
-  _choice('eval.dequantize', config.eval.dequantize, ('uniform', 'none'))
+  _choice('eval.dequantize', config.eval.dequantize, ('auto', 'uniform', 'none'))
   for name in ('training.batch_size', 'training.num_train_steps', 'training.log_every',
                'training.checkpoint_every', 'training.keep_checkpoints', 'training.steps_per_call',
                'training.max_nonfinite_steps', 'sampling.num_steps', 'sampling.num_samples',
@@ -175,6 +175,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.training[name] % k:
       raise ValueError(f'training.{name}={config.training[name]} must be a multiple of '
                        f'training.steps_per_call={k}.')
+  _check_array_image_size(config)
   if config.model.name == 'unet' and not latent:
     try:
       models_lib.validate_unet_config(image_size=config.data.image_size,
@@ -182,12 +183,40 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                                       attn_resolutions=tuple(config.model.unet.attn_resolutions))
     except ValueError as e:  # name the config field, not the function's argument
       text = str(e)
-      field = ('model.unet.attn_resolutions' if text.startswith('attn_resolutions') else
-               'model.unet.ch_mult' if text.startswith('ch_mult') else 'data.image_size')
+      if text.startswith('attn_resolutions'):
+        u = config.model.unet
+        sizes = [config.data.image_size // 2**i for i in range(len(u.ch_mult))]
+        raise ValueError(
+            f"Config field 'model.unet.attn_resolutions': {e} Set "
+            f"--config.model.unet.attn_resolutions='({sizes[-1]},)' (any of {sizes}), or '()' "
+            'for no attention.') from e
+      field = 'model.unet.ch_mult' if text.startswith('ch_mult') else 'data.image_size'
       raise ValueError(f'Config field {field!r}: {e}') from e
   preconditioning.check_model_process(config.model.noise_input, config.model.parameterization,
                                       build_process(config.process))
   check_sampler_options(config)
+
+
+def _check_array_image_size(config: ml_collections.ConfigDict) -> None:
+  """Images of ``data.source='array'`` must have the size ``data.image_size`` says.
+
+  Arrays are not resized, and the network is built for ``data.image_size`` as for every other
+  source (its attention resolutions checked against it), so a file of another size is an error
+  here, before anything is built. Vectors ``[N, D]`` have no image size; a file that cannot be
+  read is left to the input pipeline, which names it.
+  """
+  if config.data.source != 'array' or not config.data.path:
+    return
+  header = input_pipeline.array_header(config.data.path, text_key=config.data.text_key or None)
+  if header is None or len(header[0]) != 4:
+    return
+  height, width = header[0][1:3]
+  size = config.data.image_size
+  if (height, width) != (size, size):
+    fix = (f'set --config.data.image_size={height}' if height == width else
+           'crop or pad the images of the file to squares')
+    raise ValueError(f'data.path={config.data.path} holds {height}x{width} images but '
+                     f'data.image_size={size}; arrays are not resized: {fix}.')
 
 
 def _validate_latent(config: ml_collections.ConfigDict) -> None:

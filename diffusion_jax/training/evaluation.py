@@ -12,7 +12,7 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from diffusion_jax import likelihood, preconditioning, writers
+from diffusion_jax import input_pipeline, likelihood, preconditioning, writers
 from diffusion_jax.training import builders
 
 
@@ -24,6 +24,27 @@ def combine_bits_per_dim(means, stderrs, sizes) -> np.ndarray:
   """
   n = np.asarray(sizes, np.float64)
   return np.array([np.sum(n * np.asarray(means)), np.sum((n * np.asarray(stderrs))**2), n.sum()])
+
+
+# Sources whose images are 8-bit levels: dequantize='auto' is 'uniform' for them.
+_8BIT_SOURCES = ('folder', 'tfds')
+
+
+def dequantization(config: ml_collections.ConfigDict) -> str | None:
+  """``eval.dequantize`` as ``likelihood.bits_per_dim`` takes it: 'uniform' or None.
+
+  ``'auto'`` (the default) follows the data: 'uniform' for 8-bit images (folders, TFDS, uint8
+  arrays), None for the rest (float arrays; scikit-learn's digits, which have 17 gray levels, not
+  256), whose bits/dim is then that of a density, -log2 p(x) / D.
+  """
+  choice = config.eval.dequantize
+  if choice != 'auto':
+    return None if choice == 'none' else choice
+  d = config.data
+  if d.source == 'array':
+    header = input_pipeline.array_header(d.path, text_key=d.text_key or None) if d.path else None
+    return 'uniform' if header is not None and header[1] == np.uint8 else None
+  return 'uniform' if d.source in _8BIT_SOURCES else None
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -44,10 +65,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   prediction = preconditioning.prediction_type(config.model.parameterization)
   means, stderrs, sizes = [], [], []
   key = jax.random.PRNGKey(config.seed + 3)
-  dequantize = None if ev.dequantize == 'none' else ev.dequantize
+  dequantize = dequantization(config)
   share = -(-ev.num_examples // jax.process_count())
-  for i, batch in enumerate(tqdm.tqdm(data.iterator, desc='bits/dim',
-                                      disable=jax.process_index() != 0)):
+  # Counted in examples, updated after each batch's ODE solves (minutes each on a CPU): a bar
+  # over the iterator showed '0it' until the second batch and never counted the last one.
+  available = data.num_examples // ev.batch_size * (ev.batch_size // jax.process_count())
+  bar = tqdm.tqdm(total=min(share, available), desc='bits/dim',
+                  unit='example', disable=jax.process_index() != 0, dynamic_ncols=True)
+  for i, batch in enumerate(data.iterator):
     x = batch['x'][:share - sum(sizes)]
     mean, stderr = likelihood.bits_per_dim(
         model_fn, s.process, x, key=jax.random.fold_in(key, i), prediction=prediction,
@@ -56,8 +81,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     means.append(mean)
     stderrs.append(stderr)
     sizes.append(len(x))
+    bar.update(len(x))
+    bar.set_postfix_str(f'{np.dot(sizes, means) / sum(sizes):.4f} bits/dim')
     if sum(sizes) >= share:
       break
+  bar.close()
   sums = combine_bits_per_dim(means, stderrs, sizes)
   logging.info('eval on process %d: %d examples, %.6f bits/dim', jax.process_index(), sums[2],
                sums[0] / max(sums[2], 1))
