@@ -186,6 +186,27 @@ def test_folder_labels_need_class_dirs(tmp_path):
 # array
 
 
+def test_array_header_reads_the_array_the_source_reads(tmp_path):
+  np.savez(tmp_path / 'a.npz', x=np.zeros((5, 16, 16, 1), np.uint8), label=np.arange(5))
+  np.savez(tmp_path / 'b.npz', data=np.zeros((5, 3), np.float32), y=np.arange(5),
+           caption=np.array(['a'] * 5))
+  np.save(tmp_path / 'c.npy', np.zeros((5, 3, 2), np.float16))
+  np.savez(tmp_path / 'd.npz', a=np.zeros((2, 2)), b=np.zeros((2, 2)))  # which one is unclear
+  (tmp_path / 'e.npz').write_bytes(b'not a zip')
+  assert input_pipeline.array_header(str(tmp_path / 'a.npz')) == ((5, 16, 16, 1), np.uint8)
+  assert input_pipeline.array_header(str(tmp_path / 'b.npz'), text_key='caption') == (
+      (5, 3), np.float32)
+  assert input_pipeline.array_header(str(tmp_path / 'c.npy')) == ((5, 3, 2), np.float16)
+  for name in ('d.npz', 'e.npz', 'missing.npy'):
+    assert input_pipeline.array_header(str(tmp_path / name)) is None
+  # The shapes of what create_dataset then reads.
+  for name, key in (('a.npz', None), ('b.npz', 'caption'), ('c.npy', None)):
+    pipeline = input_pipeline.create_dataset(source='array', path=str(tmp_path / name),
+                                             num_channels=1, batch_size=1, seed=0, text_key=key)
+    assert pipeline.element_shape == input_pipeline.array_header(
+        str(tmp_path / name), text_key=key)[0][1:]
+
+
 def test_array_rank1_raises(tmp_path):
   path = tmp_path / 'vec.npy'
   np.save(path, np.zeros(10, np.float32))
