@@ -209,7 +209,9 @@ def test_the_default_job_and_its_modes_run_as_documented(tmp_path):
   ran = _run_all(tmp_path, 'run')
   outputs = {c.split('--workdir=runs/digits', 1)[1].strip(): out for c, out in ran}
   workdir = tmp_path / 'runs' / 'digits'
-  assert outputs[''].stdout.strip().splitlines()[-1].startswith('diffusion_jax: trained to step 2.')
+  assert outputs[''].stdout.strip().splitlines()[-1] == (
+      'diffusion_jax: trained to step 2. Checkpoints runs/digits/checkpoints, metrics '
+      'runs/digits/metrics.jsonl, samples runs/digits/samples.')
   assert 'start at step 2 of 2' in outputs['--mode=train'].stdout  # run again: it resumes
   samples = os.listdir(workdir / 'samples')
   assert 'dpmpp_3m_20_step2.npz' in samples, samples

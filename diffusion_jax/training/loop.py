@@ -289,7 +289,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if latent.diffusers_root(config.training.init_from) is not None:
       latent.save_diffusers(config, workdir, state.ema_params)  # fine-tuned, as diffusers reads
   if is_chief:
-    samples = f', samples {epath.Path(workdir) / "samples"}' if num_grid else ''
-    print(f'diffusion_jax: trained to step {step}. Checkpoints {s.checkpointer.directory}, metrics '
-          f'{epath.Path(workdir) / "metrics.jsonl"}{samples}.', flush=True)
+    # Every path as the user gave the workdir (the checkpointer's own is made absolute).
+    out = epath.Path(workdir)
+    samples = f', samples {out / "samples"}' if num_grid else ''
+    print(f'diffusion_jax: trained to step {step}. Checkpoints {out / "checkpoints"}, metrics '
+          f'{out / "metrics.jsonl"}{samples}.', flush=True)
   return state
