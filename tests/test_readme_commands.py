@@ -23,7 +23,8 @@ pretrained Stable Diffusion weights, templates with placeholders, a class-condit
 
 Slow (``-m slow``): README's latent text-to-image job (configs/ldm_digits.py), which cannot be
 made tiny in time: even at 2 steps per stage it compiles an AutoencoderKL, a text transformer and
-a conditional U-Net, about 2 minutes on 2 cores, the budget of this whole file.
+a conditional U-Net, 2 to 4 minutes on 2 cores (README and docs/benchmarks.md both show it), more
+than the budget of this whole file.
 """
 
 import os
@@ -62,7 +63,7 @@ TINY = {
         'training.compilation_cache_dir': _CACHE},
 }
 SLOW_CONFIGS = {'configs/ldm_digits.py': 'two stages compile an AutoencoderKL, a text transformer '
-                                         'and a conditional U-Net: ~2 min on 2 cores at 2 steps'}
+                                         'and a conditional U-Net: 2-4 min on 2 cores at 2 steps'}
 
 # (regular expression matched at the start of a command, reason it is not run), first match wins.
 SKIPPED = [
