@@ -63,7 +63,7 @@ def load_controlnet(directory: str | epath.PathLike, *, variant: str | None = No
 
   Returns:
     ``(module, params)``: ``module.apply({'params': params}, sample, t, context, image)``;
-    ``params`` is a nested dict of NumPy arrays.
+    ``params`` is a nested dict of arrays on the default device.
 
   Raises:
     FileNotFoundError: no config or no safetensors file.

@@ -15,14 +15,15 @@ our leaf                       PyTorch tensor              transform
 =============================  ==========================  ================================
 
 A missing tensor, a tensor of another shape, or a tensor of the file that nothing used is a
-``ValueError`` naming the key and both shapes. Tensors are read with safetensors' NumPy API
-(never pickle, never torch); bfloat16 tensors, which NumPy cannot name, are read through
-``ml_dtypes``.
+``ValueError`` naming the key and both shapes. Tensors are read from safetensors files one at a
+time as they are converted (``SafetensorsFile``; never pickle, never torch; bfloat16 through
+``ml_dtypes``), and each is placed on the device before the next is read.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
@@ -33,7 +34,6 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 from flax import traverse_util
-from safetensors import numpy as st_numpy
 
 PyTree = Any
 Path = tuple[str, ...]
@@ -42,45 +42,168 @@ _LEAF_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight'}
 _INDEXED = re.compile(r'^(.*)_(\d+)$')
 
 
-def read_safetensors(path: str | epath.PathLike) -> dict[str, np.ndarray]:
-  """All tensors of one ``.safetensors`` file as NumPy arrays (bfloat16 through ml_dtypes).
+_DTYPES = {'BF16': ml_dtypes.bfloat16, 'F16': np.float16, 'F32': np.float32, 'F64': np.float64,
+           'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
+           'BOOL': np.bool_}
+
+
+class SafetensorsFile(Mapping[str, np.ndarray]):
+  """The tensors of one ``.safetensors`` file, each read from disk when it is looked up.
+
+  Only the JSON header is read up front (keys, dtypes, shapes, ``metadata``); ``file[key]`` reads
+  that tensor's bytes into a fresh NumPy array (bfloat16 through ``ml_dtypes``). Nothing is
+  cached, so a loader that converts and places one tensor at a time holds one copy of the
+  weights, not two or three (the whole file as bytes, then arrays, then device buffers).
+
+  Why not safetensors' own NumPy API: ``load(bytes)`` needs the whole file in memory beside its
+  arrays, ``safe_open`` maps the file (its pages count in the process's memory until closed) and
+  takes local paths only, and neither reads bfloat16. The format is an 8-byte little-endian
+  header length, a JSON header ``{key: {dtype, shape, data_offsets}}`` and the raw
+  little-endian data; every entry is checked against the file's size when it is opened.
+
+  Raises (on construction):
+    FileNotFoundError: no such file.
+    ValueError: not a safetensors file (bad header length, JSON, dtype, shape or offsets).
+  """
+
+  def __init__(self, path: str | epath.PathLike):
+    self.path = epath.Path(path)
+    if not self.path.exists():
+      raise FileNotFoundError(f'no weights file {self.path}.')
+    with self.path.open('rb') as f:
+      first = f.read(8)
+      n = int.from_bytes(first, 'little') if len(first) == 8 else -1
+      f.seek(0, 2)
+      size = f.tell()
+      if not 2 <= n <= size - 8:
+        self._bad(f'header length {n} for a file of {size} bytes')
+      f.seek(8)
+      try:
+        header = json.loads(f.read(n))
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        self._bad(f'header is not JSON ({e})')
+    if not isinstance(header, dict):
+      self._bad('header is not a JSON object')
+    self.metadata: dict[str, str] = header.pop('__metadata__', None) or {}
+    self._start = 8 + n
+    data = size - self._start
+    self._entries: dict[str, tuple[Any, tuple[int, ...], int, int]] = {}
+    for key, info in header.items():
+      try:
+        dtype = np.dtype(_DTYPES[info['dtype']])
+        shape = tuple(int(d) for d in info['shape'])
+        start, end = (int(x) for x in info['data_offsets'])
+      except (KeyError, TypeError, ValueError):
+        self._bad(f'entry {key!r} is {info!r} (dtype one of {sorted(_DTYPES)}, shape, '
+                  'data_offsets)')
+      if not 0 <= start <= end <= data or end - start != math.prod(shape) * dtype.itemsize:
+        self._bad(f'entry {key!r}: offsets {start}..{end} do not hold {shape} {dtype} within '
+                  f'the {data} data bytes')
+      self._entries[key] = (dtype, shape, start, end)
+
+  def _bad(self, what: str):
+    raise ValueError(f'{self.path} is not a readable safetensors file: {what}.')
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    dtype, shape, start, end = self._entries[key]
+    out = np.empty(shape, dtype)
+    raw = out.reshape(-1).view(np.uint8)
+    with self.path.open('rb') as f:
+      f.seek(self._start + start)
+      if hasattr(f, 'readinto'):
+        got = f.readinto(raw)
+      else:  # file objects of some remote filesystems
+        chunk = f.read(end - start)
+        got = len(chunk)
+        raw[:got] = np.frombuffer(chunk, np.uint8)
+    if got != end - start:
+      self._bad(f'tensor {key!r} is cut short')
+    return out
+
+  def __iter__(self):
+    return iter(self._entries)
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+  def __contains__(self, key: object) -> bool:
+    return key in self._entries
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    """The shape of ``key`` without reading it."""
+    return self._entries[key][1]
+
+
+class _Renamed(Mapping[str, np.ndarray]):
+  """A view of ``state`` under new keys (``{new: old}``); values read when looked up."""
+
+  def __init__(self, state: Mapping[str, np.ndarray], names: Mapping[str, str]):
+    self._state, self._names = state, dict(names)
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    return self._state[self._names[key]]
+
+  def __iter__(self):
+    return iter(self._names)
+
+  def __len__(self) -> int:
+    return len(self._names)
+
+  def __contains__(self, key: object) -> bool:
+    return key in self._names
+
+
+def renamed(state: Mapping[str, np.ndarray], fn: Callable[[str], str | None]
+            ) -> Mapping[str, np.ndarray]:
+  """``state`` with each key ``k`` as ``fn(k)`` (dropped where None), nothing read.
+
+  Raises:
+    ValueError: two keys renamed to the same one.
+  """
+  names = {}
+  for key in state:
+    new = fn(key)
+    if new is None:
+      continue
+    if new in names:
+      raise ValueError(f'keys {names[new]!r} and {key!r} both become {new!r}.')
+    names[new] = key
+  return _Renamed(state, names)
+
+
+def read_safetensors(path: str | epath.PathLike) -> SafetensorsFile:
+  """The tensors of one ``.safetensors`` file: a mapping key -> NumPy array, read on lookup.
 
   Raises:
     FileNotFoundError: no such file.
     ValueError: the file is not a safetensors file.
   """
-  path = epath.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f'no weights file {path}.')
-  data = path.read_bytes()
-  try:
-    return st_numpy.load(data)
-  except Exception as e:  # pylint: disable=broad-except
-    if 'bfloat16' not in str(e):
-      raise ValueError(f'{path} is not a readable safetensors file: {e}') from e
-  return _load_with_bfloat16(data)
+  return SafetensorsFile(path)
 
 
-def _load_with_bfloat16(data: bytes) -> dict[str, np.ndarray]:
-  """safetensors' format by hand (8-byte header size, JSON header, raw little-endian data)."""
-  n = int.from_bytes(data[:8], 'little')
-  header = json.loads(data[8:8 + n])
-  header.pop('__metadata__', None)
-  dtypes = {'BF16': ml_dtypes.bfloat16, 'F16': np.float16, 'F32': np.float32, 'F64': np.float64,
-            'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
-            'BOOL': np.bool_}
-  out = {}
-  for name, info in header.items():
-    start, end = info['data_offsets']
-    buf = data[8 + n + start:8 + n + end]
-    out[name] = np.frombuffer(buf, dtype=dtypes[info['dtype']]).reshape(info['shape']).copy()
-  return out
+class _Shards(Mapping[str, np.ndarray]):
+  """The tensors of several files, each key looked up in its own file."""
+
+  def __init__(self, files: Mapping[str, SafetensorsFile]):
+    self._files = files
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    return self._files[key][key]
+
+  def __iter__(self):
+    return iter(self._files)
+
+  def __len__(self) -> int:
+    return len(self._files)
 
 
 def read_component(directory: str | epath.PathLike, *, variant: str | None = None,
                    names: Iterable[str] = ('diffusion_pytorch_model', 'model')
-                   ) -> dict[str, np.ndarray]:
+                   ) -> Mapping[str, np.ndarray]:
   """The tensors of one component directory of a diffusers pipeline (``unet/``, ``vae/``, ...).
+
+  A mapping key -> NumPy array whose tensors are read from disk when looked up
+  (``SafetensorsFile``).
 
   Looks for ``{name}[.{variant}].safetensors`` and the sharded form
   ``{name}[.{variant}].safetensors.index.json`` for each of ``names`` in order.
@@ -103,10 +226,11 @@ def read_component(directory: str | epath.PathLike, *, variant: str | None = Non
     index = directory / f'{name}{suffix}.safetensors.index.json'
     if index.exists():
       shards = sorted(set(json.loads(index.read_text())['weight_map'].values()))
-      out = {}
+      files = {}
       for shard in shards:
-        out.update(read_safetensors(directory / shard))
-      return out
+        f = read_safetensors(directory / shard)
+        files.update((key, f) for key in f)
+      return _Shards(files)
   found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
   pickles = [f for f in found if f.endswith(('.bin', '.ckpt', '.pt', '.pth'))]
   hint = (f' Only pickle files are there ({", ".join(pickles)}), which are never loaded: convert '
@@ -211,7 +335,7 @@ def tree_from_state(state: Mapping[str, np.ndarray], shapes: PyTree,
     component: name used in error messages (``'unet'``, ``'vae'``, ...).
 
   Returns:
-    A nested dict like ``shapes`` of NumPy arrays.
+    A nested dict like ``shapes`` of arrays on the default device, placed one at a time.
 
   Raises:
     ValueError: naming the first missing key, the first key whose shape differs (both shapes,
@@ -226,12 +350,16 @@ def tree_from_state(state: Mapping[str, np.ndarray], shapes: PyTree,
       raise ValueError(f'{component}: the weights have no tensor {key!r} (our parameter '
                        f'{"/".join(path)}, shape {_torch_shape(path[-1], target.shape)} in '
                        f'PyTorch layout){"; near it: " + ", ".join(near) if near else ""}.')
-    value = _to_ours(path[-1], np.asarray(state[key]), tuple(target.shape))
+    raw = np.asarray(state[key])
+    value = _to_ours(path[-1], raw, tuple(target.shape))
     if value.shape != tuple(target.shape):
-      raise ValueError(f'{component}: tensor {key!r} has shape {tuple(state[key].shape)}, the model '
+      raise ValueError(f'{component}: tensor {key!r} has shape {tuple(raw.shape)}, the model '
                        f'expects {_torch_shape(path[-1], target.shape)} (our parameter '
                        f'{"/".join(path)}): the weights are for another configuration.')
-    out[path] = value.astype(dtype or target.dtype)
+    # Placed leaf by leaf, so that the host copy of one tensor at a time is all that is held
+    # beside the device's (with ``read_component``'s lazy reads: one copy of the weights).
+    out[path] = jax.device_put(value.astype(dtype or target.dtype))
+    del raw, value
     used.add(key)
   unused = sorted(k for k in state if k not in used and not ignore(k))
   if unused:
@@ -251,9 +379,10 @@ def state_from_tree(params: PyTree, key_fn: Callable[[Path], str], *,
   return out
 
 
-def strip_prefix(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-  """The entries of ``state`` under ``prefix`` (e.g. ``'text_model.'``), with it removed."""
-  return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+def strip_prefix(state: Mapping[str, np.ndarray], prefix: str) -> Mapping[str, np.ndarray]:
+  """The entries of ``state`` under ``prefix`` (e.g. ``'text_model.'``), with it removed (a view:
+  nothing is read)."""
+  return renamed(state, lambda k: k[len(prefix):] if k.startswith(prefix) else None)
 
 
 def shapes_of(module, *args, **kwargs) -> PyTree:
@@ -279,5 +408,5 @@ def cast(params: PyTree, dtype: Any) -> PyTree:
       lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
-__all__ = ['cast', 'read_component', 'read_config', 'read_safetensors', 'shapes_of', 'state_from_tree',
-           'strip_prefix', 'torch_key', 'tree_from_state']
+__all__ = ['SafetensorsFile', 'cast', 'read_component', 'read_config', 'read_safetensors', 'renamed',
+           'shapes_of', 'state_from_tree', 'strip_prefix', 'torch_key', 'tree_from_state']

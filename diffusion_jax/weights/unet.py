@@ -114,7 +114,8 @@ def load_unet(directory: str | epath.PathLike, *, variant: str | None = None,
 
   Returns:
     ``(module, params)``: ``module.apply({'params': params}, sample, t, context, ...)``;
-    ``params`` is a nested dict of NumPy arrays (put them on devices as you shard them).
+    ``params`` is a nested dict of arrays on the default device (``jax.device_put`` them with
+    a sharding to spread them).
 
   Raises:
     FileNotFoundError: no config or no safetensors file.

@@ -75,14 +75,11 @@ def _read_config(directory: epath.Path) -> dict[str, Any]:
   return core.read_config(directory, component='VAE', layout='a diffusers vae/ directory')
 
 
-def _rename_deprecated(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  out = {}
-  for key, value in state.items():
+def _rename_deprecated(state: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+  def rename(key: str) -> str:
     m = _DEPRECATED_KEY.match(key)
-    if m:
-      key = f'{m.group(1)}.{_DEPRECATED_ATTENTION[m.group(2)]}.{m.group(3)}'
-    out[key] = value
-  return out
+    return f'{m.group(1)}.{_DEPRECATED_ATTENTION[m.group(2)]}.{m.group(3)}' if m else key
+  return core.renamed(state, rename)
 
 
 def load_vae(directory: str | epath.PathLike, *, variant: str | None = None,
@@ -99,7 +96,7 @@ def load_vae(directory: str | epath.PathLike, *, variant: str | None = None,
 
   Returns:
     ``(module, params)``: ``module.apply({'params': params}, x, method=module.encode)`` and
-    ``method=module.decode``; ``params`` is a nested dict of NumPy arrays.
+    ``method=module.decode``; ``params`` is a nested dict of arrays on the default device.
 
   Raises:
     FileNotFoundError: no config or no safetensors file.
