@@ -19,6 +19,7 @@ from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax.sampling import core
 
@@ -131,8 +132,6 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
   n = num_steps
   if order not in (1, 2, 3):
     raise ValueError(f'unipc: order={order!r} is not supported; use 1, 2 or 3.')
-  if order > n:
-    raise ValueError(f'unipc: order={order} needs at least {order} steps, got num_steps={n}.')
   if variant not in ('bh1', 'bh2'):
     raise ValueError(f"unipc: variant={variant!r} is not known; use 'bh1' or 'bh2'.")
   sched = core.make_schedule(process, n, grid=grid, spacing=spacing, times=times, t_start=t_start,
@@ -145,9 +144,9 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
                                dynamic_threshold=dynamic_threshold)
   lam = sched.log_snr
   steps = jnp.arange(n)
-  orders = jnp.minimum(order, steps + 1)
+  orders = np.minimum(order, np.arange(n) + 1)
   if lower_order_final:
-    orders = jnp.minimum(orders, n - steps)
+    orders = np.minimum(orders, n - np.arange(n))
   final_order = min(1 if lower_order_final else min(order + int(corrector), 2), n)  # dpm_solver
   if to_data:  # the last iteration's prediction (onto a dummy lambda) is discarded
     lam_next = jnp.concatenate([lam[1:], lam[-1:] + 1.0])
@@ -156,6 +155,9 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
   else:  # it is the final step, onto the last level
     lam_next = jnp.log(sched.alpha[1:]) - jnp.log(sched.sigma[1:])
     alpha_next, sigma_next = sched.alpha[1:], sched.sigma[1:]
+  if levels is None and order >= 3:  # coarse steps at most second order (dpm_solver)
+    orders = dpm_solver.cap_third_order(orders, sched)
+  orders = jnp.asarray(orders)
   xs = {'i': steps, 't': sched.t, 'lam': lam,
         'lam_next': lam_next,
         'lam_prev': jnp.concatenate([lam[:1] - 1.0, lam[:-1]]),  # i = 0: a dummy, unused
