@@ -18,25 +18,15 @@ method), and ends with a step to the data (alpha = 1, sigma = 0). ``sample`` is 
 with the model closed over, e.g.
 ``jax.jit(lambda x: sample(model_fn, process, method=..., num_steps=..., x_T=x))``.
 
-Default grids, measured (experiments/bench_samplers.py: DiscreteVP.linear(), the mixture oracle,
-RMS error against the exact PF-ODE map, B = 256): the quadratic grid of DDIM is the most accurate
-for every deterministic method from 10 NFE on, e.g. at 20 / 50 NFE
-
-    dpmpp_3m   quadratic 0.026 / 0.0010   logsnr 0.043 / 0.0037   uniform-trailing 0.084 / 0.016
-    unipc-bh2  quadratic 0.038 / 0.0019   logsnr 0.050 / 0.0054   uniform-trailing 0.069 / 0.0094
-    heun       quadratic 0.072 / 0.0070   logsnr 0.158 / 0.0147   karras 0.222 / 0.040
-
-so it is the default of ddim, plms, euler, heun, dpmpp_* and unipc. ``ddpm`` keeps the uniform
-grid (trailing spacing), on which ``num_steps == N`` is exactly Algorithm 2 of Ho et al. (2020).
-At <= 10 NFE pass ``spacing='trailing'`` (the quadratic grid's last step to the data as long as
-the others): at 5 NFE DDIM, DPM-Solver++ 2M/3M, UniPC-bh2 and iPNDM reach 0.13-0.24 with it,
-0.17-0.43 with the default 'linspace' ends and 0.31-0.36 on the uniform-trailing grid; Heun (3
-steps at 5 NFE) is the exception, best on the uniform grid (0.37).
-At <= 20 NFE the most accurate configuration measured is iPNDM, ``method='plms',
-warm_start='ab', spacing='trailing'`` on the quadratic grid: 0.134 (order 3) / 0.044 / 0.0066 at
-5 / 10 / 20 NFE, against 0.155 / 0.054 / 0.0072 for the best of the others; with
-``analytic_first_step=True`` (one more step for the same NFE, see ``plms``) 0.114 (order 3) /
-0.038 / 0.0060 (order 4).
+Defaults (``defaults.py``, issue 22): called with only ``method`` and ``num_steps``, a method
+takes the grid, spacing, order, ``lower_order_final``, ... chosen for its NFE band (5, 10, 20, 50)
+on a panel of exact Gaussian-mixture oracles (2-64 dimensions, linear and cosine schedules, VE
+SDE; ``experiments/sampler_panel.py``): among the option sets within 2x DDIM's error at the same
+NFE on every oracle, the one with the smallest worst-case ratio to the best of all methods. What
+the caller passes wins; explicit ``times`` / ``levels`` take no defaults. ``ddpm`` keeps the
+uniform grid (trailing spacing), on which ``num_steps == N`` is exactly Algorithm 2 of Ho et al.
+(2020); the other stochastic methods keep their signatures' defaults. The held-out results
+against diffusers are in ``docs/benchmarks.md``.
 
 Composable options of every fixed-step method (ddpm, ddim, plms, euler, heun, dpmpp_*, unipc,
 pc), all inside the one scan:
@@ -88,8 +78,9 @@ The method signature (what a new entry of ``METHODS`` must follow)::
   ``core.make_denoiser``); every fixed-step method ``times`` and ``step_hook``; each method
   documents its own (``grid``, ``spacing``, ``eta``, ``order``, ...). An option a method does not
   take raises ``TypeError``.
-- invalid arguments (an order higher than ``num_steps`` allows, a stochastic method without a
-  key) raise ``ValueError`` naming the problem.
+- invalid arguments (an order the method does not have, a stochastic method without a key)
+  raise ``ValueError`` naming the problem; an order above what ``num_steps`` allows falls back
+  to the warm start's lower orders.
 """
 
 from __future__ import annotations
@@ -101,7 +92,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import processes
-from diffusion_jax.sampling import core, grids
+from diffusion_jax.sampling import core, defaults, grids
 from diffusion_jax.sampling.ddim import ddim, ddpm
 from diffusion_jax.sampling.dpm_solver import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m
 from diffusion_jax.sampling.guidance import classifier_free_guidance
@@ -126,7 +117,8 @@ METHODS: dict[str, Callable[..., tuple[jax.Array, dict]]] = {
     'ode': ode,
 }
 
-# The grid each fixed-step method lays out when none is given (``shift`` shifts it).
+# The grid each fixed-step method function lays out when called directly without one;
+# ``sample`` passes the grid of ``defaults.DEFAULTS`` for the run's band instead.
 DEFAULT_GRIDS = {name: 'quadratic' for name in METHODS if name not in ('pc', 'ode')}
 DEFAULT_GRIDS['ddpm'] = 'uniform'
 
@@ -211,6 +203,7 @@ def sample(model_fn: Callable[..., jax.Array], process, *, method: str, num_step
   if method not in METHODS:
     raise ValueError(f'method={method!r} is not known; use one of {sorted(METHODS)}.')
   num_steps = _check_common(num_steps, prediction)
+  options = _with_defaults(process, method, num_steps, t_start, shift, options)
   # x_T = prior_sample(key, shape) as the contract says; a stochastic method draws its step noise
   # from fold_in(key, i), a different stream.
   x_T = _start(process, key, x_T, shape, t_start)
@@ -223,6 +216,29 @@ def sample(model_fn: Callable[..., jax.Array], process, *, method: str, num_step
   x_0, info = METHODS[method](fn, process, x_T, num_steps=num_steps, key=key,
                               prediction=prediction, t_start=t_start, **options)
   return (x_0, info) if return_info else x_0
+
+
+def _with_defaults(process, method, num_steps, t_start, shift, options):
+  """``options`` completed with the method's chosen defaults (``defaults.py``).
+
+  The band is that of the distinct grid times: a grid rounded to integer steps with more steps
+  than the process has runs its distinct times (``core.make_schedule``), and takes the defaults
+  of that many steps, so that e.g. 2500 steps on N = 1000 are the 1000-step run.
+  """
+  chosen = defaults.with_defaults(method, num_steps, options)
+  grid = chosen.get('grid')
+  if grid != 'uniform' or not grids._is_discrete(process):  # pylint: disable=protected-access
+    return chosen
+  try:
+    with jax.ensure_compile_time_eval():
+      t = grids.make_grid(process, num_steps, grid, spacing=chosen.get('spacing'),
+                          t_start=t_start, shift=grids.check_shift(shift))
+      distinct = int(core._drop_repeats(t).shape[0])  # pylint: disable=protected-access
+  except (ValueError, TypeError):
+    return chosen  # the method reports the bad argument itself
+  if defaults.band(method, distinct) == defaults.band(method, num_steps):
+    return chosen
+  return defaults.with_defaults(method, distinct, options)
 
 
 def _shifted(process, method, num_steps, t_start, shift, options):
@@ -285,6 +301,10 @@ def invert(model_fn: Callable[..., jax.Array], process, x_0: jax.Array, *, metho
   fn = classifier_free_guidance(model_fn, batch_size=x_0.shape[0], cond=cond,
                                 null_cond=null_cond, guidance_scale=guidance_scale,
                                 guidance_rescale=guidance_rescale)
+  # The grid sample() lays out by default, so that sample(invert(x_0)) runs the same grid back.
+  accepted = inspect.signature(INVERSIONS[method]).parameters
+  chosen = defaults.with_defaults(method, num_steps, options)
+  options = {k: v for k, v in chosen.items() if k in options or k in accepted}
   x_T, info = INVERSIONS[method](fn, process, x_0, num_steps=num_steps, prediction=prediction,
                                  t_end=t_end, **options)
   return (x_T, info) if return_info else x_T

@@ -1,0 +1,120 @@
+"""The options a fixed-step method takes when the caller gives only ``method`` and ``num_steps``.
+
+Chosen on a panel of exact oracles (issue 22; ``experiments/sampler_panel.py``): Gaussian
+mixtures in 2-64 dimensions, component stds 0.03-1, mean spreads 0.5-3, zero and non-zero means,
+under the discrete linear and cosine schedules and the VE SDE, error = RMS distance to the exact
+probability-flow map from the same x_T. For each method and NFE band the option set (grid,
+spacing, order, lower_order_final, ...) is the one with the smallest WORST-CASE ratio to the best
+of all methods and options on each oracle of that panel; the table in ``docs/benchmarks.md``
+reports them on a held-out panel (other mixtures, two more schedules) against diffusers.
+
+Bands, by the NFE a run spends (``approx_nfe``: Heun's 2 n - 1, n for the others): up to 7 take
+the options chosen at 5 NFE, up to 14 those at 10, up to 31 those at 20, more those at 50.
+What the caller gives wins: a given ``grid`` keeps its own spacing unless ``spacing`` is given
+too; explicit ``times`` or ``levels`` (another library's schedule step for step) take no defaults
+at all. ``euler`` takes DDIM's choice (the same update when deterministic); the stochastic
+methods (``ddpm``, ``dpmpp_2m_sde``, ``pc``) and ``ode`` keep their signatures' defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Upper NFE bounds of the bands of 5, 10 and 20 NFE (geometric midpoints); above: the 50 band.
+BAND_LIMITS = (7, 14, 31)
+BAND_NFES = (5, 10, 20, 50)
+
+# method -> options per band (5, 10, 20, 50 NFE), from experiments/sampler_panel.py --phase=choose.
+DEFAULTS: dict[str, tuple[dict[str, Any], ...]] = {
+    'ddim': (
+        {'grid': 'uniform', 'spacing': 'trailing'},  # 5 NFE
+        {'grid': 'uniform', 'spacing': 'trailing'},  # 10 NFE
+        {'grid': 'uniform', 'spacing': 'trailing'},  # 20 NFE
+        {'grid': 'uniform', 'spacing': 'trailing'},  # 50 NFE
+    ),
+    'euler': (
+        {'grid': 'uniform', 'spacing': 'trailing'},  # 5 NFE
+        {'grid': 'uniform', 'spacing': 'trailing'},  # 10 NFE
+        {'grid': 'uniform', 'spacing': 'trailing'},  # 20 NFE
+        {'grid': 'uniform', 'spacing': 'trailing'},  # 50 NFE
+    ),
+    'heun': (
+        {'grid': 'uniform', 'spacing': 'trailing'},  # 5 NFE
+        {'grid': 'uniform', 'spacing': 'trailing'},  # 10 NFE
+        {'grid': 'uniform', 'spacing': 'trailing'},  # 20 NFE
+        {'grid': 'karras'},  # 50 NFE
+    ),
+    'plms': (
+        {'grid': 'uniform', 'spacing': 'trailing', 'order': 3, 'warm_start': 'ab'},  # 5 NFE
+        {'grid': 'uniform', 'spacing': 'trailing', 'order': 4, 'warm_start': 'heun'},  # 10 NFE
+        {'grid': 'logsnr', 'spacing': 'trailing', 'order': 4, 'warm_start': 'heun'},  # 20 NFE
+        {'grid': 'logsnr', 'spacing': 'trailing', 'order': 3, 'warm_start': 'ab'},  # 50 NFE
+    ),
+    'dpmpp_2m': (
+        {'grid': 'uniform', 'spacing': 'trailing', 'lower_order_final': True},  # 5 NFE
+        {'grid': 'uniform', 'spacing': 'trailing', 'lower_order_final': False},  # 10 NFE
+        {'grid': 'logsnr', 'spacing': 'trailing', 'lower_order_final': False},  # 20 NFE
+        {'grid': 'uniform', 'spacing': 'trailing', 'lower_order_final': False},  # 50 NFE
+    ),
+    'dpmpp_3m': (
+        {'grid': 'uniform', 'spacing': 'trailing', 'lower_order_final': True, 'order': 2},  # 5 NFE
+        {'grid': 'uniform', 'spacing': 'trailing', 'lower_order_final': False, 'order': 3,
+         'reference_third_order': True},  # 10 NFE
+        {'grid': 'logsnr', 'spacing': 'trailing', 'lower_order_final': False, 'order': 3,
+         'reference_third_order': True},  # 20 NFE
+        {'grid': 'logsnr', 'spacing': 'trailing', 'lower_order_final': False, 'order': 3,
+         'reference_third_order': False},  # 50 NFE
+    ),
+    'unipc': (
+        {'grid': 'uniform', 'spacing': 'trailing', 'lower_order_final': True, 'order': 2,
+         'variant': 'bh2'},  # 5 NFE
+        {'grid': 'uniform', 'spacing': 'trailing', 'lower_order_final': False, 'order': 3,
+         'variant': 'bh2'},  # 10 NFE
+        {'grid': 'quadratic', 'spacing': 'trailing', 'lower_order_final': True, 'order': 3,
+         'variant': 'bh2'},  # 20 NFE
+        {'grid': 'logsnr', 'spacing': 'trailing', 'lower_order_final': False, 'order': 3,
+         'variant': 'bh2'},  # 50 NFE
+    ),
+}
+
+
+def approx_nfe(method: str, num_steps: int) -> int:
+  """The NFE a run of ``num_steps`` spends, for the band (Heun: two evaluations per step less
+  one; its guard against long first steps may spend fewer)."""
+  return 2 * num_steps - 1 if method == 'heun' else num_steps
+
+
+def band(method: str, num_steps: int) -> int:
+  """The index into ``BAND_NFES`` of the band ``num_steps`` of ``method`` falls in."""
+  nfe = approx_nfe(method, num_steps)
+  for i, limit in enumerate(BAND_LIMITS):
+    if nfe <= limit:
+      return i
+  return len(BAND_LIMITS)
+
+
+def default_options(method: str, num_steps: int) -> dict[str, Any]:
+  """The chosen options of ``method`` at ``num_steps`` (empty for methods without a choice)."""
+  if method not in DEFAULTS:
+    return {}
+  return dict(DEFAULTS[method][band(method, num_steps)])
+
+
+def with_defaults(method: str, num_steps: int, options: dict[str, Any]) -> dict[str, Any]:
+  """``options`` completed with the chosen defaults (the module docstring says which win)."""
+  if options.get('times') is not None or options.get('levels') is not None:
+    return options
+  out = dict(options)
+  chosen = default_options(method, num_steps)
+  grid_given = out.get('grid') is not None
+  spacing_given = out.get('spacing') is not None
+  for k, v in chosen.items():
+    if k == 'grid':
+      if not grid_given:
+        out['grid'] = v
+    elif k == 'spacing':
+      if not grid_given and not spacing_given:
+        out['spacing'] = v
+    elif out.get(k) is None:
+      out[k] = v
+  return out
