@@ -4,9 +4,10 @@ r"""Stable Diffusion 1.5 inference on this CPU: ours (JAX) against diffusers (Py
     python experiments/bench_sd.py --size=128 --reps=1   # a quick check of the script
 
 The full-size SD 1.5 architecture (U-Net 859,520,964 parameters, VAE 83,653,863, CLIP ViT-L text
-123,060,480) with random weights, float32, built from the same configs on both sides: ours from
-``from_config`` of our modules, the peer from diffusers' ``UNet2DConditionModel`` /
-``AutoencoderKL`` and transformers' ``CLIPTextModel``. Timed, each as the median of ``--reps``
+123,060,480) with random weights, float32: written once by diffusers' ``save_pretrained``
+(safetensors, 4.3 GB, kept in ``--dir`` for later runs) and loaded by each side as its users do,
+ours with ``pipelines.load_pretrained``, the peer with diffusers'
+``StableDiffusionPipeline.from_pretrained``, so both run the same weights. Timed, each as the median of ``--reps``
 runs after a warm-up: text encoding of a batch of 2 prompts (one prompt and its negative), one
 U-Net evaluation at batch 2 and 8 (classifier-free guidance for 1 and 4 images), a VAE decode of
 1 and 4 latents, and the whole 20-step DDIM text-to-image of 1 image with guidance 7.5 (ours:
@@ -14,6 +15,11 @@ U-Net evaluation at batch 2 and 8 (classifier-free guidance for 1 and 4 images),
 ``StableDiffusionPipeline.__call__``). Ours also reports the compile time of each program (first
 call minus a later one). Each framework runs in its own worker process, one after the other, so
 that its peak RSS (``ru_maxrss``, whole process: weights, activations, compilation) is its own.
+
+    python experiments/bench_sd.py --load [--dir=/tmp/sd15_random]
+
+measures loading alone, each side in its own worker: wall time, RSS once loaded, RSS once every
+weight was read (diffusers maps the files, so its pages count only once read) and peak RSS.
 """
 
 from __future__ import annotations
@@ -78,24 +84,12 @@ def jax_worker(args) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from diffusion_jax import sharding, tokenization  # pylint: disable=import-outside-toplevel
-  from diffusion_jax.models import autoencoder_kl, clip, unet_2d_condition  # pylint: disable=import-outside-toplevel
-  from diffusion_jax.pipelines import schedulers, stable_diffusion  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import pipelines  # pylint: disable=import-outside-toplevel
 
   h = args.size // 8
-  unet = unet_2d_condition.UNet2DConditionModel.from_config(UNET)
-  vae = autoencoder_kl.AutoencoderKL.from_config(VAE)
-  text = clip.CLIPTextModel.from_config(CLIP)
-  key = jax.random.key(0)
+  pipe = pipelines.load_pretrained(args.dir)  # the same weights as the peer's, as a user loads
+  unet, vae, text, params = pipe.unet, pipe.vae, pipe.text_encoders[0], pipe.params
   ids = jnp.ones((2, 77), jnp.int32)
-  ctx = jnp.zeros((2, 77, 768))
-  params = {
-      'text_encoder': jax.jit(text.init)(key, ids)['params'],
-      'unet': jax.jit(unet.init)(key, jnp.zeros((1, h, h, 4)), jnp.ones((1,)),
-                                 jnp.zeros((1, 77, 768)))['params'],
-      'vae': jax.jit(lambda k: vae.init(k, jnp.zeros((1, h, h, 4)), method=vae.decode))(key)[
-          'params'],
-  }
   out = {}
   enc = jax.jit(lambda p, i: text.apply({'params': p}, i)['last_hidden_state'])
   first, med = _timed(lambda: enc(params['text_encoder'], ids).block_until_ready(), args.reps)
@@ -110,10 +104,6 @@ def jax_worker(args) -> dict:
     z = jnp.ones((b, h, h, 4))
     first, med = _timed(lambda: dec(params['vae'], z).block_until_ready(), args.reps)
     out[f'VAE decode, batch {b}'] = (med, first - med)
-  pipe = stable_diffusion.StableDiffusionPipeline(
-      kind='sd', unet=unet, vae=vae, text_encoders=(text,),
-      tokenizers=(tokenization.CLIPTokenizer.from_directory(_tokenizer_dir()),),
-      scheduler=schedulers.from_config(DDIM), params=params, mesh=sharding.make_mesh())
   latents = np.random.default_rng(0).standard_normal((1, h, h, 4)).astype(np.float32)
   run = lambda: pipe.text_to_image(PROMPT, negative_prompt=NEGATIVE, num_steps=20,  # noqa: E731
                                    latents=latents, height=args.size,
@@ -127,12 +117,11 @@ def torch_worker(args) -> dict:
   import diffusers  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
   torch.set_grad_enabled(False)
   h = args.size // 8
-  unet = diffusers.UNet2DConditionModel(**UNET).eval()
-  vae = diffusers.AutoencoderKL(**VAE).eval()
-  text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP)).eval()
+  pipe = diffusers.StableDiffusionPipeline.from_pretrained(args.dir, safety_checker=None,
+                                                           requires_safety_checker=False)
+  unet, vae, text = pipe.unet.eval(), pipe.vae.eval(), pipe.text_encoder.eval()
   out = {}
   ids = torch.ones((2, 77), dtype=torch.long)
   _, med = _timed(lambda: text(ids), args.reps)
@@ -145,12 +134,6 @@ def torch_worker(args) -> dict:
     z = torch.ones((b, 4, h, h))
     _, med = _timed(lambda: vae.decode(z), args.reps)
     out[f'VAE decode, batch {b}'] = (med, None)
-  ddim = {k: v for k, v in DDIM.items() if not k.startswith('_')}
-  pipe = diffusers.StableDiffusionPipeline(
-      unet=unet, vae=vae, text_encoder=text,
-      tokenizer=transformers.CLIPTokenizer.from_pretrained(_tokenizer_dir()),
-      scheduler=diffusers.DDIMScheduler(**ddim), safety_checker=None, feature_extractor=None,
-      requires_safety_checker=False)
   pipe.set_progress_bar_config(disable=True)
   latents = torch.from_numpy(
       np.random.default_rng(0).standard_normal((1, h, h, 4)).astype(np.float32).transpose(
@@ -162,28 +145,104 @@ def torch_worker(args) -> dict:
   return out
 
 
+def write_worker(args) -> dict:
+  """Writes the random SD 1.5 pipeline (diffusers' save_pretrained) into ``args.dir``."""
+  import diffusers  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  ddim = {k: v for k, v in DDIM.items() if not k.startswith('_')}
+  pipe = diffusers.StableDiffusionPipeline(
+      unet=diffusers.UNet2DConditionModel(**UNET), vae=diffusers.AutoencoderKL(**VAE),
+      text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP)),
+      tokenizer=transformers.CLIPTokenizer.from_pretrained(_tokenizer_dir()),
+      scheduler=diffusers.DDIMScheduler(**ddim), safety_checker=None, feature_extractor=None,
+      requires_safety_checker=False)
+  pipe.save_pretrained(args.dir, safe_serialization=True)
+  return {}
+
+
+def load_worker(args) -> dict:
+  """Loads ``args.dir`` with this worker's framework: wall time and RSS once loaded."""
+  def rss_gib():
+    with open('/proc/self/statm') as f:
+      return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**30
+  if args.worker == 'load-jax':
+    from diffusion_jax import cpu_runtime, pipelines  # pylint: disable=import-outside-toplevel
+    cpu_runtime.configure()
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.devices()  # the backend starts outside the timed load
+    t = time.perf_counter()
+    pipe = pipelines.load_pretrained(args.dir)
+    jax.block_until_ready(pipe.params)
+  else:
+    import diffusers  # pylint: disable=import-outside-toplevel
+    t = time.perf_counter()
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(args.dir, safety_checker=None,
+                                                             requires_safety_checker=False)
+  seconds = time.perf_counter() - t
+  loaded = rss_gib()
+  # diffusers maps the files: their pages count once read. Read every weight on both sides.
+  if args.worker == 'load-jax':
+    total = sum(float(x.sum()) for x in jax.tree.leaves(pipe.params))
+  else:
+    total = sum(float(p.sum()) for m in (pipe.unet, pipe.vae, pipe.text_encoder)
+                for p in m.parameters())
+  del total
+  return {'load (s)': seconds, 'RSS once loaded (GiB)': loaded,
+          'RSS once every weight was read (GiB)': rss_gib()}
+
+
+def _run_worker(kind: str, args) -> dict:
+  cmd = [sys.executable, __file__, f'--worker={kind}', f'--size={args.size}', f'--reps={args.reps}',
+         f'--dir={args.dir}']
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                        env={**os.environ, 'PYTHONPATH': str(REPO)})
+  lines = [l for l in proc.stdout.splitlines() if l.startswith(TAG)]
+  if proc.returncode or not lines:
+    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    raise SystemExit(f'{kind} worker failed')
+  return json.loads(lines[-1][len(TAG):])
+
+
+def load_main(args) -> None:
+  res = {fw: _run_worker(f'load-{fw}', args) for fw in args.frameworks.split(',')}
+  jx, th = res.get('jax'), res.get('torch')
+  print(f'Loading the SD 1.5 pipeline from {args.dir} (float32 safetensors), {os.cpu_count()} CPUs')
+  print('| measurement | ours | diffusers | ours/theirs |')
+  print('|---|---:|---:|---:|')
+  rows = [(name, jx['times'][name] if jx else float('nan'),
+           th['times'][name] if th else float('nan')) for name in (jx or th)['times']]
+  rows.append(('peak RSS of the worker (GiB)', jx['peak_gib'] if jx else float('nan'),
+               th['peak_gib'] if th else float('nan')))
+  for name, a, b in rows:
+    print(f'| {name} | {a:.2f} | {b:.2f} | {a / b:.2f} |')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--size', type=int, default=512, help='image side in pixels (512: SD 1.5).')
   parser.add_argument('--reps', type=int, default=3, help='timed runs per measurement.')
   parser.add_argument('--frameworks', default='jax,torch')
+  parser.add_argument('--load', action='store_true', help='measure loading a saved pipeline.')
+  parser.add_argument('--dir', default=os.path.join(tempfile.gettempdir(), 'sd15_random'),
+                      help='where --load keeps the random SD 1.5 pipeline it writes once.')
   parser.add_argument('--worker', default='', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    result = (jax_worker if args.worker == 'jax' else torch_worker)(args)
+    workers = {'jax': jax_worker, 'torch': torch_worker, 'write': write_worker,
+               'load-jax': load_worker, 'load-torch': load_worker}
+    result = workers[args.worker](args)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print(TAG + json.dumps({'times': result, 'peak_gib': peak}), flush=True)
     return
-  results = {}
-  for fw in args.frameworks.split(','):
-    cmd = [sys.executable, __file__, f'--worker={fw}', f'--size={args.size}', f'--reps={args.reps}']
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                          env={**os.environ, 'PYTHONPATH': str(REPO)})
-    lines = [l for l in proc.stdout.splitlines() if l.startswith(TAG)]
-    if proc.returncode or not lines:
-      print(proc.stdout[-3000:], proc.stderr[-3000:])
-      raise SystemExit(f'{fw} worker failed')
-    results[fw] = json.loads(lines[-1][len(TAG):])
+  if not os.path.exists(os.path.join(args.dir, 'model_index.json')):
+    print(f'writing the random SD 1.5 pipeline to {args.dir} ...', flush=True)
+    _run_worker('write', args)
+  if args.load:
+    load_main(args)
+    return
+  results = {fw: _run_worker(fw, args) for fw in args.frameworks.split(',')}
   print(f'SD 1.5 architecture, random weights, float32, {args.size}x{args.size}, '
         f'{os.cpu_count()} CPUs; median of {args.reps} (txt2img {max(1, args.reps // 2)})')
   print(f'| {"measurement":28s} | ours (s) | diffusers (s) | speed ours/theirs | ours compile (s) |')
