@@ -27,8 +27,8 @@ embedding row, started from ``initializer_token``'s, is the only trained value, 
 training data), captioned ``the digit <new>``. Written as diffusers' ``learned_embeds.safetensors``
 (``WORKDIR/textual_inversion_<class>/``), read back with ``read_embeddings``, and ``num_samples``
 samples of ``the digit <new>`` are drawn. Reported: the share ``digit_classifier`` reads as the
-class, against the start embedding (``the digit digit``'s word) with the same noise, and the
-share of the training images themselves it reads as the class.
+class, against the same prompt and noise with the start row (``initializer_token``'s embedding),
+and the share of the training images themselves it reads as the class.
 
 Each run writes ``<adapter>_quality.json`` and a PNG grid into ``--output_dir`` (default: the
 workdir) and prints a Markdown table. The sampler and guidance are the job's (``sampling.*``).
@@ -105,7 +105,7 @@ def main(argv):
   from diffusion_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
   from diffusion_jax.training import latent, step as step_lib  # pylint: disable=import-outside-toplevel
   from diffusion_jax.training.state import TrainState  # pylint: disable=import-outside-toplevel
-  from experiments import digit_classifier  # pylint: disable=import-outside-toplevel
+  from experiments import digit_classifier, ldm_digits_job  # pylint: disable=import-outside-toplevel
 
   cpu_runtime.configure()
   module = configs.load(_CONFIG.value)
@@ -125,23 +125,12 @@ def main(argv):
             'load_average_before': os.getloadavg()}
 
   # The trained job, frozen.
-  (s, params, ldm_step), _ = latent.restore(config, workdir)
-  s.checkpointer.close()
+  s, params, ldm_step = ldm_digits_job.restore(config, workdir)
   lm, unet, job = s.latent, s.module, s.config
-  if not lm.trains_text:
-    raise ValueError('This experiment expects the job of configs/ldm_digits.py (a text encoder '
-                     "trained with the U-Net, model.text_encoder.source='vocab').")
-  result['ldm_step'] = int(ldm_step)
-  params = jax.tree.map(jnp.asarray, params)
-  encode_image = jax.jit(lambda x: lm.vae.apply({'params': lm.vae_params}, x,
-                                                method=lm.vae.encode)[0])
+  result['ldm_step'] = ldm_step
+  latents_of = ldm_digits_job.latent_encoder(lm)
   decode = jax.jit(lambda z: lm.vae.apply({'params': lm.vae_params}, z / lm.scale + lm.shift,
                                           method=lm.vae.decode))
-
-  def latents_of(images):
-    z = np.concatenate([np.asarray(encode_image(images[i:i + 500]))
-                        for i in range(0, len(images), 500)])
-    return ((z - lm.shift) * lm.scale).astype(np.float32)
 
   prediction = preconditioning.prediction_type(job.model.parameterization)
   options = config_lib.sampler_options(job)
@@ -267,7 +256,6 @@ def main(argv):
     if tok.convert_tokens_to_ids(c.token) is None:
       tok.add_tokens([c.token])
     prompt = f'the digit {c.token}'
-    start = f'the digit {c.initializer_token}'
     text = lm.text.clone(vocab_size=tok.vocab_size)
     network_fn = latent.ldm_network(unet, text)
     if tok.vocab_size != ti.table(params['text_encoder']).shape[0] + 1:

@@ -55,14 +55,6 @@ _STEPS = flags.DEFINE_integer('steps', None, 'Override controlnet.num_train_step
 _EVAL = flags.DEFINE_integer('num_eval', None, 'Override num_eval_singles and num_eval_pairs.')
 
 
-def _load_config(path: str):
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location('controlnet_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(), module.get_controlnet_config()
-
-
 def edge_map(images):
   """``[N, H, W, 1]`` images in [-1, 1] -> ``[N, H, W, 1]`` float32 {0, 1}: ink pixels (> 0) with
   a non-ink 4-neighbour (or on the border), the ink's one-pixel boundary."""
@@ -101,17 +93,18 @@ def main(argv):
   import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
 
-  from diffusion_jax import cpu_runtime, input_pipeline, preconditioning, sampling, writers  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import configs, cpu_runtime, input_pipeline, preconditioning, sampling, writers  # pylint: disable=import-outside-toplevel
   from diffusion_jax.models import controlnet as controlnet_lib  # pylint: disable=import-outside-toplevel
   from diffusion_jax.pipelines import controlnet as cn_pipeline  # pylint: disable=import-outside-toplevel
   from diffusion_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
-  from diffusion_jax.training import latent, step as step_lib  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.training import step as step_lib  # pylint: disable=import-outside-toplevel
   from diffusion_jax.training.state import TrainState  # pylint: disable=import-outside-toplevel
   from diffusion_jax.weights import controlnet as cn_weights  # pylint: disable=import-outside-toplevel
-  from experiments import digit_classifier  # pylint: disable=import-outside-toplevel
+  from experiments import digit_classifier, ldm_digits_job  # pylint: disable=import-outside-toplevel
 
   cpu_runtime.configure()
-  config, c = _load_config(_CONFIG.value)
+  module = configs.load(_CONFIG.value)
+  config, c = module.get_config(), module.get_controlnet_config()
   if _STEPS.value is not None:
     c.num_train_steps = _STEPS.value
   if _EVAL.value is not None:
@@ -123,27 +116,18 @@ def main(argv):
             'load_average_before': os.getloadavg()}
 
   # 1. The trained job, frozen.
-  (s, params, ldm_step), _ = latent.restore(config, workdir)
-  s.checkpointer.close()
+  s, params, ldm_step = ldm_digits_job.restore(config, workdir)
   lm, unet, job = s.latent, s.module, s.config
-  if not lm.trains_text:
-    raise ValueError('This experiment expects the job of configs/ldm_digits.py (a text encoder '
-                     "trained with the U-Net, model.text_encoder.source='vocab').")
-  result['ldm_step'] = int(ldm_step)
+  result['ldm_step'] = ldm_step
   text_params = params['text_encoder']
   encode_text = jax.jit(lambda p, ids: lm.text.apply({'params': p}, ids)['last_hidden_state'])
-  encode_image = jax.jit(lambda x: lm.vae.apply({'params': lm.vae_params}, x,
-                                                method=lm.vae.encode)[0])
-
   def contexts(captions):
     return np.concatenate([np.asarray(encode_text(text_params, lm.tokenize(captions[i:i + 500])))
                            for i in range(0, len(captions), 500)])
 
   # 2. Training data: posterior-mean latents as the job scales them, edge maps, text states.
   train = input_pipeline.digits_text_examples('train')
-  latents = np.concatenate([np.asarray(encode_image(train.images[i:i + 500]))
-                            for i in range(0, len(train.images), 500)])
-  data = {'x': ((latents - lm.shift) * lm.scale).astype(np.float32),
+  data = {'x': ldm_digits_job.latent_encoder(lm)(train.images),
           'control': edge_map(train.images), 'context': contexts(train.captions)}
   null_context = contexts([''])  # [1, L, D]
 
