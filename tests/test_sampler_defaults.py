@@ -74,5 +74,9 @@ def test_defaults_are_filled_in_and_yield_to_the_caller():
   got = defaults.with_defaults('dpmpp_2m', 10, {'grid': 'karras'})
   assert got['grid'] == 'karras' and 'spacing' not in got
   times = np.array([9.0, 1.0])
-  assert list(defaults.with_defaults('unipc', 10, {'times': times})) == ['times']
+  got = defaults.with_defaults('unipc', 10, {'times': times})
+  assert 'grid' not in got and 'spacing' not in got and got['order'] == 3
+  levels = sampling.core.Levels(np.ones(3), np.array([1.0, 0.5, 0.0]))
+  assert list(defaults.with_defaults('unipc', 10, {'times': times, 'levels': levels})) == [
+      'times', 'levels']
   assert defaults.band('heun', 4) == 0 and defaults.band('heun', 5) == 1  # NFE 7 and 9

@@ -178,16 +178,16 @@ ORDER_CASES = [
     ('dpmpp_2m', {'grid': 'logsnr'}, 'cosine', (320, 640), 2),
     ('dpmpp_3m', {'grid': 'logsnr'}, 'cosine', (160, 320), 3),
     ('unipc', {'grid': 'logsnr', 'order': 3}, 'cosine', (160, 320), 4),
-    # The default (quadratic) grid: same orders.
-    ('dpmpp_3m', {}, 'linear', (160, 320), 3),
-    ('heun', {}, 'linear', (80, 160), 2),
-    ('unipc', {}, 'linear', (160, 320), 3),
+    # The quadratic grid: same orders.
+    ('dpmpp_3m', {'grid': 'quadratic'}, 'linear', (160, 320), 3),
+    ('heun', {'grid': 'quadratic'}, 'linear', (80, 160), 2),
+    ('unipc', {'grid': 'quadratic', 'order': 2}, 'linear', (160, 320), 3),
     # PLMS: AB4 in t inside the DDIM transfer, whose weight d(sigma/alpha)/dt is not constant,
     # leaves an O(dt^3) local error: second order (plms.py).
-    ('plms', {}, 'linear', (160, 320), 2),
+    ('plms', {'grid': 'quadratic', 'warm_start': 'heun', 'order': 4}, 'linear', (160, 320), 2),
     # iPNDM: the same equal-step AB weights on a non-uniform grid, order 2 whatever AB order.
-    ('plms', {'warm_start': 'ab'}, 'linear', (160, 320), 2),
-    ('plms', {'warm_start': 'ab', 'order': 2}, 'linear', (160, 320), 2),
+    ('plms', {'grid': 'quadratic', 'warm_start': 'ab', 'order': 4}, 'linear', (160, 320), 2),
+    ('plms', {'grid': 'quadratic', 'warm_start': 'ab', 'order': 2}, 'linear', (160, 320), 2),
 ]
 
 
@@ -369,23 +369,26 @@ def test_ipndm_is_the_written_out_method(spacing, order):
   t = np.asarray(sampling.grids.make_grid(process, n, 'quadratic', spacing=spacing), np.float64)
   want = _ipndm_numpy(model, process, x_T, t, order)
   got, info = sampling.sample(model, process, method='plms', num_steps=n, x_T=x_T,
-                              spacing=spacing, order=order, warm_start='ab', return_info=True)
+                              grid='quadratic', spacing=spacing, order=order, warm_start='ab',
+                              return_info=True)
   assert info['nfe'] == n
   np.testing.assert_allclose(got, want, atol=2e-4)
   assert rms(got, ref) < 0.2
   calls = []
   x0, info = jax.jit(lambda x: sampling.sample(
-      model, process, method='plms', num_steps=n, x_T=x, spacing=spacing, order=order,
-      warm_start='ab', return_info=True, return_trajectory=True,
+      model, process, method='plms', num_steps=n, x_T=x, grid='quadratic', spacing=spacing,
+      order=order, warm_start='ab', return_info=True, return_trajectory=True,
       callback=lambda i, total: calls.append((i, total))))(x_T)
   jax.effects_barrier()
   assert calls == [(i, n) for i in range(1, n + 1)]
   assert info['trajectory'].shape == (n + 1,) + x_T.shape
   np.testing.assert_array_equal(info['trajectory'][-1], x0)
   # Order 1 is DDIM on the same grid.
-  ddim = sampling.sample(model, process, method='ddim', num_steps=n, x_T=x_T, spacing=spacing)
+  ddim = sampling.sample(model, process, method='ddim', num_steps=n, x_T=x_T, grid='quadratic',
+                          spacing=spacing)
   np.testing.assert_allclose(sampling.sample(model, process, method='plms', num_steps=n, x_T=x_T,
-                                             spacing=spacing, order=1, warm_start='ab'),
+                                             grid='quadratic', spacing=spacing, order=1,
+                                             warm_start='ab'),
                              ddim, atol=1e-5)
 
 
@@ -408,8 +411,8 @@ def test_ipndm_analytic_first_step_is_the_written_out_method(spacing, order):
   want = _ipndm_numpy(model, process, x_T, t, order, afs=True)
   counted, calls = _counting(model)
   got, info = jax.jit(lambda x: sampling.sample(
-      counted, process, method='plms', num_steps=n, x_T=x, spacing=spacing, order=order,
-      warm_start='ab', analytic_first_step=True, return_info=True))(x_T)
+      counted, process, method='plms', num_steps=n, x_T=x, grid='quadratic', spacing=spacing,
+      order=order, warm_start='ab', analytic_first_step=True, return_info=True))(x_T)
   jax.effects_barrier()
   assert info['nfe'] == n - 1 and calls[0] == n - 1  # the first step evaluates no model
   np.testing.assert_allclose(got, want, atol=2e-4)
@@ -441,7 +444,7 @@ def test_ipndm_analytic_first_step_bad_input():
   s = functools.partial(sampling.sample, model, process, method='plms', x_T=x_T,
                         analytic_first_step=True)
   with pytest.raises(ValueError, match="needs warm_start='ab'"):
-    s(num_steps=5)
+    s(num_steps=5, warm_start='heun')
   with pytest.raises(ValueError, match='needs num_steps >= 2'):
     s(num_steps=1, warm_start='ab')
   short = processes.DiscreteVP.linear(10)  # ends far from pure noise: alpha / sigma ~ 3
@@ -848,10 +851,12 @@ def test_invert_round_trip_on_the_mixture(method, trip_bound, inv_bound):
   exact = mix.pf_ode_map(x0_np, 1.0, 0.0, alpha_end=a, sigma_end=s)
   trip, inv = [], []
   for n in (10, 20, 40, 80):
+    # The quadratic grid, on which the medians above were measured.
     x_T, info = jax.jit(lambda x, n=n: sampling.invert(
-        model, process, x, method=method, num_steps=n, t_end=t_end, return_info=True))(x0)
+        model, process, x, method=method, num_steps=n, t_end=t_end, grid='quadratic',
+        return_info=True))(x0)
     assert info['nfe'] == n
-    back = run(model, process, x_T, method, n, t_start=t_end)[0]
+    back = run(model, process, x_T, method, n, t_start=t_end, grid='quadratic')[0]
     trip.append(_median_error(back, x0_np))
     inv.append(_median_error(x_T, exact))
   assert all(e1 > 1.5 * e2 for e1, e2 in zip(trip[:3], trip[1:3])), trip
@@ -883,9 +888,10 @@ def test_invert_order_on_a_gaussian(method, steps, order, trip_order):
   inv, trip = [], []
   for n in steps:
     x_T = jax.jit(lambda x, n=n: sampling.invert(model, process, x, method=method,
-                                                 num_steps=n))(jnp.asarray(x0, jnp.float32))
+                                                 num_steps=n, grid='quadratic'))(
+                                                     jnp.asarray(x0, jnp.float32))
     inv.append(rms(x_T, exact))
-    trip.append(rms(run(model, process, x_T, method, n)[0], x0))
+    trip.append(rms(run(model, process, x_T, method, n, grid='quadratic')[0], x0))
   assert abs(_slope(inv, steps) - order) <= 0.3, (inv, _slope(inv, steps))
   assert abs(_slope(trip, steps) - trip_order) <= 0.3, (trip, _slope(trip, steps))
 
@@ -923,9 +929,11 @@ def _expected_times(process, method, n):
   """(t, alpha, sigma) the hook must see after steps 0..n-1 (pc: 0..n, its denoising step)."""
   if method == 'pc':
     t = np.append(np.linspace(process.t_max, process.t_min, n + 1, dtype=np.float32)[1:], 0.0)
-  else:
-    grid = 'uniform' if method == 'ddpm' else 'quadratic'
-    t = np.append(np.asarray(grids.make_grid(process, n, grid))[1:], 0.0)
+  else:  # the grid of the method's defaults (sampling/defaults.py)
+    opts = sampling.defaults.default_options(method, n)
+    grid = 'uniform' if method == 'ddpm' else opts.get('grid', 'quadratic')
+    t = np.append(np.asarray(grids.make_grid(process, n, grid, spacing=opts.get('spacing')))[1:],
+                  0.0)
   alpha = np.append(np.asarray(process.alpha(jnp.asarray(t[:-1]))), 1.0)
   sigma = np.append(np.asarray(process.sigma(jnp.asarray(t[:-1]))), 0.0)
   return t, alpha, sigma

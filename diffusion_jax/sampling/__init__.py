@@ -23,7 +23,8 @@ takes the grid, spacing, order, ``lower_order_final``, ... chosen for its NFE ba
 on a panel of exact Gaussian-mixture oracles (2-64 dimensions, linear and cosine schedules, VE
 SDE; ``experiments/sampler_panel.py``): among the option sets within 2x DDIM's error at the same
 NFE on every oracle, the one with the smallest worst-case ratio to the best of all methods. What
-the caller passes wins; explicit ``times`` / ``levels`` take no defaults. ``ddpm`` keeps the
+the caller passes wins; explicit ``times`` replace only the grid, explicit ``levels`` take no
+defaults. ``ddpm`` keeps the
 uniform grid (trailing spacing), on which ``num_steps == N`` is exactly Algorithm 2 of Ho et al.
 (2020); the other stochastic methods keep their signatures' defaults. The held-out results
 against diffusers are in ``docs/benchmarks.md``.

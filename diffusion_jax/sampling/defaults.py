@@ -11,8 +11,9 @@ reports them on a held-out panel (other mixtures, two more schedules) against di
 Bands, by the NFE a run spends (``approx_nfe``: Heun's 2 n - 1, n for the others): up to 7 take
 the options chosen at 5 NFE, up to 14 those at 10, up to 31 those at 20, more those at 50.
 What the caller gives wins: a given ``grid`` keeps its own spacing unless ``spacing`` is given
-too; explicit ``times`` or ``levels`` (another library's schedule step for step) take no defaults
-at all. ``euler`` takes DDIM's choice (the same update when deterministic); the stochastic
+too; explicit ``times`` replace the grid and spacing (the other options still apply, so a named
+grid's own times give that grid's samples); with ``levels`` (another library's schedule step for
+step) nothing is filled in. ``euler`` takes DDIM's choice (the same update when deterministic); the stochastic
 methods (``ddpm``, ``dpmpp_2m_sde``, ``pc``) and ``ode`` keep their signatures' defaults.
 """
 
@@ -102,10 +103,12 @@ def default_options(method: str, num_steps: int) -> dict[str, Any]:
 
 def with_defaults(method: str, num_steps: int, options: dict[str, Any]) -> dict[str, Any]:
   """``options`` completed with the chosen defaults (the module docstring says which win)."""
-  if options.get('times') is not None or options.get('levels') is not None:
+  if options.get('levels') is not None:
     return options
   out = dict(options)
   chosen = default_options(method, num_steps)
+  if options.get('times') is not None:  # the grid itself: the other options still apply
+    chosen = {k: v for k, v in chosen.items() if k not in ('grid', 'spacing')}
   grid_given = out.get('grid') is not None
   spacing_given = out.get('spacing') is not None
   for k, v in chosen.items():

@@ -21,9 +21,10 @@ import numpy as np
 from diffusion_jax.sampling import core
 
 # Called directly with ``lower_order_final=None``, below this many steps the final step uses
-# first order (the data prediction itself), as diffusers' ``lower_order_final``; ``sampling.sample``
-# passes the value chosen on the oracle panel for the run's NFE band instead (``defaults.py``). Measured on the oracle (linear schedule, quadratic grid, RMS
-# error vs the exact PF-ODE map): DPM-Solver++(3M) 0.246 vs 0.411 at 10 steps and 0.194 vs 0.231
+# first order (the data prediction itself), as diffusers' ``lower_order_final``;
+# ``sampling.sample`` passes the value chosen on the oracle panel for the run's NFE band instead
+# (``defaults.py``). Measured on the oracle (linear schedule, quadratic grid, RMS error vs the
+# exact PF-ODE map): DPM-Solver++(3M) 0.246 vs 0.411 at 10 steps and 0.194 vs 0.231
 # at 12 with the first-order final step, 0.079 vs 0.074 at 16; the second-order methods are
 # indifferent. The threshold is the same 15 as diffusers'.
 LOWER_ORDER_FINAL_BELOW = 15
