@@ -56,7 +56,9 @@ def get_config():
   config.training.cache_latents = True
   config.training.text_dropout = 0.1
   config.training.batch_size = 64
-  config.training.num_train_steps = 4000
+  # Measured (docs/benchmarks.md): the digit words are learned late. At 4,000 steps 76.7% of
+  # single-digit samples showed the digit asked for; at 6,000, 98.3% (pairs 98.7% -> 100%).
+  config.training.num_train_steps = 6000
   config.training.log_every = 250
   config.training.checkpoint_every = 1000
   config.training.sample_every = 0  # one grid at the end
