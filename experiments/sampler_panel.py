@@ -291,9 +291,7 @@ def steps_for(process, method, nfe, opts):
 
 
 def run_ours(b: Batch, method, nfe, opts):
-  """(errors [O], nfe) of one run, or (None, message)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from diffusion_jax import sampling  # pylint: disable=import-outside-toplevel
+  """(errors [O], nfe) of one run, or (None, message); ``opts`` None: the library's defaults."""
   if opts is None:  # the library's defaults: search num_steps by the returned NFE
     n = nfe
     while n >= 1:
@@ -310,7 +308,6 @@ def run_ours(b: Batch, method, nfe, opts):
   except ValueError as e:
     return None, str(e)
   assert int(info['nfe']) == nfe_of(b.process, method, n, opts), (method, n, opts, info['nfe'])
-  del jax, sampling
   return b.errors(x0), int(info['nfe'])
 
 
