@@ -174,11 +174,11 @@ def strength_times(process, *, method: str, num_steps: int, strength: float,
   """The times img2img samples over: the last ``int(num_steps * strength)`` of the method's grid.
 
   As diffusers' ``StableDiffusionImg2ImgPipeline.get_timesteps``: ``init = min(int(num_steps *
-  strength), num_steps)`` and the grid from index ``num_steps - init`` on. The grid is the method's
-  default (``sampling.DEFAULT_GRIDS``) or ``grid`` / ``spacing`` / ``shift``, or ``times``, the
-  full grid itself (``[num_steps]`` decreasing times, e.g. a scheduler's timesteps mapped to the
-  process's time domain); repeated times (a rounded grid with more steps than the process has)
-  are dropped after the cut.
+  strength), num_steps)`` and the grid from index ``num_steps - init`` on. The grid is the one
+  ``sampling.sample`` lays out (``sampling.options_for``), or ``grid`` / ``spacing`` / ``shift``,
+  or ``times``, the full grid itself (``[num_steps]`` decreasing times, e.g. a scheduler's
+  timesteps mapped to the process's time domain); repeated times (a rounded grid with more steps
+  than the process has) are dropped after the cut.
 
   Returns:
     float32 ``[k]``, decreasing, possibly empty (strength 0, or too few steps).
@@ -201,9 +201,13 @@ def strength_times(process, *, method: str, num_steps: int, strength: float,
     t = np.asarray(core.check_times(process, times, num_steps=num_steps, method='img2img'),
                    np.float32)
   else:
+    # The grid a plain sample() call lays out (the chosen defaults where grid/spacing are None),
+    # so that strength 1 is sampling from noise.
+    chosen = sampling.options_for(process, method, num_steps, grid=grid, spacing=spacing)
     with jax.ensure_compile_time_eval():
-      t = np.asarray(grids.make_grid(process, num_steps, grid or sampling.DEFAULT_GRIDS[method],
-                                     spacing=spacing, shift=shift), np.float32)
+      t = np.asarray(grids.make_grid(process, num_steps,
+                                     chosen.get('grid') or sampling.DEFAULT_GRIDS[method],
+                                     spacing=chosen.get('spacing'), shift=shift), np.float32)
   t = t[num_steps - init:]
   if t.size:
     t = t[np.concatenate([[True], np.diff(t) != 0])]

@@ -97,10 +97,12 @@ def test_edict_round_trip_is_exact_where_ddim_drifts_with_guidance():
   steps, 6.4e-6 at 40, float32 round-off amplified by the first steps' ``1 / a = alpha_t /
   alpha_{t+1}`` (up to 7 at 10 steps), not a discretization error."""
   ns = (10, 20, 40)
-  ddim = [_round_trip('ddim', n, 3.0) for n in ns]
+  # One grid for every step count (the quadratic one these figures were measured on): the
+  # sampler's defaults change grid between step-count bands, which would blur the order.
+  ddim = [_round_trip('ddim', n, 3.0, grid='quadratic') for n in ns]
   slope = np.log(ddim[1] / ddim[2]) / np.log(2)
   assert abs(slope - 1.0) < 0.2 and ddim[0] > 0.3, ddim
-  assert _round_trip('ddim', 10, 1.0) < 0.6 * ddim[0]  # guidance enlarges the drift
+  assert _round_trip('ddim', 10, 1.0, grid='quadratic') < 0.6 * ddim[0]  # guidance: more drift
   edict = [_round_trip('edict', n, 3.0) for n in (10, 40)]
   assert edict[0] < 2e-3 and edict[1] < 5e-5, edict
   assert edict[0] < ddim[0] / 100 and edict[1] < ddim[2] / 1000
@@ -259,7 +261,8 @@ N_STAT = 16384
 
 @pytest.mark.parametrize('strength', [0.1, 0.5, 1.0])
 def test_img2img_samples_the_data_and_stays_close(strength):
-  """x_0 ~ N(mu, diag(c)), 16384 draws, DPM-Solver++(2M) over 50 steps' kept times. The output
+  """x_0 ~ N(mu, diag(c)), 16384 draws, DPM-Solver++(2M) over 50 quadratic steps' kept times (the
+  grid these figures were measured on). The output
   has the data's mean and variance within 4 standard errors (mean: sqrt(c / N); variance: c
   sqrt(2 / N), 1.1%); the discretization bias measured is below 2.2% of the variance. Its mean
   squared distance to the input is the closed form of the exact PF-ODE map from ``t_k``,
@@ -270,7 +273,7 @@ def test_img2img_samples_the_data_and_stays_close(strength):
   model = gauss_model(mu, np.diag(c))
   x0 = mu + np.sqrt(c) * np.asarray(jax.random.normal(jax.random.PRNGKey(1), (N_STAT, 4)))
   out, info = jax.jit(lambda x: editing.img2img(
-      model, PROCESS, x, strength=strength, method='dpmpp_2m', num_steps=50,
+      model, PROCESS, x, strength=strength, method='dpmpp_2m', num_steps=50, grid='quadratic',
       key=jax.random.PRNGKey(2), return_info=True))(jnp.asarray(x0, jnp.float32))
   out = np.asarray(out, np.float64)
   assert info['nfe'] == int(50 * strength)

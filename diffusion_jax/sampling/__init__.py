@@ -123,7 +123,7 @@ METHODS: dict[str, Callable[..., tuple[jax.Array, dict]]] = {
 DEFAULT_GRIDS = {name: 'quadratic' for name in METHODS if name not in ('pc', 'ode')}
 DEFAULT_GRIDS['ddpm'] = 'uniform'
 
-__all__ = ['METHODS', 'INVERSIONS', 'DEFAULT_GRIDS', 'sample', 'invert', 'grids']
+__all__ = ['METHODS', 'INVERSIONS', 'DEFAULT_GRIDS', 'sample', 'invert', 'grids', 'options_for']
 
 
 def _start(process, key, x_T, shape, t_start) -> jax.Array:
@@ -217,6 +217,14 @@ def sample(model_fn: Callable[..., jax.Array], process, *, method: str, num_step
   x_0, info = METHODS[method](fn, process, x_T, num_steps=num_steps, key=key,
                               prediction=prediction, t_start=t_start, **options)
   return (x_0, info) if return_info else x_0
+
+
+def options_for(process, method: str, num_steps: int, *, t_start=None, shift: float = 1.0,
+                **options) -> dict:
+  """The options ``sample`` runs ``method`` with for these ones: ``options`` completed with the
+  chosen defaults (``defaults.py``), e.g. the grid and spacing of a plain ``sample`` call, for
+  code that lays out the same grid itself (``editing.strength_times``)."""
+  return _with_defaults(process, method, num_steps, t_start, shift, options)
 
 
 def _with_defaults(process, method, num_steps, t_start, shift, options):
