@@ -134,23 +134,25 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
     return self._entries[key][1]
 
 
-class _Renamed(Mapping[str, np.ndarray]):
-  """A view of ``state`` under new keys (``{new: old}``); values read when looked up."""
+class _View(Mapping[str, np.ndarray]):
+  """Keys that each name a tensor of some mapping (``{key: (source, source_key)}``), read when
+  looked up: a renamed state, or the files of a sharded component."""
 
-  def __init__(self, state: Mapping[str, np.ndarray], names: Mapping[str, str]):
-    self._state, self._names = state, dict(names)
+  def __init__(self, entries: Mapping[str, tuple[Mapping[str, np.ndarray], str]]):
+    self._entries = dict(entries)
 
   def __getitem__(self, key: str) -> np.ndarray:
-    return self._state[self._names[key]]
+    source, source_key = self._entries[key]
+    return source[source_key]
 
   def __iter__(self):
-    return iter(self._names)
+    return iter(self._entries)
 
   def __len__(self) -> int:
-    return len(self._names)
+    return len(self._entries)
 
   def __contains__(self, key: object) -> bool:
-    return key in self._names
+    return key in self._entries
 
 
 def renamed(state: Mapping[str, np.ndarray], fn: Callable[[str], str | None]
@@ -168,7 +170,7 @@ def renamed(state: Mapping[str, np.ndarray], fn: Callable[[str], str | None]
     if new in names:
       raise ValueError(f'keys {names[new]!r} and {key!r} both become {new!r}.')
     names[new] = key
-  return _Renamed(state, names)
+  return _View({new: (state, old) for new, old in names.items()})
 
 
 def read_safetensors(path: str | epath.PathLike) -> SafetensorsFile:
@@ -179,22 +181,6 @@ def read_safetensors(path: str | epath.PathLike) -> SafetensorsFile:
     ValueError: the file is not a safetensors file.
   """
   return SafetensorsFile(path)
-
-
-class _Shards(Mapping[str, np.ndarray]):
-  """The tensors of several files, each key looked up in its own file."""
-
-  def __init__(self, files: Mapping[str, SafetensorsFile]):
-    self._files = files
-
-  def __getitem__(self, key: str) -> np.ndarray:
-    return self._files[key][key]
-
-  def __iter__(self):
-    return iter(self._files)
-
-  def __len__(self) -> int:
-    return len(self._files)
 
 
 def read_component(directory: str | epath.PathLike, *, variant: str | None = None,
@@ -229,8 +215,8 @@ def read_component(directory: str | epath.PathLike, *, variant: str | None = Non
       files = {}
       for shard in shards:
         f = read_safetensors(directory / shard)
-        files.update((key, f) for key in f)
-      return _Shards(files)
+        files.update((key, (f, key)) for key in f)
+      return _View(files)
   found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
   pickles = [f for f in found if f.endswith(('.bin', '.ckpt', '.pt', '.pth'))]
   hint = (f' Only pickle files are there ({", ".join(pickles)}), which are never loaded: convert '
