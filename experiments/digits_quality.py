@@ -5,7 +5,8 @@ r"""Are the digits job's samples recognizable digits? Trains, samples 1,000, cla
 1. Trains ``configs/digits.py`` (timed, wall clock; skipped with --skip_train if the workdir
    already holds the final checkpoint).
 2. Samples ``--num_samples`` images with the config's sampler from the EMA params.
-3. Trains scikit-learn classifiers on 75% of the real digits (an MLP and a logistic regression),
+3. Trains scikit-learn classifiers on 75% of the real digits (an MLP, a logistic regression and
+   an RBF-kernel SVM with Platt-scaled probabilities),
    checks them on the held-out 25%, and reports for the real held-out digits (the reference) and
    for the samples: the fraction classified with probability >= 0.9, and the samples' class
    histogram (all 10 classes present? largest share?).
@@ -32,9 +33,16 @@ def _classifiers():
   from sklearn.neural_network import MLPClassifier  # pylint: disable=import-outside-toplevel
   from sklearn.pipeline import make_pipeline  # pylint: disable=import-outside-toplevel
   from sklearn.preprocessing import StandardScaler  # pylint: disable=import-outside-toplevel
+  from sklearn.calibration import CalibratedClassifierCV  # pylint: disable=import-outside-toplevel
+  from sklearn.svm import SVC  # pylint: disable=import-outside-toplevel
   return {
       'mlp': MLPClassifier(hidden_layer_sizes=(128,), max_iter=1000, random_state=0),
       'logreg': make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
+      # scikit-learn's digits example's RBF kernel (gamma 0.001 on the 0..16 pixel scale; C = 1,
+      # within 0.001 of the best 5-fold log loss on the training digits over C 1-100, gamma
+      # 1e-4 - 3e-3), with Platt-scaled probabilities.
+      'svm': CalibratedClassifierCV(SVC(kernel='rbf', gamma=0.001), method='sigmoid',
+                                    ensemble=False),
   }
 
 
