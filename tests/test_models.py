@@ -659,11 +659,16 @@ def test_chunked_attention_never_holds_the_whole_score_matrix():
   assert temp_bytes('einsum', grad=False) >= scores  # the measure sees the full matrix
   assert temp_bytes('chunked', grad=False) < 0.3 * scores
   assert temp_bytes('chunked', grad=True) < 0.6 * scores
+  if jax.default_backend() == 'cpu':  # 'auto' chunks from CPU_CHUNKED_MIN_TOKENS queries on CPU
+    assert t >= attention.CPU_CHUNKED_MIN_TOKENS
+    assert temp_bytes('auto', grad=False) < 0.3 * scores
 
 
 def test_default_implementation_and_unknown_name():
-  assert attention.default_implementation() == (
-      'einsum' if jax.default_backend() == 'cpu' else 'xla')
+  cpu = jax.default_backend() == 'cpu'
+  assert attention.default_implementation() == ('einsum' if cpu else 'xla')
+  assert attention.default_implementation(1024) == ('einsum' if cpu else 'xla')
+  assert attention.default_implementation(4096) == ('chunked' if cpu else 'xla')
   with pytest.raises(ValueError, match="'flash'.*'chunked'"):
     attention.dot_product_attention(*_qkv(4), implementation='flash')
   with pytest.raises(ValueError, match='attention'):

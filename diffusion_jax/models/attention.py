@@ -16,7 +16,8 @@ the dtype of ``v``):
   Staats (2021, "Self-attention Does Not Need O(n^2) Memory", Sec. 2-3) without their key
   chunking and running log-sum-exp: with a full row of keys per chunk the softmax is the plain
   one, and ``chunk_size * T`` floats fit easily at the 4,096-16,384 tokens of image U-Nets.
-- ``'auto'``: ``default_implementation()``.
+- ``'auto'``: ``default_implementation(T)``: on CPU ``'chunked'`` from ``CPU_CHUNKED_MIN_TOKENS``
+  queries (SD 1.5's 64x64 latents at 512x512), ``'einsum'`` below; ``'xla'`` elsewhere.
 """
 
 from __future__ import annotations
@@ -31,15 +32,29 @@ IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'einsum', 'chunked')
 DEFAULT_CHUNK_SIZE = 512
 
 
-def default_implementation() -> str:
+# From this many queries 'auto' is 'chunked' on CPU: at 4,096 tokens (SD 1.5 at 512x512) the
+# einsum form's float32 scores are 64 MiB per example and head, 4 GiB for the U-Net's batch of 8
+# (classifier-free guidance for 4 images) with 8 heads, in every self-attention layer.
+CPU_CHUNKED_MIN_TOKENS = 4096
+
+
+def default_implementation(num_queries: int | None = None) -> str:
   """The implementation ``'auto'`` stands for on JAX's default backend: the one place it is chosen.
 
-  CPU: ``'einsum'``, whose backward pass XLA:CPU compiles without the extra layout copies of the
+  CPU: ``'chunked'`` (the memory-efficient form) for ``num_queries >= CPU_CHUNKED_MIN_TOKENS``,
+  else ``'einsum'``, whose backward pass XLA:CPU compiles without the extra layout copies of the
   library's XLA path. Elsewhere: ``'xla'``, which is what
   ``jax.nn.dot_product_attention(implementation=None)`` runs in this JAX (0.10); choose
   ``'cudnn'`` explicitly for flash attention on an NVIDIA GPU with bfloat16 compute.
+
+  Args:
+    num_queries: the sequence length T of the queries (static); None: a short sequence.
   """
-  return 'einsum' if jax.default_backend() == 'cpu' else 'xla'
+  if jax.default_backend() != 'cpu':
+    return 'xla'
+  if num_queries is not None and num_queries >= CPU_CHUNKED_MIN_TOKENS:
+    return 'chunked'
+  return 'einsum'
 
 
 def check_implementation(implementation: str) -> None:
@@ -113,7 +128,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   """
   check_implementation(implementation)
   if implementation == 'auto':
-    implementation = default_implementation()
+    implementation = default_implementation(q.shape[1])
   if implementation == 'einsum':
     return einsum_attention(q, k, v)
   if implementation == 'chunked':
@@ -121,5 +136,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
-__all__ = ['DEFAULT_CHUNK_SIZE', 'IMPLEMENTATIONS', 'check_implementation', 'chunked_attention',
-           'default_implementation', 'dot_product_attention', 'einsum_attention']
+__all__ = ['CPU_CHUNKED_MIN_TOKENS', 'DEFAULT_CHUNK_SIZE', 'IMPLEMENTATIONS',
+           'check_implementation', 'chunked_attention', 'default_implementation',
+           'dot_product_attention', 'einsum_attention']
