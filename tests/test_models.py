@@ -667,7 +667,8 @@ def test_chunked_attention_never_holds_the_whole_score_matrix():
 def test_default_implementation_and_unknown_name():
   cpu = jax.default_backend() == 'cpu'
   assert attention.default_implementation() == ('einsum' if cpu else 'xla')
-  assert attention.default_implementation(1024) == ('einsum' if cpu else 'xla')
+  assert attention.default_implementation(256) == ('einsum' if cpu else 'xla')
+  assert attention.default_implementation(1024) == ('chunked' if cpu else 'xla')
   assert attention.default_implementation(4096) == ('chunked' if cpu else 'xla')
   with pytest.raises(ValueError, match="'flash'.*'chunked'"):
     attention.dot_product_attention(*_qkv(4), implementation='flash')
