@@ -114,6 +114,8 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   v = jnp.transpose(v, (0, 2, 1, 3)).reshape(b * n, s, v.shape[-1])
   scale = d ** -0.5
 
+  # einsum_attention's function on 2-D operands: calling it on [1, c, 1, d] views instead took
+  # twice as long (3.3 s vs 1.5 s at 4,096 tokens, bench_attention.py), layout copies per chunk.
   @jax.checkpoint
   def one_chunk(q_chunk, k_head, v_head):  # [chunk_size, d], [S, d], [S, d_v]
     logits = jnp.einsum('td,sd->ts', q_chunk, k_head, preferred_element_type=jnp.float32)
