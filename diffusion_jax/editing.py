@@ -203,7 +203,8 @@ def strength_times(process, *, method: str, num_steps: int, strength: float,
   else:
     # The grid a plain sample() call lays out (the chosen defaults where grid/spacing are None),
     # so that strength 1 is sampling from noise.
-    chosen = sampling.options_for(process, method, num_steps, grid=grid, spacing=spacing)
+    chosen = sampling.options_for(process, method, num_steps, shift=shift, grid=grid,
+                                  spacing=spacing)
     with jax.ensure_compile_time_eval():
       t = np.asarray(grids.make_grid(process, num_steps,
                                      chosen.get('grid') or sampling.DEFAULT_GRIDS[method],
