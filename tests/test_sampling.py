@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import oracles, processes, sampling
+from diffusion_jax import oracles, processes, sampling, sde
 from diffusion_jax.sampling import core, grids, guidance
 
 B = 64
@@ -105,6 +105,31 @@ def test_grid_shapes():
   for spacing in grids.SPACINGS:  # Ho et al. Algorithm 2: every step
     np.testing.assert_array_equal(grids.uniform(process, 1000, spacing=spacing),
                                   np.arange(1000, 0, -1))
+
+
+def test_cosine_grid():
+  """grids.cosine: lambda = center + width * asinh(tan(y)) with y uniform (the Gudermannian's
+  inverse in another form), pinned to t_max and t_min; on the cosine schedule with center 0 and
+  width 1 it is the uniform grid (up to the schedule's offset s = 0.008); grid='cosine' is the
+  chosen shape."""
+  ve = sde.VESDE()
+  for center, width, n in ((0.0, 1.0, 9), (-0.5, 2.0, 20), (-1.0, 1.5, 5)):
+    t = np.asarray(grids.cosine(ve, n, center=center, width=width), np.float64)
+    lam = -np.log(ve.sigma_min * (ve.sigma_max / ve.sigma_min)**t)  # log(alpha / sigma), alpha 1
+    lo, hi = -np.log(ve.sigma_max), -np.log(ve.sigma_min)
+    y = np.linspace(np.arctan(np.sinh((lo - center) / width)),
+                    np.arctan(np.sinh((hi - center) / width)), n)
+    np.testing.assert_allclose(lam, center + width * np.arcsinh(np.tan(y)), atol=2e-4)
+    trailing = np.asarray(grids.cosine(ve, n, spacing='trailing', center=center, width=width))
+    np.testing.assert_allclose(
+        trailing, np.asarray(grids.cosine(ve, n + 1, center=center, width=width))[:n], rtol=1e-6)
+  process = processes.DiscreteVP.cosine()
+  np.testing.assert_allclose(grids.cosine(process, 10, spacing='trailing', center=0.0, width=1.0),
+                             grids.uniform(process, 10, spacing='trailing'), atol=4.0)
+  np.testing.assert_array_equal(grids.make_grid(process, 7, 'cosine'), grids.cosine(
+      process, 7, center=grids.COSINE_CENTER, width=grids.COSINE_WIDTH))
+  with pytest.raises(ValueError, match='width must be positive'):
+    grids.cosine(ve, 5, width=0.0)
 
 
 def test_trailing_spacing_of_the_nonuniform_grids():

@@ -20,8 +20,11 @@ Grids (``GRIDS`` maps the names to the functions):
   sigma / alpha of the scaled ODE.
 - ``'quadratic'``: quadratic in t, dense near the data (Song et al. 2021a, DDIM, Appendix D.2);
   not rounded to integer steps.
+- ``'cosine'``: uniform in the time of a cosine schedule (Nichol & Dhariwal 2021) with its
+  log-SNR shifted and widened (``cosine``), mapped to the process's times through log-SNR: steps
+  densest around a fixed noise level whatever the process's own time parametrization.
 
-``spacing`` for the last three: ``'linspace'`` (their default) runs the n times from ``t_max`` to
+``spacing`` for the last four: ``'linspace'`` (their default) runs the n times from ``t_max`` to
 ``t_min`` inclusive, so the last model evaluation is at ``t_min``, where the final step to the data
 is tiny; ``'trailing'`` lays out n + 1 times the same way and evaluates the first n, so the final
 step to the data is as long as its neighbours, as uniform 'trailing' does. With few steps that
@@ -201,11 +204,58 @@ def quadratic(process, num_steps: int, *, spacing: Spacing | None = None,
   return jnp.asarray(np.clip(t, t_min, t_max), jnp.float32)
 
 
+# The shape of grid='cosine', chosen among center in {-1, -0.5, 0} x width in {1.5, 2, 2.5} on the
+# choosing panel of experiments/sampler_panel.py (issue 22): steps densest at sigma / alpha ~ 1.6,
+# spread over about twice the cosine schedule's range of log-SNR.
+COSINE_CENTER = -0.5
+COSINE_WIDTH = 2.0
+
+
+def cosine(process, num_steps: int, *, spacing: Spacing | None = None,
+           t_start: float | None = None, center: float = COSINE_CENTER,
+           width: float = COSINE_WIDTH) -> jnp.ndarray:
+  """Times uniform in the time u of a cosine schedule whose log-SNR is shifted and scaled.
+
+  The cosine schedule (Nichol & Dhariwal 2021, without its offset) has ``lambda(u) = log(alpha /
+  sigma) = log cot(pi u / 2)``; uniform in u it spends its steps around lambda = 0 with a density
+  ``sech(lambda)`` in lambda. This grid takes ``lambda(u) = center + width log cot(pi u / 2)``
+  (shifted as in Hoogeboom et al. 2023's shifted cosine schedule, and widened by ``width``), u
+  uniform between the values at ``t_max`` (or ``t_start``) and ``t_min``, mapped back to the
+  process's times through its log-SNR: on any process it places the steps where a model trained
+  with that cosine schedule would have them. Equivalently ``lambda = center + width gd^-1(y)``, y
+  uniform, with the Gudermannian ``gd(x) = 2 arctan(tanh(x / 2))``.
+
+  Args:
+    process: any process of the contract.
+    num_steps: n.
+    spacing: 'linspace' (default) or 'trailing' (see the module docstring).
+    t_start: the upper end instead of ``t_max``.
+    center: the lambda = log(alpha / sigma) the steps are densest at (0: sigma = alpha).
+    width: the scale of lambda (1: the cosine schedule's own density).
+    The defaults (-0.5, 2) are the shape chosen on the oracle panel (``COSINE_CENTER``); center
+    0 and width 1 give the cosine schedule's own uniform times.
+
+  Returns:
+    float32 ``[n]``, decreasing.
+  """
+  m, n = _open_or_closed(num_steps, spacing)
+  if not width > 0:
+    raise ValueError(f'width must be positive, got {width!r}.')
+  t_hi = _t_hi(process, t_start)
+  lam_lo = 0.5 * float(process.log_snr(jnp.float32(t_hi)))
+  lam_hi = 0.5 * float(process.log_snr(jnp.float32(process.t_min)))
+  gd = lambda x: 2.0 * np.arctan(np.tanh(x / 2.0))
+  y = np.linspace(gd((lam_lo - center) / width), gd((lam_hi - center) / width), m)
+  lam = center + width * 2.0 * np.arctanh(np.tan(y / 2.0))
+  return _times_from_log_snr(process, jnp.asarray(2.0 * lam, jnp.float32), n, t_hi)
+
+
 GRIDS: dict[str, Callable[..., jnp.ndarray]] = {
     'uniform': uniform,
     'logsnr': logsnr,
     'karras': karras,
     'quadratic': quadratic,
+    'cosine': cosine,
 }
 
 
