@@ -235,6 +235,39 @@ def _with_grid(opts, grid):
   return o
 
 
+COSINE_SHAPES = tuple((c, w) for c in (-1.0, -0.5, 0.0) for w in (1.5, 2.0, 2.5))
+COSINE_SHAPES_FIRST_ORDER = ((-0.5, 1.5), (-0.5, 2.0), (-1.0, 2.5))
+
+
+def register_cosine_shapes():
+  """Registers 'cosine@c,w' in grids.GRIDS for every shape tried (grids.cosine)."""
+  import functools  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.sampling import grids  # pylint: disable=import-outside-toplevel
+  for c, w in COSINE_SHAPES:
+    grids.GRIDS.setdefault(f'cosine@{c:g},{w:g}',
+                           functools.partial(grids.cosine, center=c, width=w))
+
+
+def _cosine(shapes):
+  return tuple((f'cosine@{c:g},{w:g}', 'trailing') for c, w in shapes)
+
+
+# Per method, the non-grid options the cosine shapes are tried with: those of the defaults chosen
+# before the cosine grid existed (every other grid is tried with every option set above).
+COSINE_WITH = {
+    'ddim': [{}],
+    'heun': [{}],
+    'plms': [{'order': 3, 'warm_start': 'ab'}, {'order': 4, 'warm_start': 'heun'}],
+    'dpmpp_2m': [{'lower_order_final': True}, {'lower_order_final': False}],
+    'dpmpp_3m': [{'lower_order_final': True, 'order': 2},
+                 {'lower_order_final': False, 'order': 3, 'reference_third_order': True},
+                 {'lower_order_final': False, 'order': 3, 'reference_third_order': False}],
+    'unipc': [{'lower_order_final': True, 'order': 2, 'variant': 'bh2'},
+              {'lower_order_final': False, 'order': 3, 'variant': 'bh2'},
+              {'lower_order_final': True, 'order': 3, 'variant': 'bh2'}],
+}
+
+
 def candidates():
   """{method: [options]}: the option sets the choice is made among.
 
@@ -243,7 +276,7 @@ def candidates():
   third-order methods also at second order, their fall-back where the grid is coarse.
   """
   trail3 = (('logsnr', 'trailing'), ('quadratic', 'trailing'), ('uniform', 'trailing'))
-  return {
+  out = {
       'ddim': [_with_grid({}, g) for g in GRIDS6],
       'heun': [_with_grid({}, g) for g in GRIDS6],
       'plms': [_with_grid(o, g) for o in ({'warm_start': 'heun', 'order': 4},
@@ -261,6 +294,10 @@ def candidates():
                + [_with_grid({'order': 3, 'variant': 'bh1', 'lower_order_final': l},
                              ('logsnr', 'trailing')) for l in (True, False)],
   }
+  for method in out:
+    shapes = COSINE_SHAPES_FIRST_ORDER if method in ('ddim', 'heun') else COSINE_SHAPES
+    out[method] += [_with_grid(o, g) for o in COSINE_WITH[method] for g in _cosine(shapes)]
+  return out
 
 
 def nfe_of(process, method, n, opts):
@@ -433,6 +470,7 @@ def _choose_process(job):
   """Worker: every candidate at every NFE on one process's choosing oracles."""
   pname, per_process, batch, methods = job
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  register_cosine_shapes()
   cands = candidates()
   b = Batch(make_process(pname), panel('choose', per_process)[pname], batch, seed=100)
   out = {}
@@ -488,6 +526,20 @@ def select(raw, args):
       method, i, nfe = key.split('|')
       errs.setdefault((method, int(i), int(nfe)), []).append(np.asarray(v, np.float64))
   errs = {k: np.concatenate(v) for k, v in errs.items()}
+  allowed = getattr(args, 'cosine_shapes', None)
+  if allowed:  # only these cosine shapes may be chosen: the others leave the panel
+    keep = {f'cosine@{x}' for x in allowed.split(';')}
+    for (m, i, nfe), v in errs.items():
+      grid = cands[m][i].get('grid', '')
+      if grid.startswith('cosine@') and grid not in keep:
+        errs[m, i, nfe] = np.full_like(v, np.inf)
+  # The last band takes every larger step count: its options must keep the method's convergence
+  # order (tests/test_sampling.py), which lower_order_final and the reference code's third-order
+  # coefficient give up.
+  for (m, i, nfe), v in errs.items():
+    if nfe == NFES[-1] and (cands[m][i].get('lower_order_final')
+                            or cands[m][i].get('reference_third_order')):
+      errs[m, i, nfe] = np.full_like(v, np.inf)
   choice, table = {}, []
   for nfe in NFES:
     best = np.min(np.stack([v for k, v in errs.items() if k[2] == nfe]), axis=0)
@@ -503,7 +555,7 @@ def select(raw, args):
       # 2466.6, set by one oracle); the tie goes to the best geometric mean.
       tied = [i for flag, w, i in scored if flag == scored[0][0] and w <= TIE * scored[0][1]]
       i = min(tied, key=lambda i: _gmean(errs[method, i, nfe] / best))
-      choice.setdefault(method, {})[str(nfe)] = opts_list[i]
+      choice.setdefault(method, {})[str(nfe)] = _library_name(opts_list[i])
       table.append((method, nfe, opts_list[i], worst(method, i, best),
                     _gmean(errs[method, i, nfe] / best), worst(method, i, ddim)))
   choice['euler'] = choice['ddim']  # the same update when deterministic
@@ -517,6 +569,14 @@ def select(raw, args):
     json.dump(choice, f, indent=1, sort_keys=True)
   print(f'\nwrote {args.choice}', flush=True)
   return choice
+
+
+def _library_name(opts):
+  """``opts`` with the shape of grid='cosine' (grids.COSINE_CENTER / WIDTH) under that name."""
+  from diffusion_jax.sampling import grids  # pylint: disable=import-outside-toplevel
+  if opts.get('grid') == f'cosine@{grids.COSINE_CENTER:g},{grids.COSINE_WIDTH:g}':
+    return dict(opts, grid='cosine')
+  return opts
 
 
 def _fmt(opts):
@@ -614,6 +674,9 @@ def main():
   parser.add_argument('--methods', default=None,
                       help='choose: run only these (comma-separated), keeping the others\' '
                       'errors from --errors')
+  parser.add_argument('--cosine-shapes', default=None,
+                      help="the shapes 'center,width' of the cosine grid the choice may take, "
+                      "';'-separated (default: every shape tried)")
   parser.add_argument('--select-from', default=None,
                       help='make the choice from raw errors written by --errors, no runs')
   args = parser.parse_args()

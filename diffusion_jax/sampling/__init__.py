@@ -91,6 +91,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax import processes
 from diffusion_jax.sampling import core, defaults, grids
@@ -227,6 +228,24 @@ def options_for(process, method: str, num_steps: int, *, t_start=None, shift: fl
   return _with_defaults(process, method, num_steps, t_start, shift, options)
 
 
+def _heun_defaults(process, num_steps, t_start, shift, options, chosen):
+  """Heun's defaults by the NFE it spends on the chosen grid: its guard (``karras.heun``) takes
+  Euler steps where the noise level shrinks by more than ``core.MAX_CORRECTED_RATIO``, so 5
+  steps on the VE SDE's uniform grid spend 5 NFE, not 9, and take the options chosen at 5."""
+  try:
+    with jax.ensure_compile_time_eval():
+      sched = core.make_schedule(process, num_steps, grid=chosen.get('grid') or
+                                 DEFAULT_GRIDS['heun'], spacing=chosen.get('spacing'),
+                                 t_start=t_start, shift=grids.check_shift(shift), method='heun')
+      rho = np.asarray(sched.rho, np.float64)
+  except (ValueError, TypeError, jax.errors.ConcretizationTypeError):
+    return chosen  # the method reports the bad argument itself
+  nfe = sched.num_steps + int(np.sum((rho[1:] * core.MAX_CORRECTED_RATIO >= rho[:-1])[:-1]))
+  if defaults.band('heun', num_steps, nfe=nfe) == defaults.band('heun', num_steps):
+    return chosen
+  return defaults.with_defaults('heun', num_steps, options, nfe=nfe)
+
+
 def _with_defaults(process, method, num_steps, t_start, shift, options):
   """``options`` completed with the method's chosen defaults (``defaults.py``).
 
@@ -235,6 +254,8 @@ def _with_defaults(process, method, num_steps, t_start, shift, options):
   of that many steps, so that e.g. 2500 steps on N = 1000 are the 1000-step run.
   """
   chosen = defaults.with_defaults(method, num_steps, options)
+  if method == 'heun' and options.get('times') is None and options.get('levels') is None:
+    return _heun_defaults(process, num_steps, t_start, shift, options, chosen)
   grid = chosen.get('grid')
   if grid != 'uniform' or not grids._is_discrete(process):  # pylint: disable=protected-access
     return chosen

@@ -28,52 +28,53 @@ BAND_NFES = (5, 10, 20, 50)
 # method -> options per band (5, 10, 20, 50 NFE), from experiments/sampler_panel.py --phase=choose.
 DEFAULTS: dict[str, tuple[dict[str, Any], ...]] = {
     'ddim': (
-        {'grid': 'uniform', 'spacing': 'trailing'},  # 5 NFE
+        {'grid': 'cosine', 'spacing': 'trailing'},  # 5 NFE
         {'grid': 'uniform', 'spacing': 'trailing'},  # 10 NFE
         {'grid': 'uniform', 'spacing': 'trailing'},  # 20 NFE
-        {'grid': 'uniform', 'spacing': 'trailing'},  # 50 NFE
+        {'grid': 'cosine', 'spacing': 'trailing'},  # 50 NFE
     ),
     'euler': (
-        {'grid': 'uniform', 'spacing': 'trailing'},  # 5 NFE
+        {'grid': 'cosine', 'spacing': 'trailing'},  # 5 NFE
         {'grid': 'uniform', 'spacing': 'trailing'},  # 10 NFE
         {'grid': 'uniform', 'spacing': 'trailing'},  # 20 NFE
-        {'grid': 'uniform', 'spacing': 'trailing'},  # 50 NFE
+        {'grid': 'cosine', 'spacing': 'trailing'},  # 50 NFE
     ),
     'heun': (
-        {'grid': 'uniform', 'spacing': 'trailing'},  # 5 NFE
+        {'grid': 'cosine', 'spacing': 'trailing'},  # 5 NFE
         {'grid': 'uniform', 'spacing': 'trailing'},  # 10 NFE
         {'grid': 'uniform', 'spacing': 'trailing'},  # 20 NFE
         {'grid': 'karras'},  # 50 NFE
     ),
     'plms': (
-        {'grid': 'uniform', 'spacing': 'trailing', 'order': 3, 'warm_start': 'ab'},  # 5 NFE
-        {'grid': 'uniform', 'spacing': 'trailing', 'order': 4, 'warm_start': 'heun'},  # 10 NFE
-        {'grid': 'logsnr', 'spacing': 'trailing', 'order': 4, 'warm_start': 'heun'},  # 20 NFE
-        {'grid': 'logsnr', 'spacing': 'trailing', 'order': 3, 'warm_start': 'ab'},  # 50 NFE
+        {'grid': 'cosine', 'spacing': 'trailing', 'order': 3, 'warm_start': 'ab'},  # 5 NFE
+        {'grid': 'uniform', 'spacing': 'trailing', 'order': 3, 'warm_start': 'ab'},  # 10 NFE
+        {'grid': 'cosine', 'spacing': 'trailing', 'order': 3, 'warm_start': 'ab'},  # 20 NFE
+        {'grid': 'cosine', 'spacing': 'trailing', 'order': 3, 'warm_start': 'ab'},  # 50 NFE
     ),
     'dpmpp_2m': (
-        {'grid': 'uniform', 'spacing': 'trailing', 'lower_order_final': True},  # 5 NFE
+        {'grid': 'cosine', 'spacing': 'trailing', 'lower_order_final': False},  # 5 NFE
         {'grid': 'uniform', 'spacing': 'trailing', 'lower_order_final': False},  # 10 NFE
         {'grid': 'logsnr', 'spacing': 'trailing', 'lower_order_final': False},  # 20 NFE
-        {'grid': 'uniform', 'spacing': 'trailing', 'lower_order_final': False},  # 50 NFE
+        {'grid': 'cosine', 'spacing': 'trailing', 'lower_order_final': False},  # 50 NFE
     ),
     'dpmpp_3m': (
-        {'grid': 'uniform', 'spacing': 'trailing', 'lower_order_final': True, 'order': 2},  # 5 NFE
+        {'grid': 'cosine', 'spacing': 'trailing', 'lower_order_final': False, 'order': 3,
+         'reference_third_order': True},  # 5 NFE
         {'grid': 'uniform', 'spacing': 'trailing', 'lower_order_final': False, 'order': 3,
          'reference_third_order': True},  # 10 NFE
         {'grid': 'logsnr', 'spacing': 'trailing', 'lower_order_final': False, 'order': 3,
          'reference_third_order': True},  # 20 NFE
-        {'grid': 'logsnr', 'spacing': 'trailing', 'lower_order_final': False, 'order': 3,
+        {'grid': 'cosine', 'spacing': 'trailing', 'lower_order_final': False, 'order': 3,
          'reference_third_order': False},  # 50 NFE
     ),
     'unipc': (
-        {'grid': 'uniform', 'spacing': 'trailing', 'lower_order_final': True, 'order': 2,
+        {'grid': 'cosine', 'spacing': 'trailing', 'lower_order_final': True, 'order': 2,
          'variant': 'bh2'},  # 5 NFE
         {'grid': 'uniform', 'spacing': 'trailing', 'lower_order_final': False, 'order': 3,
          'variant': 'bh2'},  # 10 NFE
-        {'grid': 'quadratic', 'spacing': 'trailing', 'lower_order_final': True, 'order': 3,
+        {'grid': 'cosine', 'spacing': 'trailing', 'lower_order_final': False, 'order': 3,
          'variant': 'bh2'},  # 20 NFE
-        {'grid': 'logsnr', 'spacing': 'trailing', 'lower_order_final': False, 'order': 3,
+        {'grid': 'cosine', 'spacing': 'trailing', 'lower_order_final': False, 'order': 3,
          'variant': 'bh2'},  # 50 NFE
     ),
 }
@@ -85,28 +86,32 @@ def approx_nfe(method: str, num_steps: int) -> int:
   return 2 * num_steps - 1 if method == 'heun' else num_steps
 
 
-def band(method: str, num_steps: int) -> int:
-  """The index into ``BAND_NFES`` of the band ``num_steps`` of ``method`` falls in."""
-  nfe = approx_nfe(method, num_steps)
+def band(method: str, num_steps: int, *, nfe: int | None = None) -> int:
+  """The index into ``BAND_NFES`` of the band ``num_steps`` of ``method`` falls in; ``nfe``: the
+  NFE the run spends when known (Heun's guard may spend fewer than ``approx_nfe``)."""
+  nfe = approx_nfe(method, num_steps) if nfe is None else nfe
   for i, limit in enumerate(BAND_LIMITS):
     if nfe <= limit:
       return i
   return len(BAND_LIMITS)
 
 
-def default_options(method: str, num_steps: int) -> dict[str, Any]:
-  """The chosen options of ``method`` at ``num_steps`` (empty for methods without a choice)."""
+def default_options(method: str, num_steps: int, *, nfe: int | None = None) -> dict[str, Any]:
+  """The chosen options of ``method`` at ``num_steps`` (empty for methods without a choice);
+  ``nfe``: the NFE the run spends, when known (``band``)."""
   if method not in DEFAULTS:
     return {}
-  return dict(DEFAULTS[method][band(method, num_steps)])
+  return dict(DEFAULTS[method][band(method, num_steps, nfe=nfe)])
 
 
-def with_defaults(method: str, num_steps: int, options: dict[str, Any]) -> dict[str, Any]:
-  """``options`` completed with the chosen defaults (the module docstring says which win)."""
+def with_defaults(method: str, num_steps: int, options: dict[str, Any], *,
+                  nfe: int | None = None) -> dict[str, Any]:
+  """``options`` completed with the chosen defaults (the module docstring says which win);
+  ``nfe``: the NFE the run spends, when known (``band``)."""
   if options.get('levels') is not None:
     return options
   out = dict(options)
-  chosen = default_options(method, num_steps)
+  chosen = default_options(method, num_steps, nfe=nfe)
   if options.get('times') is not None:  # the grid itself: the other options still apply
     chosen = {k: v for k, v in chosen.items() if k not in ('grid', 'spacing')}
   grid_given = out.get('grid') is not None
