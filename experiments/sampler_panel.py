@@ -15,7 +15,9 @@ down to 1e-7 and finished with Tweedie's formula), so it is pure discretization 
   20, 50 with every candidate option set (grid, spacing, order, lower_order_final, variant,
   warm start, ...); per (method, NFE) the option set with the smallest worst-case ratio to the
   best of all candidates on each oracle. ``euler`` is DDIM when deterministic (same update,
-  tests/test_sampling.py), so it takes DDIM's choice.
+  tests/test_sampling.py), so it takes DDIM's choice. The cosine grid (``grids.cosine``) is tried
+  in 9 shapes, registered as 'cosine@center,width'; ``--cosine-shapes`` limits the ones the choice
+  may take (the library's grid='cosine' is the shape -0.5,2, and the choice names it so).
 - ``report``: on the HELD-OUT panel (other seeds, other mixtures, two more schedules) and on the
   TARGET mixtures (issue 22's 8-D example and others, outside both panels): each method with
   ``sampling.sample(method=..., num_steps=...)`` and nothing else (the library's defaults), and
