@@ -326,32 +326,13 @@ def run_torch_peers(mix, x_T_np, ref):
 
 def _torch_run(torch, cls, config, nfe, mix, x_T_np, ref):
   """Runs one diffusers scheduler with the exact oracle; returns (RMS, median error, calls)."""
+  from sampler_panel import diffusers_steps, drive_scheduler  # pylint: disable=import-outside-toplevel
   sched = cls(**config)
   abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))  # float64, as our process
-  steps = nfe
-  if cls.__name__ == 'HeunDiscreteScheduler':
-    steps = (nfe + 1) // 2
-  elif cls.__name__ == 'PNDMScheduler':
-    steps = max(nfe - 1, 1)
-  sched.set_timesteps(steps)
+  sched.set_timesteps(max(diffusers_steps(cls, nfe), 1))
   x = torch.tensor(x_T_np, dtype=torch.float32) * float(sched.init_noise_sigma)
-  ve_scaled = cls.__name__ in ('EulerDiscreteScheduler', 'HeunDiscreteScheduler',
-                               'LMSDiscreteScheduler')
-  has_sigmas = getattr(sched, 'sigmas', None) is not None
-  calls = 0
-  for i, t in enumerate(sched.timesteps):
-    x_in = sched.scale_model_input(x, t)
-    if has_sigmas:  # the scheduler's own noise level sigma / alpha for this evaluation
-      rho = float(sched.sigmas[i])
-      y = x.double().numpy() * (1.0 if ve_scaled else np.sqrt(1.0 + rho**2))
-    else:
-      a = np.sqrt(abar[int(t)])
-      rho = np.sqrt(1 - abar[int(t)]) / a
-      y = x_in.double().numpy() / a
-    eps = mix.eps_y_np(y, rho) if rho > 0 else np.zeros_like(y)
-    calls += 1
-    x = sched.step(torch.tensor(eps, dtype=torch.float32), t, x).prev_sample
-  return (*sample_errors(x.double().numpy(), ref), calls)
+  x0, calls = drive_scheduler(torch, sched, x, mix.eps_y_np, abar)
+  return (*sample_errors(x0, ref), calls)
 
 
 # --- main -----------------------------------------------------------------------------------------

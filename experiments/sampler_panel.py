@@ -45,6 +45,9 @@ import time
 import numpy as np
 
 NFES = (5, 10, 20, 50)
+# The NFEs each band's choice is made on (sampling/defaults.py: a band's options serve every NFE
+# up to its limit, 7 / 14 / 31 / beyond), pooled: one option set for the whole band.
+BAND_RUNS = {5: (5, 7), 10: (8, 10, 14), 20: (16, 20, 30), 50: (40, 50)}
 DIMS = (2, 4, 8, 16, 32, 64)
 SPACINGS = ('linspace', 'leading', 'trailing')
 RHO_END = 1e-7  # where the reference integration stops; Tweedie's formula finishes it
@@ -394,14 +397,48 @@ def diffusers_betas(process):
   return 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
 
 
+def diffusers_steps(cls, nfe):
+  """The ``set_timesteps`` count that spends ``nfe`` calls (Heun: 2 per step less one; PNDM:
+  one more than steps)."""
+  if cls.__name__ == 'HeunDiscreteScheduler':
+    return (nfe + 1) // 2
+  if cls.__name__ == 'PNDMScheduler':
+    return nfe - 1
+  return nfe
+
+
+def drive_scheduler(torch, sched, x, eps_y, alphas_cumprod):
+  """Runs a diffusers scheduler (``set_timesteps`` done) from ``x`` (torch, at its
+  ``init_noise_sigma``) with an exact eps oracle; returns (x0 as float64 NumPy, calls).
+
+  ``eps_y(y, rho)``: E[eps | y] for ``y = x_0 + rho eps`` (float64); ``alphas_cumprod``: the
+  float64 schedule. Each call is evaluated at the scheduler's own noise level: ``sigmas[i]`` where
+  it has them (Euler-type schedulers scale x by sqrt(1 + rho^2), the others not), else
+  ``alphas_cumprod[t]``.
+  """
+  ve_scaled = type(sched).__name__ in ('EulerDiscreteScheduler', 'HeunDiscreteScheduler',
+                                       'LMSDiscreteScheduler')
+  has_sigmas = getattr(sched, 'sigmas', None) is not None
+  calls = 0
+  for i, t in enumerate(sched.timesteps):
+    x_in = sched.scale_model_input(x, t)
+    if has_sigmas:  # the scheduler's own noise level sigma / alpha for this evaluation
+      rho = float(sched.sigmas[i])
+      y = x.double().numpy() * (1.0 if ve_scaled else np.sqrt(1.0 + rho**2))
+    else:
+      a = np.sqrt(alphas_cumprod[int(t)])
+      rho = np.sqrt(1 - alphas_cumprod[int(t)]) / a
+      y = x_in.double().numpy() / a
+    eps = eps_y(y, rho) if rho > 0 else np.zeros_like(y)
+    calls += 1
+    x = sched.step(torch.tensor(eps, dtype=torch.float32), t, x).prev_sample
+  return x.double().numpy(), calls
+
+
 def run_diffusers(b: Batch, cls, config, nfe, betas):
   """(errors [O], calls) of one diffusers scheduler on every row, or None if it refuses."""
   import torch  # pylint: disable=import-outside-toplevel
-  steps = nfe
-  if cls.__name__ == 'HeunDiscreteScheduler':
-    steps = (nfe + 1) // 2
-  elif cls.__name__ == 'PNDMScheduler':
-    steps = nfe - 1
+  steps = diffusers_steps(cls, nfe)
   if steps < 1:
     return None
   try:
@@ -412,25 +449,10 @@ def run_diffusers(b: Batch, cls, config, nfe, betas):
   abar = sched.alphas_cumprod.double().numpy()
   x = torch.tensor(b.y_T / np.sqrt(1.0 + b.rho_T**2), dtype=torch.float32)  # the VP twin's x_T
   x = x * float(sched.init_noise_sigma)
-  ve_scaled = cls.__name__ in ('EulerDiscreteScheduler', 'HeunDiscreteScheduler')
-  has_sigmas = getattr(sched, 'sigmas', None) is not None
-  calls = 0
   try:
-    for i, t in enumerate(sched.timesteps):
-      x_in = sched.scale_model_input(x, t)
-      if has_sigmas:
-        rho = float(sched.sigmas[i])
-        y = x.double().numpy() * (1.0 if ve_scaled else np.sqrt(1.0 + rho**2))
-      else:
-        a = np.sqrt(abar[int(t)])
-        rho = np.sqrt(1 - abar[int(t)]) / a
-        y = x_in.double().numpy() / a
-      eps = b.eps_y(y, rho) if rho > 0 else np.zeros_like(y)
-      calls += 1
-      x = sched.step(torch.tensor(eps, dtype=torch.float32), t, x).prev_sample
+    x0, calls = drive_scheduler(torch, sched, x, b.eps_y, abar)
   except Exception:  # pylint: disable=broad-except
     return None
-  x0 = x.double().numpy()
   if not np.all(np.isfinite(x0)):
     return np.full(len(b.oracles), np.inf), calls
   return b.errors(x0), calls
@@ -470,7 +492,7 @@ def _gmean(v):
 
 def _choose_process(job):
   """Worker: every candidate at every NFE on one process's choosing oracles."""
-  pname, per_process, batch, methods = job
+  pname, per_process, batch, methods, nfes, shapes = job
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   register_cosine_shapes()
   cands = candidates()
@@ -478,7 +500,10 @@ def _choose_process(job):
   out = {}
   for method in methods:
     for i, opts in enumerate(cands[method]):
-      for nfe in NFES:
+      for nfe in nfes:
+        if not _shape_allowed(opts, shapes):
+          out[f'{method}|{i}|{nfe}'] = [float('inf')] * len(b.oracles)
+          continue
         e, _ = run_ours(b, method, nfe, opts)
         out[f'{method}|{i}|{nfe}'] = (e if e is not None else np.full(len(b.oracles), np.inf)
                                      ).tolist()
@@ -499,11 +524,14 @@ def choose(args):
   t0 = time.time()
   names = list(panel('choose', args.per_process))
   methods = tuple(args.methods.split(',')) if args.methods else tuple(cands)
-  jobs = [(p, args.per_process, args.batch, methods) for p in names]
+  nfes = (tuple(int(n) for n in args.nfes.split(',')) if args.nfes
+          else tuple(n for runs in BAND_RUNS.values() for n in runs))
+  jobs = [(p, args.per_process, args.batch, methods, nfes, args.cosine_shapes) for p in names]
   raw = {}
-  if args.methods and args.errors and os.path.exists(args.errors):
-    with open(args.errors) as f:  # the other methods' errors from an earlier run
-      raw = {p: {k: v for k, v in out.items() if k.split('|')[0] not in methods}
+  if (args.methods or args.nfes) and args.errors and os.path.exists(args.errors):
+    with open(args.errors) as f:  # the other runs' errors from an earlier run
+      raw = {p: {k: v for k, v in out.items()
+                 if k.split('|')[0] not in methods or int(k.split('|')[2]) not in nfes}
              for p, out in json.load(f).items()}
   with concurrent.futures.ProcessPoolExecutor(
       args.jobs, mp_context=multiprocessing.get_context('spawn')) as pool:
@@ -528,27 +556,38 @@ def select(raw, args):
       method, i, nfe = key.split('|')
       errs.setdefault((method, int(i), int(nfe)), []).append(np.asarray(v, np.float64))
   errs = {k: np.concatenate(v) for k, v in errs.items()}
-  allowed = getattr(args, 'cosine_shapes', None)
-  if allowed:  # only these cosine shapes may be chosen: the others leave the panel
-    keep = {f'cosine@{x}' for x in allowed.split(';')}
-    for (m, i, nfe), v in errs.items():
-      grid = cands[m][i].get('grid', '')
-      if grid.startswith('cosine@') and grid not in keep:
-        errs[m, i, nfe] = np.full_like(v, np.inf)
-  # The last band takes every larger step count: its options must keep the method's convergence
-  # order (tests/test_sampling.py), which lower_order_final and the reference code's third-order
-  # coefficient give up.
   for (m, i, nfe), v in errs.items():
-    if nfe == NFES[-1] and (cands[m][i].get('lower_order_final')
-                            or cands[m][i].get('reference_third_order')):
+    if not _shape_allowed(cands[m][i], getattr(args, 'cosine_shapes', None)):
+      errs[m, i, nfe] = np.full_like(v, np.inf)  # only the allowed cosine shapes may be chosen
+    # The last band takes every larger step count: its options must keep the method's
+    # convergence order (tests/test_sampling.py), which lower_order_final and the reference
+    # code's third-order coefficient give up.
+    if nfe in BAND_RUNS[NFES[-1]] and (cands[m][i].get('lower_order_final')
+                                       or cands[m][i].get('reference_third_order')):
       errs[m, i, nfe] = np.full_like(v, np.inf)
+  # Per band, the errors at its NFEs that were run, concatenated; the best of all candidates and
+  # DDIM's ratio at the same NFE.
+  ran = sorted({k[2] for k in errs})
+  pooled = {}
+  for nfe, runs in BAND_RUNS.items():
+    runs = [r for r in runs if r in ran]
+    best_r = {r: np.min(np.stack([v for k, v in errs.items() if k[2] == r]), axis=0)
+              for r in runs}
+    for (m, i, r), v in errs.items():
+      if r in runs:
+        pooled.setdefault((m, i, nfe), [[], []])
+        pooled[m, i, nfe][0].append(v)
+        pooled[m, i, nfe][1].append(best_r[r])
+  pooled = {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in pooled.items()}
+  print(f'choice on the NFEs {", ".join(f"{n}: {[r for r in runs if r in ran]}" for n, runs in BAND_RUNS.items())}')
   choice, table = {}, []
   for nfe in NFES:
-    best = np.min(np.stack([v for k, v in errs.items() if k[2] == nfe]), axis=0)
-    worst = lambda m, i, ref: float(np.max(errs[m, i, nfe] / ref))
+    errs_b = {(m, i): v[0] for (m, i, n), v in pooled.items() if n == nfe}
+    best = next(v[1] for (m, i, n), v in pooled.items() if n == nfe)
+    worst = lambda m, i, ref: float(np.max(errs_b[m, i] / ref))
     n_ddim = len(cands['ddim'])
     i_ddim = min(range(n_ddim), key=lambda i: worst('ddim', i, best))
-    ddim = errs['ddim', i_ddim, nfe]
+    ddim = errs_b['ddim', i_ddim]
     for method, opts_list in cands.items():
       scored = sorted((worst(method, i, ddim) > 2.0, worst(method, i, best)
                        if worst(method, i, ddim) <= 2.0 else worst(method, i, ddim), i)
@@ -556,10 +595,10 @@ def select(raw, args):
       # Worst cases within TIE of the smallest are a tie (DDIM at 50 NFE: 2449.7 / 2451.1 /
       # 2466.6, set by one oracle); the tie goes to the best geometric mean.
       tied = [i for flag, w, i in scored if flag == scored[0][0] and w <= TIE * scored[0][1]]
-      i = min(tied, key=lambda i: _gmean(errs[method, i, nfe] / best))
+      i = min(tied, key=lambda i: _gmean(errs_b[method, i] / best))
       choice.setdefault(method, {})[str(nfe)] = _library_name(opts_list[i])
       table.append((method, nfe, opts_list[i], worst(method, i, best),
-                    _gmean(errs[method, i, nfe] / best), worst(method, i, ddim)))
+                    _gmean(errs_b[method, i] / best), worst(method, i, ddim)))
   choice['euler'] = choice['ddim']  # the same update when deterministic
   print('\n## choice (choosing panel: worst / geometric-mean ratio to the best candidate of '
         'all methods, per oracle; worst ratio to DDIM\'s choice)\n')
@@ -571,6 +610,12 @@ def select(raw, args):
     json.dump(choice, f, indent=1, sort_keys=True)
   print(f'\nwrote {args.choice}', flush=True)
   return choice
+
+
+def _shape_allowed(opts, shapes):
+  """Whether ``opts``'s grid is not a cosine shape, or one of ``shapes`` ('c,w;c,w'; None: all)."""
+  grid = opts.get('grid', '')
+  return not shapes or not grid.startswith('cosine@') or grid[7:] in shapes.split(';')
 
 
 def _library_name(opts):
@@ -676,6 +721,9 @@ def main():
   parser.add_argument('--methods', default=None,
                       help='choose: run only these (comma-separated), keeping the others\' '
                       'errors from --errors')
+  parser.add_argument('--nfes', default=None,
+                      help='choose: run only these NFEs (comma-separated), keeping the others\' '
+                      'errors from --errors (default: every NFE of BAND_RUNS)')
   parser.add_argument('--cosine-shapes', default=None,
                       help="the shapes 'center,width' of the cosine grid the choice may take, "
                       "';'-separated (default: every shape tried)")
