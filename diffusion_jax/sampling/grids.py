@@ -223,7 +223,9 @@ def cosine(process, num_steps: int, *, spacing: Spacing | None = None,
   uniform between the values at ``t_max`` (or ``t_start``) and ``t_min``, mapped back to the
   process's times through its log-SNR: on any process it places the steps where a model trained
   with that cosine schedule would have them. Equivalently ``lambda = center + width gd^-1(y)``, y
-  uniform, with the Gudermannian ``gd(x) = 2 arctan(tanh(x / 2))``.
+  uniform, with the Gudermannian ``gd(x) = 2 arctan(tanh(x / 2))``. The defaults (-0.5, 2,
+  ``COSINE_CENTER`` / ``COSINE_WIDTH``) are the shape chosen on the oracle panel; center 0 and
+  width 1 give the cosine schedule's own uniform times.
 
   Args:
     process: any process of the contract.
@@ -232,11 +234,12 @@ def cosine(process, num_steps: int, *, spacing: Spacing | None = None,
     t_start: the upper end instead of ``t_max``.
     center: the lambda = log(alpha / sigma) the steps are densest at (0: sigma = alpha).
     width: the scale of lambda (1: the cosine schedule's own density).
-    The defaults (-0.5, 2) are the shape chosen on the oracle panel (``COSINE_CENTER``); center
-    0 and width 1 give the cosine schedule's own uniform times.
 
   Returns:
     float32 ``[n]``, decreasing.
+
+  Raises:
+    ValueError: a width that is not positive, or a spacing other than 'linspace' / 'trailing'.
   """
   m, n = _open_or_closed(num_steps, spacing)
   if not width > 0:
