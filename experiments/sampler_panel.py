@@ -340,7 +340,7 @@ def run_ours(b: Batch, method, nfe, opts):
       x0, info = _sample(b, method, n, {})
       if int(info['nfe']) <= nfe:
         return b.errors(x0), int(info['nfe'])
-      n = n - max(1, (int(info['nfe']) - nfe + 1) // 2)
+      n = n - max(1, (int(info['nfe']) - nfe) // 2)
     return None, 'no step count fits'
   n = steps_for(b.process, method, nfe, opts)
   if n is None:
@@ -704,6 +704,101 @@ def report(args, kind):
   return summary
 
 
+def report_trained(args):
+  """The digits model of ``--digits-workdir`` (trained by configs/digits.py) against a 1000-step
+  reference: ours with defaults and diffusers' schedulers, RMS over samples and pixels.
+
+  The reference is UniPC-3 with 1000 steps on the log-SNR grid; DPM-Solver++(3M) with 1000
+  steps on the same grid is printed beside it as a check of its accuracy. diffusers' schedulers
+  evaluate the model at the time whose noise level is theirs (``t_from_log_snr``).
+  """
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from diffusion_jax import preconditioning, sampling  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.training import builders  # pylint: disable=import-outside-toplevel
+  t0 = time.time()
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location('digits_config',
+                                                os.path.join(root, 'configs', 'digits.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  st, params, step = builders.restore_ema_params(config, args.digits_workdir)
+  st.checkpointer.close()
+  process = st.process
+  model_fn = preconditioning.make_model_fn(
+      st.network_fn, params, process, parameterization=config.model.parameterization,
+      noise_input_kind=config.model.noise_input)
+  prediction = preconditioning.prediction_type(config.model.parameterization)
+  shape = (args.batch,) + tuple(st.element_shape)
+  x_T = process.prior_sample(jax.random.PRNGKey(300), shape)
+
+  def ours(method, n, **opts):
+    fn = jax.jit(lambda x: sampling.sample(model_fn, process, method=method, num_steps=n, x_T=x,
+                                           prediction=prediction, return_info=True, **opts))
+    x0, info = fn(x_T)
+    return np.asarray(x0, np.float64), int(info['nfe'])
+
+  ref, _ = ours('unipc', 1000, grid='logsnr', order=3)
+  check, _ = ours('dpmpp_3m', 1000, grid='logsnr')
+  rms = lambda x: float(np.sqrt(np.mean((x - ref)**2)))
+  print(f'\n## trained digits model ({args.digits_workdir}, step {step}), B = {args.batch}\n')
+  print(f'reference: unipc 1000 steps (log-SNR); dpmpp_3m 1000 steps differs by RMS '
+        f'{rms(check):.1e} (data in [-1, 1])\n')
+  errs = {}
+  for m in OURS:
+    for nfe in NFES:
+      n = nfe
+      while n >= 1:
+        x0, used = ours(m, n)
+        if used <= nfe:
+          errs[f'ours {m}', nfe] = rms(x0)
+          break
+        n -= max(1, (used - nfe) // 2)
+  eps_fn = jax.jit(lambda x, t: model_fn(x, t))
+
+  def eps_y(y, rho):  # the model's eps at the noise level rho = sigma / alpha, y = x / alpha
+    t = float(process.t_from_log_snr(jnp.float32(-2.0 * np.log(rho))))
+    t = min(max(t, float(process.t_min)), float(process.t_max))
+    a = float(process.alpha(t))
+    x = jnp.asarray(y * a, jnp.float32)
+    return np.asarray(eps_fn(x, jnp.full((y.shape[0],), t, jnp.float32)), np.float64)
+
+  betas = diffusers_betas(process)
+  for name, (cls, variants) in diffusers_configs().items():
+    for nfe in NFES:
+      best = None
+      for variant, spacing in itertools.product(variants, SPACINGS):
+        steps = diffusers_steps(cls, nfe)
+        try:
+          sched = cls(num_train_timesteps=1000, trained_betas=betas.tolist(),
+                      **dict(variant, timestep_spacing=spacing))
+          sched.set_timesteps(steps)
+        except Exception:  # pylint: disable=broad-except  # a configuration it rejects
+          continue
+        # DiscreteVP: x_T is already at the variance-preserving scale.
+        x = torch.tensor(np.asarray(x_T), dtype=torch.float32) * float(sched.init_noise_sigma)
+        x0, calls = drive_scheduler(torch, sched, x, eps_y, sched.alphas_cumprod.double().numpy())
+        if calls <= nfe and np.all(np.isfinite(x0)):
+          e = rms(x0.reshape(ref.shape))
+          best = e if best is None else min(best, e)
+      if best is not None:
+        errs[f'diffusers {name}', nfe] = best
+  print('| | ' + ' | '.join(f'NFE {n}' for n in NFES) + ' |\n|' + '---|' * (len(NFES) + 1))
+  names = [f'ours {m}' for m in OURS] + [f'diffusers {n}' for n in diffusers_configs()]
+  for name in names:
+    print(f'| {name} | ' + ' | '.join(f'{errs[name, n]:.2e}' if (name, n) in errs else '-'
+                                      for n in NFES) + ' |')
+  print('\n| NFE | ours best | diffusers best (its best setting) | ratio |\n|---|---|---|---|')
+  for nfe in NFES:
+    o = min((v, k) for (k, n), v in errs.items() if n == nfe and k.startswith('ours'))
+    d = min((v, k) for (k, n), v in errs.items() if n == nfe and k.startswith('diffusers'))
+    print(f'| {nfe} | {o[0]:.2e} ({o[1][5:]}) | {d[0]:.2e} ({d[1][10:]}) | {o[0] / d[0]:.2f} |')
+  print(f'\n({time.time() - t0:.0f} s)', flush=True)
+
+
 def _mode(xs):
   vals, counts = np.unique(xs, return_counts=True)
   return str(vals[np.argmax(counts)])
@@ -711,7 +806,7 @@ def _mode(xs):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--phase', default='all', choices=('all', 'choose', 'report'))
+  parser.add_argument('--phase', default='all', choices=('all', 'choose', 'report', 'trained'))
   parser.add_argument('--batch', type=int, default=256)
   parser.add_argument('--per-process', type=int, default=6)
   parser.add_argument('--choice', default='/tmp/sampler_panel_choice.json')
@@ -721,6 +816,9 @@ def main():
   parser.add_argument('--methods', default=None,
                       help='choose: run only these (comma-separated), keeping the others\' '
                       'errors from --errors')
+  parser.add_argument('--digits-workdir', default='runs/digits',
+                      help="--phase=trained: the workdir of a configs/digits.py run (its EMA "
+                      "params); its samples' error against a 1000-step reference")
   parser.add_argument('--nfes', default=None,
                       help='choose: run only these NFEs (comma-separated), keeping the others\' '
                       'errors from --errors (default: every NFE of BAND_RUNS)')
@@ -741,6 +839,8 @@ def main():
   if args.phase in ('all', 'report'):
     for kind in args.panels.split(','):
       report(args, kind)
+  if args.phase == 'trained':
+    report_trained(args)
 
 
 if __name__ == '__main__':
