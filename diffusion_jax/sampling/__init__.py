@@ -91,10 +91,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffusion_jax import processes
-from diffusion_jax.sampling import core, defaults, grids
+from diffusion_jax.sampling import core, defaults, grids, karras
 from diffusion_jax.sampling.ddim import ddim, ddpm
 from diffusion_jax.sampling.dpm_solver import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m
 from diffusion_jax.sampling.guidance import classifier_free_guidance
@@ -237,10 +236,9 @@ def _heun_defaults(process, num_steps, t_start, shift, options, chosen):
       sched = core.make_schedule(process, num_steps, grid=chosen.get('grid') or
                                  DEFAULT_GRIDS['heun'], spacing=chosen.get('spacing'),
                                  t_start=t_start, shift=grids.check_shift(shift), method='heun')
-      rho = np.asarray(sched.rho, np.float64)
+      nfe = karras.heun_nfe(sched)
   except (ValueError, TypeError, jax.errors.ConcretizationTypeError):
     return chosen  # the method reports the bad argument itself
-  nfe = sched.num_steps + int(np.sum((rho[1:] * core.MAX_CORRECTED_RATIO >= rho[:-1])[:-1]))
   if defaults.band('heun', num_steps, nfe=nfe) == defaults.band('heun', num_steps):
     return chosen
   return defaults.with_defaults('heun', num_steps, options, nfe=nfe)

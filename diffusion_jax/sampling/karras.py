@@ -17,8 +17,23 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax.sampling import core
+
+
+def corrected_steps(rho):
+  """[n] whether ``heun``'s step i takes its corrector, from ``rho`` [n + 1] = sigma / alpha of
+  the schedule (``Schedule.rho``, ending at 0): steps that shrink the noise level by more than
+  ``core.MAX_CORRECTED_RATIO`` are Euler's (DDIM's), with one evaluation; the last (to the data)
+  never takes it. NumPy or JAX arrays."""
+  return rho[1:] * core.MAX_CORRECTED_RATIO >= rho[:-1]
+
+
+def heun_nfe(sched: core.Schedule) -> int:
+  """The model evaluations ``heun`` spends on a concrete schedule (no ``S_churn``): one per step
+  and one more per corrected step."""
+  return sched.num_steps + int(np.sum(np.asarray(corrected_steps(np.asarray(sched.rho)))[:-1]))
 
 
 def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order, grid, spacing,
@@ -52,7 +67,7 @@ def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order,
   # Heun's corrector only on steps that shrink the noise level by at most
   # core.MAX_CORRECTED_RATIO; longer steps are Euler's (DDIM's), with one evaluation (``heun``).
   with jax.ensure_compile_time_eval():
-    xs['correct'] = rho[1:] * core.MAX_CORRECTED_RATIO >= rho[:-1]
+    xs['correct'] = corrected_steps(rho)
     corrected = jnp.sum(xs['correct'][:-1])
   nfe = n + (corrected if isinstance(corrected, jax.core.Tracer) else int(corrected))
   if step_hook is not None:
