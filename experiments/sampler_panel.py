@@ -307,14 +307,14 @@ def candidates():
 
 def nfe_of(process, method, n, opts):
   """The model evaluations of ``method`` with ``num_steps=n`` (checked against info['nfe'])."""
-  from diffusion_jax.sampling import core  # pylint: disable=import-outside-toplevel
+  from diffusion_jax.sampling import core, karras  # pylint: disable=import-outside-toplevel
   if method not in ('heun', 'plms') or (method == 'plms' and opts.get('warm_start') == 'ab'):
     return n
   sched = core.make_schedule(process, n, grid=opts.get('grid'), spacing=opts.get('spacing'))
   rho = np.asarray(sched.rho, np.float64)
   n = sched.num_steps
   if method == 'heun':
-    return n + int(np.sum((rho[1:] * core.MAX_CORRECTED_RATIO >= rho[:-1])[:-1]))
+    return karras.heun_nfe(sched)
   if n == 1 or opts.get('order', 4) == 1 or not rho[0] / rho[1] <= core.MAX_CORRECTED_RATIO:
     return n
   return n + 1
@@ -332,16 +332,28 @@ def steps_for(process, method, nfe, opts):
   return best
 
 
+def fit_steps(run, nfe):
+  """``run(n) -> (result, NFE spent)`` at the most steps whose NFE is at most ``nfe`` (searched
+  down from ``nfe`` by half the overshoot: heun spends up to 2 n - 1), or None."""
+  n = nfe
+  while n >= 1:
+    out, used = run(n)
+    if used <= nfe:
+      return out, used
+    n -= max(1, (used - nfe) // 2)
+  return None
+
+
 def run_ours(b: Batch, method, nfe, opts):
   """(errors [O], nfe) of one run, or (None, message); ``opts`` None: the library's defaults."""
   if opts is None:  # the library's defaults: search num_steps by the returned NFE
-    n = nfe
-    while n >= 1:
+    def one(n):
       x0, info = _sample(b, method, n, {})
-      if int(info['nfe']) <= nfe:
-        return b.errors(x0), int(info['nfe'])
-      n = n - max(1, (int(info['nfe']) - nfe) // 2)
-    return None, 'no step count fits'
+      return x0, int(info['nfe'])
+    fitted = fit_steps(one, nfe)
+    if fitted is None:
+      return None, 'no step count fits'
+    return b.errors(fitted[0]), fitted[1]
   n = steps_for(b.process, method, nfe, opts)
   if n is None:
     return None, 'no step count fits'
@@ -704,6 +716,25 @@ def report(args, kind):
   return summary
 
 
+class _TrainedRows:
+  """A trained model's samples as ``run_diffusers`` / ``best_diffusers`` see a ``Batch``: rows
+  ``[B, D]`` of one 'oracle' whose error is the RMS to the reference ``ref`` (variance-preserving
+  processes only: x_T is already at the twin's scale)."""
+
+  def __init__(self, process, x_T, eps_y, ref):
+    alpha_T, sigma_T = float(process.alpha(process.t_max)), float(process.sigma(process.t_max))
+    self.process, self.oracles, self.shape, self.ref = process, [None], x_T.shape, ref
+    self.y_T = np.asarray(x_T, np.float64).reshape(x_T.shape[0], -1) / alpha_T
+    self.rho_T = sigma_T / alpha_T
+    self._eps_y = eps_y
+
+  def eps_y(self, y, rho):
+    return self._eps_y(y.reshape(self.shape), rho).reshape(y.shape)
+
+  def errors(self, x0):
+    return np.array([np.sqrt(np.mean((np.reshape(x0, self.shape) - self.ref)**2))])
+
+
 def report_trained(args):
   """The digits model of ``--digits-workdir`` (trained by configs/digits.py) against a 1000-step
   reference: ours with defaults and diffusers' schedulers, RMS over samples and pixels.
@@ -715,7 +746,6 @@ def report_trained(args):
   import importlib.util  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
   from diffusion_jax import preconditioning, sampling  # pylint: disable=import-outside-toplevel
   from diffusion_jax.training import builders  # pylint: disable=import-outside-toplevel
   t0 = time.time()
@@ -750,13 +780,9 @@ def report_trained(args):
   errs = {}
   for m in OURS:
     for nfe in NFES:
-      n = nfe
-      while n >= 1:
-        x0, used = ours(m, n)
-        if used <= nfe:
-          errs[f'ours {m}', nfe] = rms(x0)
-          break
-        n -= max(1, (used - nfe) // 2)
+      fitted = fit_steps(lambda n, m=m: ours(m, n), nfe)
+      if fitted is not None:
+        errs[f'ours {m}', nfe] = rms(fitted[0])
   eps_fn = jax.jit(lambda x, t: model_fn(x, t))
 
   def eps_y(y, rho):  # the model's eps at the noise level rho = sigma / alpha, y = x / alpha
@@ -766,26 +792,10 @@ def report_trained(args):
     x = jnp.asarray(y * a, jnp.float32)
     return np.asarray(eps_fn(x, jnp.full((y.shape[0],), t, jnp.float32)), np.float64)
 
-  betas = diffusers_betas(process)
-  for name, (cls, variants) in diffusers_configs().items():
-    for nfe in NFES:
-      best = None
-      for variant, spacing in itertools.product(variants, SPACINGS):
-        steps = diffusers_steps(cls, nfe)
-        try:
-          sched = cls(num_train_timesteps=1000, trained_betas=betas.tolist(),
-                      **dict(variant, timestep_spacing=spacing))
-          sched.set_timesteps(steps)
-        except Exception:  # pylint: disable=broad-except  # a configuration it rejects
-          continue
-        # DiscreteVP: x_T is already at the variance-preserving scale.
-        x = torch.tensor(np.asarray(x_T), dtype=torch.float32) * float(sched.init_noise_sigma)
-        x0, calls = drive_scheduler(torch, sched, x, eps_y, sched.alphas_cumprod.double().numpy())
-        if calls <= nfe and np.all(np.isfinite(x0)):
-          e = rms(x0.reshape(ref.shape))
-          best = e if best is None else min(best, e)
-      if best is not None:
-        errs[f'diffusers {name}', nfe] = best
+  rows = _TrainedRows(process, x_T, eps_y, ref)
+  for nfe in NFES:
+    for name, (e, _, _) in best_diffusers(rows, nfe).items():
+      errs[f'diffusers {name}', nfe] = float(e[0])
   print('| | ' + ' | '.join(f'NFE {n}' for n in NFES) + ' |\n|' + '---|' * (len(NFES) + 1))
   names = [f'ours {m}' for m in OURS] + [f'diffusers {n}' for n in diffusers_configs()]
   for name in names:
