@@ -3,6 +3,7 @@
     python experiments/sampler_panel.py                    # choose, then report (~15 min, 2 CPUs)
     python experiments/sampler_panel.py --phase=choose     # writes the choice (JSON, --choice)
     python experiments/sampler_panel.py --phase=report     # held-out + target tables, defaults only
+    python experiments/sampler_panel.py --phase=trained --digits-workdir=runs/digits  # a digits model
 
 Issue 22. Every oracle is a Gaussian mixture with diagonal component covariances (dimension 2-64,
 component std 0.03-1, mean spread 0.5-3, zero or non-zero mean) under a process: the discrete
@@ -18,6 +19,9 @@ down to 1e-7 and finished with Tweedie's formula), so it is pure discretization 
   tests/test_sampling.py), so it takes DDIM's choice. The cosine grid (``grids.cosine``) is tried
   in 9 shapes, registered as 'cosine@center,width'; ``--cosine-shapes`` limits the ones the choice
   may take (the library's grid='cosine' is the shape -0.5,2, and the choice names it so).
+  ``--choose-digits-workdir``: a trained digits model joins the choosing panel as one more entry
+  (``choose_trained``: against a 1000-step reference, on each method's ``--trained-shortlist``
+  best option sets per band on the oracles, since every option set compiles the U-Net sampler).
 - ``report``: on the HELD-OUT panel (other seeds, other mixtures, two more schedules) and on the
   TARGET mixtures (issue 22's 8-D example and others, outside both panels): each method with
   ``sampling.sample(method=..., num_steps=...)`` and nothing else (the library's defaults), and
@@ -550,6 +554,14 @@ def choose(args):
     for pname, out in pool.map(_choose_process, jobs):
       raw.setdefault(pname, {}).update(out)
       print(f'# {pname} done at {time.time() - t0:.0f} s', flush=True)
+  return _select_with_trained(raw, args)
+
+
+def _select_with_trained(raw, args):
+  """The choice from ``raw``, with the digits model of ``--choose-digits-workdir`` added first
+  (unless ``raw`` has it); writes the raw errors to ``--errors``."""
+  if args.choose_digits_workdir and 'trained/digits' not in raw:
+    raw = choose_trained(raw, args)
   if args.errors:
     with open(args.errors, 'w') as f:
       json.dump(raw, f)
@@ -559,15 +571,27 @@ def choose(args):
 TIE = 1.1
 
 
-def select(raw, args):
-  """The choice from the raw errors ``{process: {'method|index|nfe': [errors]}}``."""
+def _pool(raw, args):
+  """``{(method, index, band NFE): (errors, best, DDIM at the NFE spent)}``: each candidate's
+  errors at the band's NFEs that were run, over every process's oracles (a process, such as the
+  trained model, that ran only some candidates counts the others as inf), per entry the best of
+  all candidates, and DDIM's error at the NFE the run spent where that is below the entry's NFE
+  and was measured (``raw['<process>:ddim']``, the digits model), NaN elsewhere."""
   cands = candidates()
-  errs = {}
-  for pname in sorted(raw):
-    for key, v in raw[pname].items():
+  procs = sorted(p for p in raw if not p.endswith(':ddim'))
+  keys = sorted({k for p in procs for k in raw[p]})
+  errs, spent_ddim = {}, {}
+  for pname in procs:
+    size = len(next(iter(raw[pname].values())))
+    meta = raw.get(pname + ':ddim', {})
+    for key in keys:
       method, i, nfe = key.split('|')
-      errs.setdefault((method, int(i), int(nfe)), []).append(np.asarray(v, np.float64))
+      k = (method, int(i), int(nfe))
+      errs.setdefault(k, []).append(np.asarray(raw[pname].get(key, [float('inf')] * size),
+                                               np.float64))
+      spent_ddim.setdefault(k, []).append(np.full(size, meta.get(key, np.nan), np.float64))
   errs = {k: np.concatenate(v) for k, v in errs.items()}
+  spent_ddim = {k: np.concatenate(v) for k, v in spent_ddim.items()}
   for (m, i, nfe), v in errs.items():
     if not _shape_allowed(cands[m][i], getattr(args, 'cosine_shapes', None)):
       errs[m, i, nfe] = np.full_like(v, np.inf)  # only the allowed cosine shapes may be chosen
@@ -577,8 +601,7 @@ def select(raw, args):
     if nfe in BAND_RUNS[NFES[-1]] and (cands[m][i].get('lower_order_final')
                                        or cands[m][i].get('reference_third_order')):
       errs[m, i, nfe] = np.full_like(v, np.inf)
-  # Per band, the errors at its NFEs that were run, concatenated; the best of all candidates and
-  # DDIM's ratio at the same NFE.
+  # Per band, the errors at its NFEs that were run, concatenated; the best of all candidates.
   ran = sorted({k[2] for k in errs})
   pooled = {}
   for nfe, runs in BAND_RUNS.items():
@@ -587,30 +610,62 @@ def select(raw, args):
               for r in runs}
     for (m, i, r), v in errs.items():
       if r in runs:
-        pooled.setdefault((m, i, nfe), [[], []])
+        pooled.setdefault((m, i, nfe), [[], [], []])
         pooled[m, i, nfe][0].append(v)
         pooled[m, i, nfe][1].append(best_r[r])
-  pooled = {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in pooled.items()}
+        pooled[m, i, nfe][2].append(spent_ddim[m, i, r])
   print(f'choice on the NFEs {", ".join(f"{n}: {[r for r in runs if r in ran]}" for n, runs in BAND_RUNS.items())}')
-  choice, table = {}, []
+  return {k: tuple(np.concatenate(a) for a in v) for k, v in pooled.items()}
+
+
+def _ranking(pooled):
+  """``{band NFE: {method: [option index, ...]}}``, the choice first.
+
+  Per (method, band): the option sets within 2x DDIM's chosen defaults at the same NFE on every
+  entry (at the NFE the run spent where that was measured: ``_pool``) come first, by their worst-case ratio to the best candidate of all methods (worst cases
+  within ``TIE`` of the smallest tied, the tie going to the best geometric mean); then the others
+  by their worst ratio to DDIM. Also returns ``{band NFE: (errors {(method, i): [E]}, best [E],
+  to_ddim(method, i): the worst ratio to DDIM)}``.
+  """
+  cands = candidates()
+  out, arrays = {}, {}
   for nfe in NFES:
     errs_b = {(m, i): v[0] for (m, i, n), v in pooled.items() if n == nfe}
+    spent = {(m, i): v[2] for (m, i, n), v in pooled.items() if n == nfe}
     best = next(v[1] for (m, i, n), v in pooled.items() if n == nfe)
     worst = lambda m, i, ref: float(np.max(errs_b[m, i] / ref))
     n_ddim = len(cands['ddim'])
     i_ddim = min(range(n_ddim), key=lambda i: worst('ddim', i, best))
     ddim = errs_b['ddim', i_ddim]
+
+    def to_ddim(m, i, errs_b=errs_b, spent=spent, ddim=ddim):
+      return float(np.max(errs_b[m, i] / np.where(np.isnan(spent[m, i]), ddim, spent[m, i])))
+
+    arrays[nfe] = (errs_b, best, to_ddim)
     for method, opts_list in cands.items():
-      scored = sorted((worst(method, i, ddim) > 2.0, worst(method, i, best)
-                       if worst(method, i, ddim) <= 2.0 else worst(method, i, ddim), i)
+      scored = sorted((to_ddim(method, i) > 2.0, worst(method, i, best)
+                       if to_ddim(method, i) <= 2.0 else to_ddim(method, i), i)
                       for i in range(len(opts_list)))
       # Worst cases within TIE of the smallest are a tie (DDIM at 50 NFE: 2449.7 / 2451.1 /
       # 2466.6, set by one oracle); the tie goes to the best geometric mean.
-      tied = [i for flag, w, i in scored if flag == scored[0][0] and w <= TIE * scored[0][1]]
-      i = min(tied, key=lambda i: _gmean(errs_b[method, i] / best))
+      tied = sorted((i for flag, w, i in scored if flag == scored[0][0] and w <= TIE * scored[0][1]),
+                    key=lambda i: _gmean(errs_b[method, i] / best))
+      out.setdefault(nfe, {})[method] = tied + [i for _, _, i in scored if i not in tied]
+  return out, arrays
+
+
+def select(raw, args):
+  """The choice from the raw errors ``{process: {'method|index|nfe': [errors]}}``."""
+  cands = candidates()
+  ranking, arrays = _ranking(_pool(raw, args))
+  choice, table = {}, []
+  for nfe in NFES:
+    errs_b, best, to_ddim = arrays[nfe]
+    for method, opts_list in cands.items():
+      i = ranking[nfe][method][0]
       choice.setdefault(method, {})[str(nfe)] = _library_name(opts_list[i])
-      table.append((method, nfe, opts_list[i], worst(method, i, best),
-                    _gmean(errs_b[method, i] / best), worst(method, i, ddim)))
+      table.append((method, nfe, opts_list[i], float(np.max(errs_b[method, i] / best)),
+                    _gmean(errs_b[method, i] / best), to_ddim(method, i)))
   choice['euler'] = choice['ddim']  # the same update when deterministic
   print('\n## choice (choosing panel: worst / geometric-mean ratio to the best candidate of '
         'all methods, per oracle; worst ratio to DDIM\'s choice)\n')
@@ -735,6 +790,100 @@ class _TrainedRows:
     return np.array([np.sqrt(np.mean((np.reshape(x0, self.shape) - self.ref)**2))])
 
 
+class Digits:
+  """The digits model of a ``configs/digits.py`` workdir (its EMA params) and ``batch`` samples
+  from a fixed x_T, with its 1000-step reference: UniPC-3 on the log-SNR grid.
+
+  ``run(method, n, **opts) -> (x0 [B, ...] float64, NFE)``: ours; ``error(x0)``: RMS over samples
+  and pixels to the reference; ``check``: DPM-Solver++(3M) with 1000 steps on the same grid, the
+  reference's accuracy.
+  """
+
+  def __init__(self, workdir, batch, seed=300):
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    import jax  # pylint: disable=import-outside-toplevel
+    from diffusion_jax import preconditioning  # pylint: disable=import-outside-toplevel
+    from diffusion_jax.training import builders  # pylint: disable=import-outside-toplevel
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location('digits_config',
+                                                  os.path.join(root, 'configs', 'digits.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    st, params, self.step = builders.restore_ema_params(config, workdir)
+    st.checkpointer.close()
+    self.workdir, self.process = workdir, st.process
+    self.model_fn = preconditioning.make_model_fn(
+        st.network_fn, params, self.process, parameterization=config.model.parameterization,
+        noise_input_kind=config.model.noise_input)
+    self.prediction = preconditioning.prediction_type(config.model.parameterization)
+    self.x_T = self.process.prior_sample(jax.random.PRNGKey(seed),
+                                         (batch,) + tuple(st.element_shape))
+    self.ref, _ = self.run('unipc', 1000, grid='logsnr', order=3)
+    self.check = self.error(self.run('dpmpp_3m', 1000, grid='logsnr')[0])
+
+  def run(self, method, n, **opts):
+    import jax  # pylint: disable=import-outside-toplevel
+    from diffusion_jax import sampling  # pylint: disable=import-outside-toplevel
+    fn = jax.jit(lambda x: sampling.sample(self.model_fn, self.process, method=method,
+                                           num_steps=n, x_T=x, prediction=self.prediction,
+                                           return_info=True, **opts))
+    x0, info = fn(self.x_T)
+    return np.asarray(x0, np.float64), int(info['nfe'])
+
+  def error(self, x0):
+    return float(np.sqrt(np.mean((x0 - self.ref)**2)))
+
+
+def choose_trained(raw, args):
+  """Adds the digits model of ``--choose-digits-workdir`` to the choosing panel's raw errors.
+
+  Each option set compiles the U-Net sampler anew (about 10 s), so the model runs only the
+  ``--trained-shortlist`` best option sets per (method, band) on the oracles (``_ranking``), at
+  the band's NFEs; the others count as inf there, so the choice is made among the shortlist with
+  the model as one more entry of the worst case. A run that spends fewer NFE than its entry's
+  (heun's guard takes Euler steps where the grid is coarse) is held to 2x DDIM's error at the NFE
+  it spent, as tests/test_sampler_defaults.py holds it: DDIM with its top option set of that
+  band is run there too (``raw['trained/digits:ddim']``).
+  """
+  from diffusion_jax.sampling import defaults  # pylint: disable=import-outside-toplevel
+  t0 = time.time()
+  register_cosine_shapes()
+  cands = candidates()
+  ranking, _ = _ranking(_pool(raw, args))
+  digits = Digits(args.choose_digits_workdir, args.digits_batch)
+  print(f'# digits model {args.choose_digits_workdir} (step {digits.step}), B = '
+        f'{args.digits_batch}: reference ready at {time.time() - t0:.0f} s (3M check RMS '
+        f'{digits.check:.1e})', flush=True)
+  out, spent_ddim, ddim_at = {}, {}, {}
+  for nfe, per_method in ranking.items():
+    for method, order in per_method.items():
+      for i in order[:args.trained_shortlist]:
+        for r in BAND_RUNS[nfe]:
+          key = f'{method}|{i}|{r}'
+          if key in out or not any(key in v for v in raw.values()):
+            continue  # run already, or not run on the oracles either
+          n = steps_for(digits.process, method, r, cands[method][i])
+          if n is None:
+            out[key] = [float('inf')]
+            continue
+          x0, used = digits.run(method, n, **cands[method][i])
+          assert used == nfe_of(digits.process, method, n, cands[method][i]), (method, n, used)
+          if used < r:
+            if used not in ddim_at:
+              i_ddim = ranking[NFES[defaults.band('ddim', used)]]['ddim'][0]
+              ddim_at[used] = digits.error(digits.run('ddim', used, **cands['ddim'][i_ddim])[0])
+            spent_ddim[key] = ddim_at[used]
+          e = digits.error(x0)
+          out[key] = [e if np.isfinite(e) else float('inf')]
+          if len(out) % 20 == 0:
+            print(f'# digits model: {len(out)} runs at {time.time() - t0:.0f} s', flush=True)
+  print(f'# digits model: {len(out)} runs done at {time.time() - t0:.0f} s', flush=True)
+  raw = dict(raw)
+  raw['trained/digits'], raw['trained/digits:ddim'] = out, spent_ddim
+  return raw
+
+
 def report_trained(args):
   """The digits model of ``--digits-workdir`` (trained by configs/digits.py) against a 1000-step
   reference: ours with defaults and diffusers' schedulers, RMS over samples and pixels.
@@ -743,46 +892,21 @@ def report_trained(args):
   steps on the same grid is printed beside it as a check of its accuracy. diffusers' schedulers
   evaluate the model at the time whose noise level is theirs (``t_from_log_snr``).
   """
-  import importlib.util  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from diffusion_jax import preconditioning, sampling  # pylint: disable=import-outside-toplevel
-  from diffusion_jax.training import builders  # pylint: disable=import-outside-toplevel
   t0 = time.time()
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location('digits_config',
-                                                os.path.join(root, 'configs', 'digits.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  st, params, step = builders.restore_ema_params(config, args.digits_workdir)
-  st.checkpointer.close()
-  process = st.process
-  model_fn = preconditioning.make_model_fn(
-      st.network_fn, params, process, parameterization=config.model.parameterization,
-      noise_input_kind=config.model.noise_input)
-  prediction = preconditioning.prediction_type(config.model.parameterization)
-  shape = (args.batch,) + tuple(st.element_shape)
-  x_T = process.prior_sample(jax.random.PRNGKey(300), shape)
-
-  def ours(method, n, **opts):
-    fn = jax.jit(lambda x: sampling.sample(model_fn, process, method=method, num_steps=n, x_T=x,
-                                           prediction=prediction, return_info=True, **opts))
-    x0, info = fn(x_T)
-    return np.asarray(x0, np.float64), int(info['nfe'])
-
-  ref, _ = ours('unipc', 1000, grid='logsnr', order=3)
-  check, _ = ours('dpmpp_3m', 1000, grid='logsnr')
-  rms = lambda x: float(np.sqrt(np.mean((x - ref)**2)))
-  print(f'\n## trained digits model ({args.digits_workdir}, step {step}), B = {args.batch}\n')
+  digits = Digits(args.digits_workdir, args.digits_batch)
+  process, model_fn = digits.process, digits.model_fn
+  print(f'\n## trained digits model ({args.digits_workdir}, step {digits.step}), '
+        f'B = {args.digits_batch}\n')
   print(f'reference: unipc 1000 steps (log-SNR); dpmpp_3m 1000 steps differs by RMS '
-        f'{rms(check):.1e} (data in [-1, 1])\n')
+        f'{digits.check:.1e} (data in [-1, 1])\n')
   errs = {}
   for m in OURS:
     for nfe in NFES:
-      fitted = fit_steps(lambda n, m=m: ours(m, n), nfe)
+      fitted = fit_steps(lambda n, m=m: digits.run(m, n), nfe)
       if fitted is not None:
-        errs[f'ours {m}', nfe] = rms(fitted[0])
+        errs[f'ours {m}', nfe] = digits.error(fitted[0])
   eps_fn = jax.jit(lambda x, t: model_fn(x, t))
 
   def eps_y(y, rho):  # the model's eps at the noise level rho = sigma / alpha, y = x / alpha
@@ -792,7 +916,7 @@ def report_trained(args):
     x = jnp.asarray(y * a, jnp.float32)
     return np.asarray(eps_fn(x, jnp.full((y.shape[0],), t, jnp.float32)), np.float64)
 
-  rows = _TrainedRows(process, x_T, eps_y, ref)
+  rows = _TrainedRows(process, digits.x_T, eps_y, digits.ref)
   for nfe in NFES:
     for name, (e, _, _) in best_diffusers(rows, nfe).items():
       errs[f'diffusers {name}', nfe] = float(e[0])
@@ -829,6 +953,15 @@ def main():
   parser.add_argument('--digits-workdir', default='runs/digits',
                       help="--phase=trained: the workdir of a configs/digits.py run (its EMA "
                       "params); its samples' error against a 1000-step reference")
+  parser.add_argument('--digits-batch', type=int, default=128,
+                      help='samples of the digits model (--phase=trained, '
+                      '--choose-digits-workdir)')
+  parser.add_argument('--choose-digits-workdir', default=None,
+                      help='choose: add this digits model (configs/digits.py workdir) to the '
+                      'choosing panel, run on the --trained-shortlist best option sets per '
+                      'method and band (default: oracles only)')
+  parser.add_argument('--trained-shortlist', type=int, default=3,
+                      help='choose: option sets per (method, band) the digits model runs')
   parser.add_argument('--nfes', default=None,
                       help='choose: run only these NFEs (comma-separated), keeping the others\' '
                       'errors from --errors (default: every NFE of BAND_RUNS)')
@@ -836,14 +969,16 @@ def main():
                       help="the shapes 'center,width' of the cosine grid the choice may take, "
                       "';'-separated (default: every shape tried)")
   parser.add_argument('--select-from', default=None,
-                      help='make the choice from raw errors written by --errors, no runs')
+                      help='make the choice from raw errors written by --errors, no runs on '
+                      'the oracles (the digits model of --choose-digits-workdir still runs '
+                      'unless they have it)')
   args = parser.parse_args()
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update('jax_enable_x64', False)
   if args.select_from:
     with open(args.select_from) as f:
-      select(json.load(f), args)
+      _select_with_trained(json.load(f), args)
   elif args.phase in ('all', 'choose'):
     choose(args)
   if args.phase in ('all', 'report'):
