@@ -614,7 +614,6 @@ def _pool(raw, args):
         pooled[m, i, nfe][0].append(v)
         pooled[m, i, nfe][1].append(best_r[r])
         pooled[m, i, nfe][2].append(spent_ddim[m, i, r])
-  print(f'choice on the NFEs {", ".join(f"{n}: {[r for r in runs if r in ran]}" for n, runs in BAND_RUNS.items())}')
   return {k: tuple(np.concatenate(a) for a in v) for k, v in pooled.items()}
 
 
@@ -622,9 +621,10 @@ def _ranking(pooled):
   """``{band NFE: {method: [option index, ...]}}``, the choice first.
 
   Per (method, band): the option sets within 2x DDIM's chosen defaults at the same NFE on every
-  entry (at the NFE the run spent where that was measured: ``_pool``) come first, by their worst-case ratio to the best candidate of all methods (worst cases
-  within ``TIE`` of the smallest tied, the tie going to the best geometric mean); then the others
-  by their worst ratio to DDIM. Also returns ``{band NFE: (errors {(method, i): [E]}, best [E],
+  entry (at the NFE the run spent where that was measured: ``_pool``) come first, by their
+  worst-case ratio to the best candidate of all methods (worst cases within ``TIE`` of the
+  smallest tied, the tie going to the best geometric mean); then the others by their worst ratio
+  to DDIM. Also returns ``{band NFE: (errors {(method, i): [E]}, best [E],
   to_ddim(method, i): the worst ratio to DDIM)}``.
   """
   cands = candidates()
@@ -657,6 +657,9 @@ def _ranking(pooled):
 def select(raw, args):
   """The choice from the raw errors ``{process: {'method|index|nfe': [errors]}}``."""
   cands = candidates()
+  ran = sorted({int(k.split('|')[2]) for out in raw.values() for k in out})
+  print('choice on the NFEs ' + ', '.join(f'{n}: {[r for r in runs if r in ran]}'
+                                          for n, runs in BAND_RUNS.items()))
   ranking, arrays = _ranking(_pool(raw, args))
   choice, table = {}, []
   for nfe in NFES:
@@ -838,7 +841,7 @@ class Digits:
 def choose_trained(raw, args):
   """Adds the digits model of ``--choose-digits-workdir`` to the choosing panel's raw errors.
 
-  Each option set compiles the U-Net sampler anew (about 10 s), so the model runs only the
+  Each option set compiles the U-Net sampler anew (~3 s here), so the model runs only the
   ``--trained-shortlist`` best option sets per (method, band) on the oracles (``_ranking``), at
   the band's NFEs; the others count as inf there, so the choice is made among the shortlist with
   the model as one more entry of the worst case. A run that spends fewer NFE than its entry's
