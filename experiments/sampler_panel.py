@@ -508,7 +508,7 @@ def _gmean(v):
 
 def _choose_process(job):
   """Worker: every candidate at every NFE on one process's choosing oracles."""
-  pname, per_process, batch, methods, nfes, shapes = job
+  pname, per_process, batch, methods, nfes, shapes, done = job
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   register_cosine_shapes()
   cands = candidates()
@@ -517,6 +517,8 @@ def _choose_process(job):
   for method in methods:
     for i, opts in enumerate(cands[method]):
       for nfe in nfes:
+        if f'{method}|{i}|{nfe}' in done:  # run before (--missing-only)
+          continue
         if not _shape_allowed(opts, shapes):
           out[f'{method}|{i}|{nfe}'] = [float('inf')] * len(b.oracles)
           continue
@@ -542,8 +544,12 @@ def choose(args):
   methods = tuple(args.methods.split(',')) if args.methods else tuple(cands)
   nfes = (tuple(int(n) for n in args.nfes.split(',')) if args.nfes
           else tuple(n for runs in BAND_RUNS.values() for n in runs))
-  jobs = [(p, args.per_process, args.batch, methods, nfes, args.cosine_shapes) for p in names]
   raw = {}
+  if args.missing_only:  # only the candidates the earlier errors lack (new option sets)
+    with open(args.missing_only) as f:
+      raw = json.load(f)
+  jobs = [(p, args.per_process, args.batch, methods, nfes, args.cosine_shapes,
+           set(raw.get(p, {}))) for p in names]
   if (args.methods or args.nfes) and args.errors and os.path.exists(args.errors):
     with open(args.errors) as f:  # the other runs' errors from an earlier run
       raw = {p: {k: v for k, v in out.items()
@@ -579,7 +585,9 @@ def _pool(raw, args):
   and was measured (``raw['<process>:ddim']``, the digits model), NaN elsewhere."""
   cands = candidates()
   procs = sorted(p for p in raw if not p.endswith(':ddim'))
-  keys = sorted({k for p in procs for k in raw[p]})
+  ran = sorted({int(k.split('|')[2]) for p in procs for k in raw[p]})
+  # Every candidate at every NFE run: those an older file lacks count as inf.
+  keys = [f'{m}|{i}|{n}' for m, opts in cands.items() for i in range(len(opts)) for n in ran]
   errs, spent_ddim = {}, {}
   for pname in procs:
     size = len(next(iter(raw[pname].values())))
@@ -620,7 +628,8 @@ def _pool(raw, args):
 def _ranking(pooled):
   """``{band NFE: {method: [option index, ...]}}``, the choice first.
 
-  Per (method, band): the option sets within 2x DDIM's chosen defaults at the same NFE on every
+  Per band DDIM's choice is made first, by the same rule without the 2x bound; then per (method,
+  band) the option sets within 2x that choice's errors at the same NFE on every
   entry (at the NFE the run spent where that was measured: ``_pool``) come first, by their
   worst-case ratio to the best candidate of all methods (worst cases within ``TIE`` of the
   smallest tied, the tie going to the best geometric mean); then the others by their worst ratio
@@ -634,8 +643,12 @@ def _ranking(pooled):
     spent = {(m, i): v[2] for (m, i, n), v in pooled.items() if n == nfe}
     best = next(v[1] for (m, i, n), v in pooled.items() if n == nfe)
     worst = lambda m, i, ref: float(np.max(errs_b[m, i] / ref))
-    n_ddim = len(cands['ddim'])
-    i_ddim = min(range(n_ddim), key=lambda i: worst('ddim', i, best))
+    # DDIM's own choice first (the smallest worst case, ties to the best geometric mean): the
+    # reference of every other method's 2x rule, as in tests/test_sampler_defaults.py.
+    gmean = lambda m, i: _gmean(errs_b[m, i] / best)
+    i_ddim = _tie_order(sorted((False, worst('ddim', i, best), i)
+                               for i in range(len(cands['ddim']))),
+                        lambda i: gmean('ddim', i))[0]
     ddim = errs_b['ddim', i_ddim]
 
     def to_ddim(m, i, errs_b=errs_b, spent=spent, ddim=ddim):
@@ -643,15 +656,20 @@ def _ranking(pooled):
 
     arrays[nfe] = (errs_b, best, to_ddim)
     for method, opts_list in cands.items():
-      scored = sorted((to_ddim(method, i) > 2.0, worst(method, i, best)
-                       if to_ddim(method, i) <= 2.0 else to_ddim(method, i), i)
+      over = lambda i, m=method: m != 'ddim' and to_ddim(m, i) > 2.0
+      scored = sorted((over(i), to_ddim(method, i) if over(i) else worst(method, i, best), i)
                       for i in range(len(opts_list)))
-      # Worst cases within TIE of the smallest are a tie (DDIM at 50 NFE: 2449.7 / 2451.1 /
-      # 2466.6, set by one oracle); the tie goes to the best geometric mean.
-      tied = sorted((i for flag, w, i in scored if flag == scored[0][0] and w <= TIE * scored[0][1]),
-                    key=lambda i: _gmean(errs_b[method, i] / best))
-      out.setdefault(nfe, {})[method] = tied + [i for _, _, i in scored if i not in tied]
+      out.setdefault(nfe, {})[method] = _tie_order(scored, lambda i, m=method: gmean(m, i))
   return out, arrays
+
+
+def _tie_order(scored, gmean):
+  """The option indices of ``scored`` (sorted ``(over 2x DDIM, worst ratio, index)``) with the
+  worst cases within ``TIE`` of the first one's tied (DDIM at 50 NFE: 2449.7 / 2451.1 / 2466.6,
+  set by one oracle), the tie going to the best geometric mean ``gmean(index)``."""
+  tied = sorted((i for flag, w, i in scored if flag == scored[0][0] and w <= TIE * scored[0][1]),
+                key=gmean)
+  return tied + [i for _, _, i in scored if i not in tied]
 
 
 def select(raw, args):
@@ -971,6 +989,9 @@ def main():
   parser.add_argument('--cosine-shapes', default=None,
                       help="the shapes 'center,width' of the cosine grid the choice may take, "
                       "';'-separated (default: every shape tried)")
+  parser.add_argument('--missing-only', default=None,
+                      help='choose: start from the raw errors in this file (--errors) and run '
+                      'only the candidates it lacks, such as option sets added since')
   parser.add_argument('--select-from', default=None,
                       help='make the choice from raw errors written by --errors, no runs on '
                       'the oracles (the digits model of --choose-digits-workdir still runs '
