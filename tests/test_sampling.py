@@ -132,6 +132,35 @@ def test_cosine_grid():
     grids.cosine(ve, 5, width=0.0)
 
 
+def test_optimized_grid(monkeypatch):
+  """grids.optimized: the cosine grid's lambda plus the offset table at the interior points
+  (exactly at n - 1 = len(table) trailing steps, interpolated in the position otherwise), the
+  ends and t_start those of the cosine grid; zero offsets give the cosine grid; offsets that
+  would reorder the times leave them MIN_LOG_SNR_STEP apart."""
+  ve = sde.VESDE()
+  lam_of = lambda t: -np.log(ve.sigma_min * (ve.sigma_max / ve.sigma_min)**np.asarray(t, np.float64))
+  table = np.asarray(grids.OPTIMIZED_OFFSETS)
+  for n in (len(table) + 1, 5, 17):
+    opt = grids.optimized(ve, n, spacing='trailing')
+    cos = grids.cosine(ve, n, spacing='trailing')
+    assert opt[0] == cos[0] == ve.t_max and np.all(np.diff(np.asarray(opt)) < 0)
+    want = np.interp(np.linspace(0, 1, n - 1), np.linspace(0, 1, len(table)), table)
+    np.testing.assert_allclose(lam_of(opt[1:]) - lam_of(cos[1:]), want, atol=3e-4)
+  np.testing.assert_array_equal(grids.make_grid(ve, 7, 'optimized', spacing='trailing'),
+                                grids.optimized(ve, 7, spacing='trailing'))
+  linspace = np.asarray(grids.optimized(ve, 6))
+  assert linspace[-1] == pytest.approx(ve.t_min) and linspace[0] == ve.t_max
+  t = grids.optimized(ve, 6, t_start=0.5)
+  assert t[0] == np.float32(0.5) and np.all(np.diff(np.asarray(t)) < 0)
+  monkeypatch.setattr(grids, 'OPTIMIZED_OFFSETS', (0.0,) * 9)
+  for process in (ve, processes.DiscreteVP.linear()):
+    np.testing.assert_allclose(grids.optimized(process, 10, spacing='trailing'),
+                               grids.cosine(process, 10, spacing='trailing'), rtol=1e-6)
+  monkeypatch.setattr(grids, 'OPTIMIZED_OFFSETS', (-30.0, 30.0))  # past both ends
+  lam = lam_of(grids.optimized(ve, 4, spacing='linspace'))
+  np.testing.assert_allclose(np.diff(lam)[[0, 2]], [grids.MIN_LOG_SNR_STEP] * 2, rtol=1e-2)
+
+
 def test_trailing_spacing_of_the_nonuniform_grids():
   """'trailing' lays out n + 1 times as 'linspace' would and keeps the first n: the last
   evaluation is no longer at t_min, and at 5 NFE the oracle error drops (measured 0.275 -> 0.155

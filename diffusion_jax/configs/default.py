@@ -172,7 +172,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.num_samples = 1000  # --mode=sample: number of samples written to the .npz.
   sampling.batch_size = 500  # samples per sampler call.
   sampling.guidance_scale = 1.0  # classifier-free guidance scale (1 = plain conditional).
-  sampling.grid = ''  # time grid: '' (the method's default) | 'uniform' | 'logsnr' | 'karras' | 'quadratic' | 'cosine'.
+  sampling.grid = ''  # time grid: '' (the method's default) | 'uniform' | 'logsnr' | 'karras' | 'quadratic' | 'cosine' | 'optimized'.
   sampling.spacing = ''  # grid ends: '' (the grid's default) | 'trailing' (last step to data as long as the others; best at <= 10 steps) | 'linspace' | 'leading' (uniform only).
   sampling.shift = 1.0  # time shift of every grid, t' = shift t / (1 + (shift - 1) t) on [t_min, t_max] rescaled to [0, 1] (SD3: 3.0; 1 = none).
   sampling.eta = 0.0  # ddim: stochasticity (0 = deterministic DDIM, 1 = DDPM-like).

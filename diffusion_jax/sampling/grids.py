@@ -23,8 +23,11 @@ Grids (``GRIDS`` maps the names to the functions):
 - ``'cosine'``: uniform in the time of a cosine schedule (Nichol & Dhariwal 2021) with its
   log-SNR shifted and widened (``cosine``), mapped to the process's times through log-SNR: steps
   densest around a fixed noise level whatever the process's own time parametrization.
+- ``'optimized'``: the cosine grid with a table of log-SNR offsets fitted for few steps on the
+  oracle panel that chooses the sampler defaults (``optimized``; in the spirit of Align Your
+  Steps, Sabour et al. 2024).
 
-``spacing`` for the last four: ``'linspace'`` (their default) runs the n times from ``t_max`` to
+``spacing`` for the others: ``'linspace'`` (their default) runs the n times from ``t_max`` to
 ``t_min`` inclusive, so the last model evaluation is at ``t_min``, where the final step to the data
 is tiny; ``'trailing'`` lays out n + 1 times the same way and evaluates the first n, so the final
 step to the data is as long as its neighbours, as uniform 'trailing' does. With few steps that
@@ -247,9 +250,69 @@ def cosine(process, num_steps: int, *, spacing: Spacing | None = None,
   t_hi = _t_hi(process, t_start)
   lam_lo = 0.5 * float(process.log_snr(jnp.float32(t_hi)))
   lam_hi = 0.5 * float(process.log_snr(jnp.float32(process.t_min)))
+  lam = _cosine_log_snr(lam_lo, lam_hi, m, center, width)
+  return _times_from_log_snr(process, jnp.asarray(2.0 * lam, jnp.float32), n, t_hi)
+
+
+def _cosine_log_snr(lam_lo: float, lam_hi: float, m: int, center: float,
+                    width: float) -> np.ndarray:
+  """``m`` values of lambda = log(alpha / sigma) from ``lam_lo`` to ``lam_hi``, uniform in the
+  shifted, widened cosine schedule's time (``cosine``), float64."""
   gd = lambda x: 2.0 * np.arctan(np.tanh(x / 2.0))
   y = np.linspace(gd((lam_lo - center) / width), gd((lam_hi - center) / width), m)
-  lam = center + width * 2.0 * np.arctanh(np.tan(y / 2.0))
+  return center + width * 2.0 * np.arctanh(np.tan(y / 2.0))
+
+
+# grid='optimized': offsets in lambda = log(alpha / sigma) added to the interior times of the
+# cosine grid (COSINE_CENTER, COSINE_WIDTH, 'trailing'), from the step after x_T's to the last
+# model evaluation, at evenly spaced positions; other step counts interpolate them linearly in
+# the position. Fitted by Nelder-Mead for UniPC-3 (bh2) at 8, 10 and 14 steps together on the
+# choosing panel of experiments/sampler_panel.py (the worst log-ratio to the best candidate per
+# oracle plus 0.2 x the mean log-ratio), starting from a fit at 10 steps alone; the commands are
+# in experiments/sampler_grid_fit.py. Rounded to 0.01.
+OPTIMIZED_OFFSETS = (0.12, -0.72, -0.53, -0.26, -0.5, -0.32, -0.07, 0.5, -0.39)
+MIN_LOG_SNR_STEP = 0.05  # the optimized grid's smallest step in lambda (keeps its times distinct)
+
+
+def optimized(process, num_steps: int, *, spacing: Spacing | None = None,
+              t_start: float | None = None) -> jnp.ndarray:
+  """The cosine grid with per-position log-SNR offsets fitted on an oracle panel.
+
+  In the spirit of Align Your Steps (Sabour et al. 2024): a fixed table of offsets
+  (``OPTIMIZED_OFFSETS``, in lambda = log(alpha / sigma)) added to the interior points of
+  ``cosine`` (its default shape), interpolated linearly in the relative
+  position for any step count, so the ends stay those of the cosine grid. Offsets that would
+  reorder the times are held at ``MIN_LOG_SNR_STEP`` apart. The table was fitted for few steps
+  (8-14); the sampler defaults take this grid only where the panel chose it
+  (``sampling/defaults.py``).
+
+  Args:
+    process: any process of the contract.
+    num_steps: n.
+    spacing: 'linspace' (default, as the other non-uniform grids) or 'trailing' (the table's
+      fit and the sampler defaults; see the module docstring).
+    t_start: the upper end instead of ``t_max``.
+
+  Returns:
+    float32 ``[n]``, decreasing.
+
+  Raises:
+    ValueError: a spacing other than 'linspace' / 'trailing'.
+  """
+  m, n = _open_or_closed(num_steps, spacing)
+  t_hi = _t_hi(process, t_start)
+  lam_lo = 0.5 * float(process.log_snr(jnp.float32(t_hi)))
+  lam_hi = 0.5 * float(process.log_snr(jnp.float32(process.t_min)))
+  lam = _cosine_log_snr(lam_lo, lam_hi, m, COSINE_CENTER, COSINE_WIDTH)
+  if m > 2:
+    table = np.asarray(OPTIMIZED_OFFSETS, np.float64)
+    lam[1:m - 1] += np.interp(np.linspace(0.0, 1.0, m - 2), np.linspace(0.0, 1.0, len(table)),
+                              table)
+    lam[1:m - 1] = np.clip(lam[1:m - 1], lam_lo, lam_hi)
+    for i in range(1, m - 1):  # distinct and increasing, the ends unchanged
+      lam[i] = max(lam[i], lam[i - 1] + MIN_LOG_SNR_STEP)
+    hi_room = lam_hi - MIN_LOG_SNR_STEP * np.arange(m - 1, -1, -1)
+    lam = np.minimum(lam, hi_room)
   return _times_from_log_snr(process, jnp.asarray(2.0 * lam, jnp.float32), n, t_hi)
 
 
@@ -259,6 +322,7 @@ GRIDS: dict[str, Callable[..., jnp.ndarray]] = {
     'karras': karras,
     'quadratic': quadratic,
     'cosine': cosine,
+    'optimized': optimized,
 }
 
 
