@@ -71,9 +71,13 @@ def main():
   options = dict(json.loads(args.options), grid='optimized', spacing='trailing')
   with open(args.errors) as f:
     raw = json.load(f)
-  # Per entry (step count major, then process, then oracle) the best of all candidates.
+  # Per entry (step count major, then process, then oracle) the best of all candidates but
+  # grid='optimized' itself (a file written after the fit has those too).
+  cands = sp.candidates()
+  keys = [k for k in raw['linear']
+          if cands[k.split('|')[0]][int(k.split('|')[1])].get('grid') != 'optimized']
   best = np.concatenate([
-      np.min(np.stack([np.concatenate([raw[p][k] for p in PROCESSES]) for k in raw['linear']
+      np.min(np.stack([np.concatenate([raw[p][k] for p in PROCESSES]) for k in keys
                        if int(k.split('|')[2]) == n]), axis=0) for n in steps])
   batches = {p: sp.Batch(sp.make_process(p), o, args.batch, seed=100)
              for p, o in sp.panel('choose', 6).items()}
