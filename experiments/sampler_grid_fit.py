@@ -2,7 +2,7 @@
 
     # 1. at 10 steps alone, from the cosine grid (zeros)                                ~6 min
     python experiments/sampler_grid_fit.py --errors=/tmp/errors.json --steps=10 --out=/tmp/fit10.json
-    # 2. at the 10-NFE band's step counts together, from a point of fit 1               ~12 min
+    # 2. at the 10-NFE band's step counts together, from a point of fit 1               ~16 min
     python experiments/sampler_grid_fit.py --errors=/tmp/errors.json --steps=8,10,14 \\
         --start='[0.15,-0.5,-0.29,-0.33,-0.45,-0.19,0.1,0.48,-0.44]' --simplex-step=0.3 \\
         --maxfev=140 --out=/tmp/fit.json
@@ -11,8 +11,9 @@
 candidate over the 54 entries (18 oracles x 8 / 10 / 14 steps), geometric mean 1.86, where the
 cosine grid has 164.6 / 2.69 and the uniform trailing grid 33.5 / 3.47 (UniPC-3). Fit 2 started
 from fit 1's best point as of its 183rd evaluation (rounded; worst 8.0 at 10 steps), not its
-final one. The fits ran in a prototype of this script (the same objective, simplex and grid,
-its times equal to ``grids.optimized``'s to float32 rounding). ``/tmp/errors.json``: the raw errors of the choosing panel, written by the
+final one; fit 2's command above, run with this script, gives that table (best of 140 at its
+137th evaluation; 16 min on 2 CPU cores shared with another run for half of it).
+``/tmp/errors.json``: the raw errors of the choosing panel, written by the
 ``sampler_panel.py --phase=choose`` commands of docs/benchmarks.md.
 
 Issue 22; in the spirit of Align Your Steps (Sabour et al. 2024), which fits a step schedule per
