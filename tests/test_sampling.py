@@ -140,12 +140,16 @@ def test_optimized_grid(monkeypatch):
   ve = sde.VESDE()
   lam_of = lambda t: -np.log(ve.sigma_min * (ve.sigma_max / ve.sigma_min)**np.asarray(t, np.float64))
   table = np.asarray(grids.OPTIMIZED_OFFSETS)
+  linear = processes.DiscreteVP.linear()
+  lam_linear = lambda t: 0.5 * np.asarray(linear.log_snr(t), np.float64)
   for n in (len(table) + 1, 5, 17):
-    opt = grids.optimized(ve, n, spacing='trailing')
-    cos = grids.cosine(ve, n, spacing='trailing')
-    assert opt[0] == cos[0] == ve.t_max and np.all(np.diff(np.asarray(opt)) < 0)
+    opt = grids.optimized(linear, n, spacing='trailing')
+    cos = grids.cosine(linear, n, spacing='trailing')
+    assert opt[0] == cos[0] == linear.t_max and np.all(np.diff(np.asarray(opt)) < 0)
     want = np.interp(np.linspace(0, 1, n - 1), np.linspace(0, 1, len(table)), table)
-    np.testing.assert_allclose(lam_of(opt[1:]) - lam_of(cos[1:]), want, atol=3e-4)
+    moved = np.concatenate([lam_linear(cos[:1]), lam_linear(cos[1:]) + want])
+    assert np.all(np.diff(moved) > grids.MIN_LOG_SNR_STEP + 0.01)  # the spacing rule is idle
+    np.testing.assert_allclose(lam_linear(opt[1:]) - lam_linear(cos[1:]), want, atol=1e-5)
   np.testing.assert_array_equal(grids.make_grid(ve, 7, 'optimized', spacing='trailing'),
                                 grids.optimized(ve, 7, spacing='trailing'))
   linspace = np.asarray(grids.optimized(ve, 6))
