@@ -80,7 +80,7 @@ def main():
   best = np.concatenate([
       np.min(np.stack([np.concatenate([raw[p][k] for p in PROCESSES]) for k in keys
                        if int(k.split('|')[2]) == n]), axis=0) for n in steps])
-  batches = {p: sp.Batch(sp.make_process(p), o, args.batch, seed=100)
+  batches = {p: sp.Batch(sp.make_process(p), o, args.batch, seed=sp.CHOOSE_SEED)
              for p, o in sp.panel('choose', 6).items()}
   history = []
   t0 = time.time()
