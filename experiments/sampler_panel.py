@@ -1010,6 +1010,10 @@ def main():
                       'the oracles (the digits model of --choose-digits-workdir still runs '
                       'unless they have it)')
   args = parser.parse_args()
+  if args.missing_only and (args.methods or args.nfes):
+    # The --methods / --nfes merge would replace the errors --missing-only starts from.
+    parser.error('--missing-only runs every candidate the file lacks; give it without '
+                 '--methods / --nfes (or run those without --missing-only).')
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update('jax_enable_x64', False)
