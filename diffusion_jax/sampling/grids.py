@@ -247,11 +247,16 @@ def cosine(process, num_steps: int, *, spacing: Spacing | None = None,
   m, n = _open_or_closed(num_steps, spacing)
   if not width > 0:
     raise ValueError(f'width must be positive, got {width!r}.')
-  t_hi = _t_hi(process, t_start)
-  lam_lo = 0.5 * float(process.log_snr(jnp.float32(t_hi)))
-  lam_hi = 0.5 * float(process.log_snr(jnp.float32(process.t_min)))
+  t_hi, lam_lo, lam_hi = _lambda_ends(process, t_start)
   lam = _cosine_log_snr(lam_lo, lam_hi, m, center, width)
   return _times_from_log_snr(process, jnp.asarray(2.0 * lam, jnp.float32), n, t_hi)
+
+
+def _lambda_ends(process, t_start: float | None) -> tuple[float, float, float]:
+  """The grid's upper time and lambda = log(alpha / sigma) at it and at ``t_min``, as floats."""
+  t_hi = _t_hi(process, t_start)
+  return (t_hi, 0.5 * float(process.log_snr(jnp.float32(t_hi))),
+          0.5 * float(process.log_snr(jnp.float32(process.t_min))))
 
 
 def _cosine_log_snr(lam_lo: float, lam_hi: float, m: int, center: float,
@@ -300,9 +305,7 @@ def optimized(process, num_steps: int, *, spacing: Spacing | None = None,
     ValueError: a spacing other than 'linspace' / 'trailing'.
   """
   m, n = _open_or_closed(num_steps, spacing)
-  t_hi = _t_hi(process, t_start)
-  lam_lo = 0.5 * float(process.log_snr(jnp.float32(t_hi)))
-  lam_hi = 0.5 * float(process.log_snr(jnp.float32(process.t_min)))
+  t_hi, lam_lo, lam_hi = _lambda_ends(process, t_start)
   lam = _cosine_log_snr(lam_lo, lam_hi, m, COSINE_CENTER, COSINE_WIDTH)
   if m > 2:
     table = np.asarray(OPTIMIZED_OFFSETS, np.float64)
