@@ -93,6 +93,22 @@ class GaussianMixture(NamedTuple):
     resp = jax.nn.softmax(logp, axis=-1)
     return jnp.einsum('bk,bkd->bd', resp, scores)
 
+  def posterior_mean(self, x: jax.Array, alpha, sigma) -> jax.Array:
+    """E[x_0 | x_t = x] of x: [B, D] at alpha, sigma ([B] or scalars) -> [B, D].
+
+    Per component ``mu_k + alpha C_k (alpha^2 C_k + sigma^2 I)^-1 (x - alpha mu_k)`` weighted by
+    the responsibilities: no division by alpha, so it holds where alpha is ~0 (zero terminal SNR),
+    where ``(x - sigma eps) / alpha`` loses x_0 to cancellation.
+    """
+    b = x.shape[0]
+    alpha = jnp.broadcast_to(jnp.asarray(alpha, jnp.float32), (b,))
+    logp, scores = self._component_terms(x, alpha, jnp.broadcast_to(sigma, (b,)))
+    resp = jax.nn.softmax(logp, axis=-1)
+    x0_k = (jnp.asarray(self.means, jnp.float32)
+            - alpha[:, None, None] * jnp.einsum('kde,bke->bkd',
+                                                jnp.asarray(self.covs, jnp.float32), scores))
+    return jnp.einsum('bk,bkd->bd', resp, x0_k)
+
   def responsibilities(self, x: jax.Array) -> jax.Array:
     """p(component | x) for clean data x: [B, D] -> [B, K]."""
     b = x.shape[0]
@@ -101,16 +117,28 @@ class GaussianMixture(NamedTuple):
 
   def model_fn(self, process, *, prediction: str = 'eps'):
     """The exact ``model_fn(x, t, cond=None) -> prediction`` for ``process`` (DESIGN.md contract;
-    the mixture is unconditional: ``cond`` is ignored)."""
+    the mixture is unconditional: ``cond`` is ignored). 'eps' and 'score' come from the score;
+    'x0', 'v' and 'flow' from ``posterior_mean`` and eps, without dividing by alpha."""
     from diffusion_jax import processes  # pylint: disable=import-outside-toplevel
+    if prediction not in processes.PREDICTIONS:
+      raise ValueError(f'prediction={prediction!r} is not a prediction type; use one of '
+                       f'{processes.PREDICTIONS}.')
 
     def fn(x, t, cond=None):
       del cond
       t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
       alpha, sigma = process.alpha(t), process.sigma(t)
       score = self.score(x, alpha, sigma)
-      return processes.convert_prediction(score, x, alpha, sigma, source='score',
-                                          target=prediction)
+      if prediction in ('eps', 'score'):
+        return processes.convert_prediction(score, x, alpha, sigma, source='score',
+                                            target=prediction)
+      x0 = self.posterior_mean(x, alpha, sigma)
+      eps = -sigma[:, None] * score
+      if prediction == 'x0':
+        return x0
+      if prediction == 'flow':
+        return eps - x0
+      return alpha[:, None] * eps - sigma[:, None] * x0  # v
 
     return fn
 

@@ -120,6 +120,56 @@ def test_zero_terminal_snr_second_order_starts_stay_finite(method, options):
   assert np.abs(np.asarray(got) - exact).max() <= ddim_err, got
 
 
+def _rescaled_zero_snr():
+  """DDPM's linear schedule (1000 steps) rescaled to zero terminal SNR: Lin et al. (2024),
+  Algorithm 1 (sqrt(alpha_bar) shifted and scaled so its last value is 0)."""
+  s = np.sqrt(np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000)))
+  s = (s - s[-1]) * s[0] / (s[0] - s[-1])
+  abar = s**2
+  return processes.DiscreteVP.from_betas(1.0 - np.concatenate([abar[:1], abar[1:] / abar[:-1]]))
+
+
+def test_oracle_predictions_hold_at_zero_terminal_snr():
+  # The oracle's x0 / v / flow come from E[x0 | x_t] without dividing by alpha: at alpha_T ~ 6e-11
+  # the v-prediction was off by ~900 (x0 = (x - sigma eps) / alpha in float32).
+  process = _rescaled_zero_snr()
+  assert float(process.alpha(process.t_max)) < 1e-9
+  t = jnp.array([1000.0, 999.0, 990.0, 500.0, 1.0])
+  x = jnp.linspace(-2.0, 2.0, 5)[:, None]
+  want_v = _exact_v_model(process)(x, t)
+  got_v = GAUSS.model_fn(process, prediction='v')(x, t)
+  np.testing.assert_allclose(got_v, want_v, atol=2e-5)
+  a = np.asarray(process.alpha(t), np.float64)[:, None]
+  s = np.asarray(process.sigma(t), np.float64)[:, None]
+  want_x0 = MEAN + STD**2 * a * (np.asarray(x) - MEAN * a) / (STD**2 * a * a + s * s)
+  np.testing.assert_allclose(GAUSS.model_fn(process, prediction='x0')(x, t), want_x0, atol=2e-5)
+  # A two-component 2-D mixture where alpha is not small: the same E[x0 | x_t] as the score's.
+  mix = oracles.example_mixture()
+  p = processes.DiscreteVP.linear()
+  xs = jax.random.normal(jax.random.PRNGKey(3), (64, mix.dim))
+  ts = jnp.full((64,), 300.0)
+  a, s = p.alpha(ts)[:, None], p.sigma(ts)[:, None]
+  via_score = (xs + s * s * mix.score(xs, p.alpha(ts), p.sigma(ts))) / a
+  np.testing.assert_allclose(mix.model_fn(p, prediction='x0')(xs, ts), via_score, atol=1e-4)
+
+
+@pytest.mark.parametrize('method', ['heun', 'plms', 'dpmpp_2m', 'dpmpp_3m', 'unipc'])
+def test_zero_terminal_snr_defaults_within_twice_ddim(method):
+  # With only method and num_steps: plms's log-SNR grid put half of 10 steps at alpha < 1e-3 and
+  # returned 46-133x DDIM's error at 8-10 steps (grids.LOGSNR_FLOOR).
+  process = _rescaled_zero_snr()
+  model = GAUSS.model_fn(process, prediction='v')
+  x_T = jax.random.normal(jax.random.PRNGKey(0), (256, 1))
+  exact = gaussian_pf_map(np.asarray(x_T, np.float64), 0.0, 1.0)
+  rms = lambda x: float(np.sqrt(np.mean(np.square(np.asarray(x, np.float64) - exact))))
+  for num_steps in (5, 8, 10, 14, 20):
+    x, info = sampling.sample(model, process, method=method, num_steps=num_steps, x_T=x_T,
+                              prediction='v', return_info=True)
+    ddim = sampling.sample(model, process, method='ddim', num_steps=int(info['nfe']), x_T=x_T,
+                           prediction='v')
+    assert rms(x) <= 2.0 * rms(ddim), (num_steps, rms(x), rms(ddim))
+
+
 # --- two or three steps --------------------------------------------------------------------------
 
 

@@ -160,17 +160,26 @@ def _times_from_log_snr(process, lam: jnp.ndarray, n: int, t_hi: float) -> jnp.n
   return jnp.clip(t[:n], process.t_min, t_hi).astype(jnp.float32)
 
 
+# The lowest log-SNR log(alpha^2 / sigma^2) the log-SNR grid spaces its steps from: below the
+# usual schedules' ends (DDPM linear -10.1, VE SDE -7.8, rectified flow -13.8, the improved-DDPM
+# cosine schedule -19.8), so it only acts on zero-terminal-SNR schedules.
+LOGSNR_FLOOR = -20.0
+
+
 def logsnr(process, num_steps: int, *, spacing: Spacing | None = None,
            t_start: float | None = None) -> jnp.ndarray:
   """Times uniform in log-SNR between ``t_max`` (or ``t_start``) and ``t_min`` (Lu et al. 2022,
   Sec. 3.4).
 
-  ``spacing``: 'linspace' (default) or 'trailing' (see the module docstring).
+  Below ``LOGSNR_FLOOR`` the spacing starts at the floor (the first time stays ``t_max``): on a
+  zero-terminal-SNR schedule (log-SNR(t_max) ~ -47) uniform spacing from t_max put half of 10
+  steps where alpha < 1e-3 and x_t says next to nothing about the data, and PNDM's steps there
+  blew up (issue 22). ``spacing``: 'linspace' (default) or 'trailing' (see the module docstring).
   """
   m, n = _open_or_closed(num_steps, spacing)
   t_hi = _t_hi(process, t_start)
   lam_hi = process.log_snr(jnp.float32(process.t_min))
-  lam_lo = process.log_snr(jnp.float32(t_hi))
+  lam_lo = jnp.maximum(process.log_snr(jnp.float32(t_hi)), LOGSNR_FLOOR)
   lam = jnp.linspace(lam_lo, lam_hi, m) if m > 1 else lam_lo[None]
   return _times_from_log_snr(process, lam, n, t_hi)
 
