@@ -4,6 +4,7 @@
     python experiments/sampler_panel.py --phase=choose     # writes the choice (JSON, --choice)
     python experiments/sampler_panel.py --phase=report     # held-out + target tables, defaults only
     python experiments/sampler_panel.py --phase=trained --digits-workdir=runs/digits  # a digits model
+    python experiments/sampler_panel.py --phase=sweep      # defaults at 1-100 steps vs DDIM
 
 Issue 22. Every oracle is a Gaussian mixture with diagonal component covariances (dimension 2-64,
 component std 0.03-1, mean spread 0.5-3, zero or non-zero mean) under a process: the discrete
@@ -29,6 +30,9 @@ down to 1e-7 and finished with Tweedie's formula), so it is pure discretization 
   settings and every ``timestep_spacing``, one setting per scheduler and NFE (the best geometric
   mean over the panel). NFE counts model evaluations (Heun: 2 per step less one; PNDM: one more
   than steps); ours and theirs at the largest step count whose NFE fits.
+- ``sweep``: no silent blow-up between the bands' NFEs: on the panels of ``--sweep-panels``,
+  each deterministic method with its defaults at every num_steps of ``SWEEP_STEPS``, its error
+  per oracle against DDIM's (defaults) at the NFE the run spent.
 
 diffusers' schedulers run on the process's discrete schedule: DiscreteVP's own betas; for the
 SDEs, ``trained_betas`` whose alphas_cumprod are the process's ``alpha^2 / (alpha^2 + sigma^2)``
@@ -918,6 +922,73 @@ def choose_trained(raw, args):
   return raw
 
 
+SWEEP_STEPS = tuple(range(1, 17)) + (18, 20, 22, 25, 28, 32, 36, 40, 50, 64, 80, 100)
+
+
+def _far(b, x0):
+  """[O] how many of each oracle's samples end more than half its closest pair of component
+  means away from the exact map's endpoint: sent to another mode."""
+  d = np.sqrt(np.sum((np.asarray(x0, np.float64) - b.ref)**2 * b.mask, -1))
+  out = []
+  for i, o in enumerate(b.oracles):
+    gap = np.linalg.norm(o.means[:, None] - o.means[None], axis=-1)
+    half = 0.5 * np.min(gap[~np.eye(len(o.means), dtype=bool)])
+    out.append(int(np.sum(d[i * b.batch:(i + 1) * b.batch] > half)))
+  return np.array(out)
+
+
+def sweep(args):
+  """Each method's defaults at every num_steps of ``SWEEP_STEPS`` against DDIM's defaults at the
+  NFE spent, per oracle of the ``--sweep-panels``; prints the worst ratio per method and panel,
+  where it is, how many (oracle, num_steps) exceed 2x, and those cells with the samples each
+  run sent to another mode (``_far``). ``--errors``: writes every cell there (JSON)."""
+  t0 = time.time()
+  cells = {}  # (panel, method) -> [(ratio, oracle, num_steps, nfe, far, far_ddim)]
+  raw = {}
+  for kind in args.sweep_panels.split(','):
+    for pname, oracles in panel(kind, args.per_process).items():
+      b = Batch(make_process(pname), oracles, args.batch,
+                seed=CHOOSE_SEED if kind == 'choose' else 200)
+      ddim = {}
+      for m in OURS[1:]:
+        for n in SWEEP_STEPS:
+          x0, info = _sample(b, m, n, {})
+          nfe = int(info['nfe'])
+          if nfe not in ddim:
+            x_d = _sample(b, 'ddim', nfe, {})[0]
+            ddim[nfe] = (b.errors(x_d), _far(b, x_d))
+          e, far = b.errors(x0), _far(b, x0)
+          r = e / ddim[nfe][0]
+          raw.setdefault(f'{kind}/{pname}', {})[f'{m}|{n}'] = {
+              'nfe': nfe, 'error': e.tolist(), 'ddim': ddim[nfe][0].tolist(),
+              'far': far.tolist(), 'far_ddim': ddim[nfe][1].tolist()}
+          for j, o in enumerate(oracles):
+            cells.setdefault((kind, m), []).append(
+                (float(r[j]) if r[j] <= np.inf else np.inf, o.name.split(':')[0], n, nfe,
+                 int(far[j]), int(ddim[nfe][1][j])))
+      print(f'# {kind}/{pname} done at {time.time() - t0:.0f} s', flush=True)
+  if args.errors:
+    with open(args.errors, 'w') as f:
+      json.dump(raw, f)
+  print(f'\n## no silent blow-up: defaults at num_steps {SWEEP_STEPS[0]}-{SWEEP_STEPS[-1]} '
+        f'({len(SWEEP_STEPS)} counts), RMS error / DDIM\'s (defaults) at the NFE spent, per '
+        f'oracle; B = {args.batch}\n')
+  print('| panel | method | worst ratio | at (oracle, num_steps, NFE) | cells > 2x | cells |')
+  print('|---|---|---|---|---|---|')
+  for (kind, m), c in cells.items():
+    w = max(c)
+    print(f'| {kind} | {m} | {w[0]:.2f} | {w[1]}, {w[2]}, {w[3]} | '
+          f'{sum(not x[0] <= 2.0 for x in c)} | {len(c)} |')
+  print('\ncells > 2x DDIM (ratio, oracle, num_steps, NFE, samples sent to another mode: ours '
+        '/ DDIM):')
+  for (kind, m), c in cells.items():
+    bad = sorted(x for x in c if not x[0] <= 2.0)
+    if bad:
+      print(f'- {kind} {m}: ' + '; '.join(f'{x[0]:.1f}x {x[1].split("/", 1)[1]} n={x[2]} '
+                                         f'({x[3]} NFE) {x[4]}/{x[5]}' for x in bad))
+  print(f'\n({time.time() - t0:.0f} s)', flush=True)
+
+
 def report_trained(args):
   """The digits model of ``--digits-workdir`` (trained by configs/digits.py) against a 1000-step
   reference: ours with defaults and diffusers' schedulers, RMS over samples and pixels.
@@ -974,7 +1045,7 @@ def _mode(xs):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--phase', default='all', choices=('all', 'choose', 'report', 'trained'))
+  parser.add_argument('--phase', default='all', choices=('all', 'choose', 'report', 'trained', 'sweep'))
   parser.add_argument('--batch', type=int, default=256)
   parser.add_argument('--per-process', type=int, default=6)
   parser.add_argument('--choice', default='/tmp/sampler_panel_choice.json')
@@ -1009,6 +1080,8 @@ def main():
                       help='make the choice from raw errors written by --errors, no runs on '
                       'the oracles (the digits model of --choose-digits-workdir still runs '
                       'unless they have it)')
+  parser.add_argument('--sweep-panels', default='choose,heldout',
+                      help="--phase=sweep: the panels ('choose', 'heldout', 'target')")
   args = parser.parse_args()
   if args.missing_only and (args.methods or args.nfes):
     # The --methods / --nfes merge would replace the errors --missing-only starts from.
@@ -1027,6 +1100,8 @@ def main():
       report(args, kind)
   if args.phase == 'trained':
     report_trained(args)
+  if args.phase == 'sweep':
+    sweep(args)
 
 
 if __name__ == '__main__':
