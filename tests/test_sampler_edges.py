@@ -191,3 +191,32 @@ def test_few_steps_within_twice_ddim(method, num_steps, grid):
   ddim = sampling.sample(model, process, method='ddim', num_steps=int(info['nfe']), x_T=x_T,
                          grid=grid)
   assert rms(got) <= 2.0 * rms(ddim), (rms(got), rms(ddim), info['nfe'])
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('num_steps', [None, float('nan'), float('inf'), '5', 0, 2.5, True])
+def test_num_steps_that_is_not_a_positive_integer_is_refused(num_steps):
+  process = processes.DiscreteVP.linear()
+  with pytest.raises(ValueError, match='num_steps must be an integer >= 1'):
+    sampling.sample(GAUSS.model_fn(process), process, method='ddim', num_steps=num_steps,
+                    x_T=X_T3)
+
+
+@pytest.mark.parametrize('output,error', [
+    (lambda x: x[:, 0], ValueError), (lambda x: x[..., None], ValueError),
+    (lambda x: jnp.zeros(1), ValueError), (lambda x: 0.0, TypeError),
+    (lambda x: (x, x), TypeError), (lambda x: {'eps': x}, TypeError), (lambda x: None, TypeError)])
+@pytest.mark.parametrize('guided', [False, True])
+def test_model_output_of_another_shape_is_refused(output, error, guided):
+  # Were broadcast silently ([1], a scalar) or failed deep inside JAX; now named.
+  process = processes.DiscreteVP.linear()
+  x_T = jnp.zeros((4, 3))
+  kwargs = {}
+  if guided:
+    kwargs = dict(cond={'label': jnp.zeros((4,), jnp.int32)},
+                  null_cond={'label': jnp.array([10])}, guidance_scale=2.0)
+  with pytest.raises(error, match='model_fn'):
+    sampling.sample(lambda x, t, cond=None: output(x), process, method='dpmpp_2m', num_steps=3,
+                    x_T=x_T, **kwargs)

@@ -87,6 +87,7 @@ The method signature (what a new entry of ``METHODS`` must follow)::
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable
 
 import jax
@@ -152,7 +153,12 @@ def _check_batch_array(x, name: str) -> None:
 
 
 def _check_common(num_steps, prediction) -> int:
-  if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
+  try:  # None, NaN, inf and strings get the same message as 0 or 2.5
+    ok = (not isinstance(num_steps, (bool, str)) and math.isfinite(float(num_steps))
+          and int(num_steps) == num_steps and num_steps >= 1)
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
     raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}.')
   if prediction not in processes.PREDICTIONS:
     raise ValueError(f'prediction={prediction!r} is not known; use one of {processes.PREDICTIONS}.')

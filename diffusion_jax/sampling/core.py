@@ -324,6 +324,24 @@ def dynamic_threshold_x0(x0: jax.Array, percentile: float) -> jax.Array:
   return jnp.clip(x0, -s, s) / s
 
 
+def model_output(out: Any, shape: tuple[int, ...], prediction: str | None = None) -> jax.Array:
+  """``out``, what a ``model_fn`` returned for an input of ``shape``, as float32 (the samplers
+  integrate in float32 always).
+
+  Raises:
+    TypeError: ``out`` is not one array (a tuple, dict, None, ...).
+    ValueError: its shape is not ``shape`` (a scalar or a [D] output is not broadcast).
+  """
+  what = f'its {prediction!r} prediction' if prediction else 'its prediction'
+  if not hasattr(out, 'shape'):
+    raise TypeError(f'model_fn must return one array shaped like x {tuple(shape)} ({what}); '
+                    f'got a {type(out).__name__}.')
+  if tuple(out.shape) != tuple(shape):
+    raise ValueError(f'model_fn returned shape {tuple(out.shape)} for x of shape '
+                     f"{tuple(shape)}; it must return {what} with x's shape.")
+  return jnp.asarray(out).astype(jnp.float32)
+
+
 def make_denoiser(model_fn: Callable[..., jax.Array], process, *, prediction: str,
                   clip_x0: bool = False, dynamic_threshold: float | None = None) -> Denoiser:
   """``denoise(x, t, alpha=None, sigma=None) -> (x0, eps)``, float32, from ``model_fn``.
@@ -346,7 +364,7 @@ def make_denoiser(model_fn: Callable[..., jax.Array], process, *, prediction: st
     t_b = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
     if alpha is None or sigma is None:
       alpha, sigma = process.alpha(t), process.sigma(t)
-    out = jnp.asarray(model_fn(x, t_b)).astype(jnp.float32)  # integrate in float32 always
+    out = model_output(model_fn(x, t_b), x.shape, prediction)
     convert = functools.partial(processes.convert_prediction, out, x, alpha, sigma,
                                 source=prediction)
     x0 = convert(target='x0')

@@ -16,6 +16,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.sampling import core
+
 
 def _leaves(tree: Any) -> list[tuple[str, tuple[int, ...]]]:
   """``(path, shape)`` of every leaf of ``tree`` (None has none)."""
@@ -106,7 +108,7 @@ def classifier_free_guidance(model_fn: Callable[..., jax.Array], *, batch_size: 
   plain = (isinstance(guidance_scale, numbers.Number) and guidance_scale == 1.0
            and isinstance(guidance_rescale, numbers.Number) and guidance_rescale == 0.0)
   if plain:
-    return lambda x, t: jnp.asarray(model_fn(x, t, cond)).astype(jnp.float32)
+    return lambda x, t: core.model_output(model_fn(x, t, cond), x.shape)
   if null_cond is None:
     raise ValueError(f'guidance_scale={guidance_scale}, guidance_rescale={guidance_rescale}: '
                      'classifier-free guidance needs null_cond, the conditioning of the '
@@ -122,8 +124,9 @@ def classifier_free_guidance(model_fn: Callable[..., jax.Array], *, batch_size: 
   both = jax.tree.map(double, cond, null_cond)
 
   def guided_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-    out = jnp.asarray(model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both))
-    cond_out, uncond_out = jnp.split(out.astype(jnp.float32), 2)
+    out = core.model_output(model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both),
+                            (2 * x.shape[0],) + tuple(x.shape[1:]))
+    cond_out, uncond_out = jnp.split(out, 2)
     guided = uncond_out + guidance_scale * (cond_out - uncond_out)
     if not (isinstance(guidance_rescale, numbers.Number) and guidance_rescale == 0.0):
       guided = rescale_guidance(guided, cond_out, guidance_rescale)
