@@ -12,7 +12,7 @@ Grids (``GRIDS`` maps the names to the functions):
   (starts at t_max; its final step to the data is as long as the others, as in DDIM/PNDM);
   ``'leading'`` is ``t_min + i * floor((N) / n)`` reversed (the DDIM-code convention; never reaches
   t_max). For ``DiscreteVP`` the times are rounded to integer steps, as the model was trained on
-  them, and ``num_steps == N`` gives exactly ``N, N - 1, ..., 1`` with any spacing (Ho et al. 2020,
+  them (but a ``t_start`` between steps stays the first time), and ``num_steps == N`` gives exactly ``N, N - 1, ..., 1`` with any spacing (Ho et al. 2020,
   Algorithm 2).
 - ``'logsnr'``: uniform in log-SNR lambda = log(alpha^2 / sigma^2) (Lu et al. 2022, DPM-Solver's
   ``logSNR`` skip type).
@@ -128,10 +128,6 @@ def uniform(process, num_steps: int, *, spacing: Spacing | None = 'trailing',
     raise ValueError(f'spacing={spacing!r} is not known; use one of {SPACINGS}.')
   t_min, t_max = float(process.t_min), _t_hi(process, t_start)
   discrete = _is_discrete(process)
-  if discrete and t_max != round(t_max):
-    raise ValueError(f"t_start={t_max} is not an integer step: the 'uniform' grid of "
-                     f'{type(process).__name__} rounds its times to integer steps, so it would '
-                     'not start at the time of x_T. Pass an integer t_start.')
   if spacing == 'linspace':
     t = np.linspace(t_max, t_min, n) if n > 1 else np.array([t_max])
   elif spacing == 'trailing':
@@ -143,7 +139,12 @@ def uniform(process, num_steps: int, *, spacing: Spacing | None = 'trailing',
     else:
       t = t_min + (t_max - t_min) * np.arange(n)[::-1] / n
   if discrete:
+    # Integer steps, as the model was trained on; a t_start between steps stays the first time
+    # (x_T's), so sampling starts where x_T is.
+    start_between = spacing != 'leading' and t_max != round(t_max)
     t = np.round(t)
+    if start_between:
+      t[0] = t_max
   return jnp.asarray(np.clip(t, t_min, t_max), jnp.float32)
 
 
