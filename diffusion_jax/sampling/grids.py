@@ -12,8 +12,8 @@ Grids (``GRIDS`` maps the names to the functions):
   (starts at t_max; its final step to the data is as long as the others, as in DDIM/PNDM);
   ``'leading'`` is ``t_min + i * floor((N) / n)`` reversed (the DDIM-code convention; never reaches
   t_max). For ``DiscreteVP`` the times are rounded to integer steps, as the model was trained on
-  them (but a ``t_start`` between steps stays the first time), and ``num_steps == N`` gives exactly ``N, N - 1, ..., 1`` with any spacing (Ho et al. 2020,
-  Algorithm 2).
+  them (a ``t_start`` between steps stays the first time), and ``num_steps == N`` gives exactly
+  ``N, N - 1, ..., 1`` with any spacing (Ho et al. 2020, Algorithm 2).
 - ``'logsnr'``: uniform in log-SNR lambda = log(alpha^2 / sigma^2) (Lu et al. 2022, DPM-Solver's
   ``logSNR`` skip type).
 - ``'karras'``: the rho = 7 schedule of Karras et al. (2022), eq. 5, in the noise level
@@ -180,7 +180,8 @@ def logsnr(process, num_steps: int, *, spacing: Spacing | None = None,
   m, n = _open_or_closed(num_steps, spacing)
   t_hi = _t_hi(process, t_start)
   lam_hi = process.log_snr(jnp.float32(process.t_min))
-  lam_lo = jnp.maximum(process.log_snr(jnp.float32(t_hi)), LOGSNR_FLOOR)
+  lam_lo = process.log_snr(jnp.float32(t_hi))
+  lam_lo = jnp.where(lam_hi > LOGSNR_FLOOR, jnp.maximum(lam_lo, LOGSNR_FLOOR), lam_lo)
   lam = jnp.linspace(lam_lo, lam_hi, m) if m > 1 else lam_lo[None]
   return _times_from_log_snr(process, lam, n, t_hi)
 
