@@ -85,12 +85,25 @@ class GaussianMixture(NamedTuple):
     logp, _ = self._component_terms(x, jnp.broadcast_to(alpha, (b,)), jnp.broadcast_to(sigma, (b,)))
     return jax.nn.logsumexp(logp, axis=-1)
 
-  def score(self, x: jax.Array, alpha, sigma) -> jax.Array:
-    """grad_x log p_t(x) of x: [B, D] -> [B, D]."""
+  def _posterior_terms(self, x, alpha, sigma):
+    """p(component | x_t = x) [B, K] and the per-component scores [B, K, D] of x: [B, D] at
+    alpha, sigma ([B] or scalars)."""
     b = x.shape[0]
     logp, scores = self._component_terms(x, jnp.broadcast_to(alpha, (b,)),
                                          jnp.broadcast_to(sigma, (b,)))
-    resp = jax.nn.softmax(logp, axis=-1)
+    return jax.nn.softmax(logp, axis=-1), scores
+
+  def _mean_from_terms(self, resp, scores, alpha):
+    """E[x_0 | x_t] from ``_posterior_terms``: per component ``mu_k - alpha C_k score_k``."""
+    alpha = jnp.broadcast_to(jnp.asarray(alpha, jnp.float32), resp.shape[:1])
+    x0_k = (jnp.asarray(self.means, jnp.float32)
+            - alpha[:, None, None] * jnp.einsum('kde,bke->bkd',
+                                                jnp.asarray(self.covs, jnp.float32), scores))
+    return jnp.einsum('bk,bkd->bd', resp, x0_k)
+
+  def score(self, x: jax.Array, alpha, sigma) -> jax.Array:
+    """grad_x log p_t(x) of x: [B, D] -> [B, D]."""
+    resp, scores = self._posterior_terms(x, alpha, sigma)
     return jnp.einsum('bk,bkd->bd', resp, scores)
 
   def posterior_mean(self, x: jax.Array, alpha, sigma) -> jax.Array:
@@ -100,14 +113,8 @@ class GaussianMixture(NamedTuple):
     the responsibilities: no division by alpha, so it holds where alpha is ~0 (zero terminal SNR),
     where ``(x - sigma eps) / alpha`` loses x_0 to cancellation.
     """
-    b = x.shape[0]
-    alpha = jnp.broadcast_to(jnp.asarray(alpha, jnp.float32), (b,))
-    logp, scores = self._component_terms(x, alpha, jnp.broadcast_to(sigma, (b,)))
-    resp = jax.nn.softmax(logp, axis=-1)
-    x0_k = (jnp.asarray(self.means, jnp.float32)
-            - alpha[:, None, None] * jnp.einsum('kde,bke->bkd',
-                                                jnp.asarray(self.covs, jnp.float32), scores))
-    return jnp.einsum('bk,bkd->bd', resp, x0_k)
+    resp, scores = self._posterior_terms(x, alpha, sigma)
+    return self._mean_from_terms(resp, scores, alpha)
 
   def responsibilities(self, x: jax.Array) -> jax.Array:
     """p(component | x) for clean data x: [B, D] -> [B, K]."""
@@ -128,11 +135,12 @@ class GaussianMixture(NamedTuple):
       del cond
       t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
       alpha, sigma = process.alpha(t), process.sigma(t)
-      score = self.score(x, alpha, sigma)
+      resp, scores = self._posterior_terms(x, alpha, sigma)  # one inverse per component
+      score = jnp.einsum('bk,bkd->bd', resp, scores)
       if prediction in ('eps', 'score'):
         return processes.convert_prediction(score, x, alpha, sigma, source='score',
                                             target=prediction)
-      x0 = self.posterior_mean(x, alpha, sigma)
+      x0 = self._mean_from_terms(resp, scores, alpha)
       eps = -sigma[:, None] * score
       if prediction == 'x0':
         return x0
