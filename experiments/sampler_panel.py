@@ -7,7 +7,8 @@
     python experiments/sampler_panel.py --phase=sweep      # defaults at 1-100 steps vs DDIM
 
 Issue 22. Every oracle is a Gaussian mixture with diagonal component covariances (dimension 2-64,
-component std 0.03-1, mean spread 0.5-3, zero or non-zero mean) under a process: the discrete
+component std 0.03-1, mean spread 0.5-3, zero or non-zero mean; on the held-out panel also
+``SINGLES`` off-centre single Gaussians per process) under a process: the discrete
 linear and cosine schedules, the VP and VE SDEs (and, held out only, SD's scaled-linear schedule
 and the continuous VP SDE). The error of a run is the RMS (over samples and coordinates) distance
 to the exact probability-flow map from the same x_T (float64 SciPy, integrated in log sigma/alpha
@@ -59,6 +60,11 @@ BAND_RUNS = {5: (5, 7), 10: (8, 10, 14), 20: (16, 20, 30), 50: (40, 50)}
 DIMS = (2, 4, 8, 16, 32, 64)
 SPACINGS = ('linspace', 'leading', 'trailing')
 RHO_END = 1e-7  # where the reference integration stops; Tweedie's formula finishes it
+# Single Gaussians per process of the held-out panel: no other mode to send a sample to, so the
+# errors within a mode (sampler_single_gaussian.py) are not hidden behind the mixtures' mode
+# flips. The choosing panel has none: choosing with them (docs/benchmarks.md) was worse on the
+# held-out and target panels.
+SINGLES = 2
 CHOOSE_SEED = 100  # x_T of the choosing panel's runs (sampler_grid_fit.py reuses their errors)
 
 
@@ -126,7 +132,10 @@ def random_oracle(rng, name, *, dim=None, k=None, std=None, spread=None, zero_me
 
 
 def make_process(name):
+  """The process of a panel entry: 'linear', 'cosine', 'scaled_linear', 'vp', 've' (an entry
+  'linear/single' holds that process's single-Gaussian oracles)."""
   from diffusion_jax import processes, sde  # pylint: disable=import-outside-toplevel
+  name = name.split('/')[0]
   if name == 'linear':
     return processes.DiscreteVP.linear()
   if name == 'cosine':
@@ -141,7 +150,10 @@ def make_process(name):
 
 
 def panel(kind, per_process):
-  """{process name: [Oracle]} of the 'choose', 'heldout' or 'target' panel."""
+  """{entry: [Oracle]} of the 'choose', 'heldout' or 'target' panel: per process ``per_process``
+  mixtures (entry: the process's name) and, on the held-out panel, ``SINGLES`` off-centre single
+  Gaussians (entry '<process>/single', a batch and random stream of their own, so the mixtures'
+  draws and x_T are those of the panel without them)."""
   if kind == 'choose':
     names, seed = ('linear', 'cosine', 've'), 0
   elif kind == 'heldout':
@@ -158,6 +170,10 @@ def panel(kind, per_process):
     while len(oracles) < per_process:
       oracles.append(random_oracle(rng, f'{kind}/{name}/{len(oracles)}'))
     out[name] = oracles
+    if kind == 'heldout':
+      rng = np.random.default_rng([seed, j, 1])
+      out[f'{name}/single'] = [random_oracle(rng, f'{kind}/{name}/single{i}', k=1,
+                                             zero_mean=False) for i in range(SINGLES)]
   return out
 
 
@@ -574,8 +590,8 @@ def choose(args):
 
 def _select_with_trained(raw, args):
   """The choice from ``raw``, with the digits model of ``--choose-digits-workdir`` added first
-  (unless ``raw`` has it); writes the raw errors to ``--errors``."""
-  if args.choose_digits_workdir and 'trained/digits' not in raw:
+  (the shortlisted runs ``raw`` lacks); writes the raw errors to ``--errors``."""
+  if args.choose_digits_workdir:
     raw = choose_trained(raw, args)
   if args.errors:
     with open(args.errors, 'w') as f:
@@ -763,7 +779,7 @@ def report(args, kind):
   print('| NFE | ours best (geo-mean err) | diffusers best (geo-mean err) | ratio geo-mean | '
         'ratio worst | best of ours, most often | best diffusers, most often |')
   print('|---|---|---|---|---|---|---|')
-  summary = {}
+  summary, ratios = {}, {}
   for nfe in NFES:
     o_best, p_best, o_who, p_who = [], [], [], []
     for _, ours, peers in rows[nfe]:
@@ -777,8 +793,16 @@ def report(args, kind):
     o_best, p_best = np.concatenate(o_best), np.concatenate(p_best)
     ratio = o_best / p_best
     summary[nfe] = (_gmean(ratio), float(np.max(ratio)))
+    ratios[nfe] = ratio
     print(f'| {nfe} | {_gmean(o_best):.2e} | {_gmean(p_best):.2e} | {_gmean(ratio):.2f} | '
           f'{np.max(ratio):.2f} | {_mode(o_who)} | {_mode(p_who)} |')
+  single = np.array(['/single' in n for n in names])
+  if single.any():
+    print()
+    for label, mask in (('mixtures', ~single), ('single Gaussians', single)):
+      print(f'- the {mask.sum()} {label}: ratio geo-mean (worst) ' + ' / '.join(
+          f'{_gmean(ratios[nfe][mask]):.2f} ({np.max(ratios[nfe][mask]):.2f})' for nfe in NFES)
+            + f' at NFE {" / ".join(map(str, NFES))}')
   print('\n### each method / scheduler: geometric-mean error over the panel, and its ratio to '
         'the best diffusers scheduler per oracle\n')
   peer_names = list(diffusers_configs())
@@ -806,6 +830,19 @@ def report(args, kind):
     _, _, peers = rows[nfe][0]
     print(f'- NFE {nfe}: ' + '; '.join(f'{n} [{v[2]}, {v[1]} calls]' for n, v in peers.items()))
   print(f'\n({time.time() - t0:.0f} s)', flush=True)
+  if args.errors:  # per oracle, every method's and scheduler's error at each NFE
+    dump = {}
+    if os.path.exists(args.errors):
+      with open(args.errors) as f:
+        dump = json.load(f)
+    dump[kind] = {
+        'oracles': names,
+        'errors': {str(nfe): {name: np.concatenate([
+            ours[name] if name in OURS else peers[name][0] if name in peers
+            else np.full(len(ours[OURS[0]]), np.inf) for _, ours, peers in rows[nfe]]).tolist()
+                              for name in OURS + tuple(diffusers_configs())} for nfe in NFES}}
+    with open(args.errors, 'w') as f:
+      json.dump(dump, f)
   return summary
 
 
@@ -888,34 +925,45 @@ def choose_trained(raw, args):
   t0 = time.time()
   register_cosine_shapes()
   cands = candidates()
-  ranking, _ = _ranking(_pool(raw, args))
+  # The model's runs ``raw`` has (an earlier choice on the same model) are kept and only the
+  # shortlisted ones it lacks run; the shortlist is ranked on the oracles alone either way.
+  out = dict(raw.get('trained/digits', {}))
+  spent_ddim = dict(raw.get('trained/digits:ddim', {}))
+  oracles = {p: v for p, v in raw.items() if not p.startswith('trained/')}
+  ranking, _ = _ranking(_pool(oracles, args))
+  todo = [(nfe, method, i, r) for nfe, per_method in ranking.items()
+          for method, order in per_method.items() for i in order[:args.trained_shortlist]
+          for r in BAND_RUNS[nfe]
+          if f'{method}|{i}|{r}' not in out and any(f'{method}|{i}|{r}' in v
+                                                     for v in oracles.values())]
+  todo = list(dict.fromkeys(todo))
+  print(f'# digits model: {len(out)} runs kept, {len(todo)} to run', flush=True)
+  if not todo:
+    return raw
   digits = Digits(args.choose_digits_workdir, args.digits_batch)
   print(f'# digits model {args.choose_digits_workdir} (step {digits.step}), B = '
         f'{args.digits_batch}: reference ready at {time.time() - t0:.0f} s (3M check RMS '
         f'{digits.check:.1e})', flush=True)
-  out, spent_ddim, ddim_at = {}, {}, {}
-  for nfe, per_method in ranking.items():
-    for method, order in per_method.items():
-      for i in order[:args.trained_shortlist]:
-        for r in BAND_RUNS[nfe]:
-          key = f'{method}|{i}|{r}'
-          if key in out or not any(key in v for v in raw.values()):
-            continue  # run already, or not run on the oracles either
-          n = steps_for(digits.process, method, r, cands[method][i])
-          if n is None:
-            out[key] = [float('inf')]
-            continue
-          x0, used = digits.run(method, n, **cands[method][i])
-          assert used == nfe_of(digits.process, method, n, cands[method][i]), (method, n, used)
-          if used < r:
-            if used not in ddim_at:
-              i_ddim = ranking[NFES[defaults.band('ddim', used)]]['ddim'][0]
-              ddim_at[used] = digits.error(digits.run('ddim', used, **cands['ddim'][i_ddim])[0])
-            spent_ddim[key] = ddim_at[used]
-          e = digits.error(x0)
-          out[key] = [e if np.isfinite(e) else float('inf')]
-          if len(out) % 20 == 0:
-            print(f'# digits model: {len(out)} runs at {time.time() - t0:.0f} s', flush=True)
+  ddim_at = {}
+  for nfe, method, i, r in todo:
+    key = f'{method}|{i}|{r}'
+    if key in out:
+      continue
+    n = steps_for(digits.process, method, r, cands[method][i])
+    if n is None:
+      out[key] = [float('inf')]
+      continue
+    x0, used = digits.run(method, n, **cands[method][i])
+    assert used == nfe_of(digits.process, method, n, cands[method][i]), (method, n, used)
+    if used < r:
+      if used not in ddim_at:
+        i_ddim = ranking[NFES[defaults.band('ddim', used)]]['ddim'][0]
+        ddim_at[used] = digits.error(digits.run('ddim', used, **cands['ddim'][i_ddim])[0])
+      spent_ddim[key] = ddim_at[used]
+    e = digits.error(x0)
+    out[key] = [e if np.isfinite(e) else float('inf')]
+    if len(out) % 20 == 0:
+      print(f'# digits model: {len(out)} runs at {time.time() - t0:.0f} s', flush=True)
   print(f'# digits model: {len(out)} runs done at {time.time() - t0:.0f} s', flush=True)
   raw = dict(raw)
   raw['trained/digits'], raw['trained/digits:ddim'] = out, spent_ddim
@@ -932,7 +980,7 @@ def _far(b, x0):
   out = []
   for i, o in enumerate(b.oracles):
     gap = np.linalg.norm(o.means[:, None] - o.means[None], axis=-1)
-    half = 0.5 * np.min(gap[~np.eye(len(o.means), dtype=bool)])
+    half = 0.5 * np.min(gap[~np.eye(len(o.means), dtype=bool)], initial=np.inf)  # K = 1: inf
     out.append(int(np.sum(d[i * b.batch:(i + 1) * b.batch] > half)))
   return np.array(out)
 
@@ -947,6 +995,8 @@ def sweep(args):
   raw = {}
   for kind in args.sweep_panels.split(','):
     for pname, oracles in panel(kind, args.per_process).items():
+      if args.sweep_entries and not any(e in pname for e in args.sweep_entries.split(',')):
+        continue
       b = Batch(make_process(pname), oracles, args.batch,
                 seed=CHOOSE_SEED if kind == 'choose' else 200)
       ddim = {}
@@ -1051,7 +1101,9 @@ def main():
   parser.add_argument('--choice', default='/tmp/sampler_panel_choice.json')
   parser.add_argument('--panels', default='heldout,target')
   parser.add_argument('--jobs', type=int, default=1, help='worker processes for --phase=choose')
-  parser.add_argument('--errors', default=None, help='also write the raw errors there (JSON)')
+  parser.add_argument('--errors', default=None,
+                      help='also write the raw errors there (JSON; --phase=report: per oracle '
+                      'and panel, each of ours and each diffusers scheduler)')
   parser.add_argument('--methods', default=None,
                       help='choose: run only these (comma-separated), keeping the others\' '
                       'errors from --errors')
@@ -1082,6 +1134,9 @@ def main():
                       'unless they have it)')
   parser.add_argument('--sweep-panels', default='choose,heldout',
                       help="--phase=sweep: the panels ('choose', 'heldout', 'target')")
+  parser.add_argument('--sweep-entries', default=None,
+                      help="--phase=sweep: only the panel entries whose name contains one of "
+                      "these (comma-separated; e.g. 'single', 'linear')")
   args = parser.parse_args()
   if args.missing_only and (args.methods or args.nfes):
     # The --methods / --nfes merge would replace the errors --missing-only starts from.
