@@ -84,7 +84,8 @@ def test_defaults_are_filled_in_and_yield_to_the_caller():
   assert got['grid'] == 'karras' and 'spacing' not in got
   times = np.array([9.0, 1.0])
   got = defaults.with_defaults('unipc', 10, {'times': times})
-  assert 'grid' not in got and 'spacing' not in got and got['order'] == 3
+  assert 'grid' not in got and 'spacing' not in got
+  assert got['order'] == defaults.default_options('unipc', 10)['order']  # the rest still applies
   levels = sampling.core.Levels(np.ones(3), np.array([1.0, 0.5, 0.0]))
   assert list(defaults.with_defaults('unipc', 10, {'times': times, 'levels': levels})) == [
       'times', 'levels']
