@@ -28,8 +28,8 @@ down to 1e-7 and finished with Tweedie's formula), so it is pure discretization 
   TARGET mixtures (issue 22's 8-D example and others, outside both panels): each method with
   ``sampling.sample(method=..., num_steps=...)`` and nothing else (the library's defaults), and
   diffusers' schedulers (DDIM, DPM++ 2M, DPM++ 3M, UniPC, Euler, Heun, PNDM) with their usual
-  settings and every ``timestep_spacing``, one setting per scheduler and NFE (the best geometric
-  mean over the panel). NFE counts model evaluations (Heun: 2 per step less one; PNDM: one more
+  settings and every ``timestep_spacing``, one setting per scheduler, NFE and entry (the best
+  geometric mean over a process's mixtures, or over its single Gaussians). NFE counts model evaluations (Heun: 2 per step less one; PNDM: one more
   than steps); ours and theirs at the largest step count whose NFE fits.
 - ``sweep``: no silent blow-up between the bands' NFEs: on the panels of ``--sweep-panels``,
   each deterministic method with its defaults at every num_steps of ``SWEEP_STEPS``, its error
@@ -774,7 +774,8 @@ def report(args, kind):
     print(f'- {name}')
   print('\n### ours (defaults: method and num_steps only) vs diffusers\n')
   print('Per oracle, the error of the best of ours and of the best diffusers scheduler (each '
-        'scheduler at its best setting over the panel); ratio = ours / diffusers, geometric '
+        'scheduler at its best setting over each entry: a process\'s mixtures, its single '
+        'Gaussians); ratio = ours / diffusers, geometric '
         'mean and worst over the oracles; a ratio below 1 is ours ahead.\n')
   print('| NFE | ours best (geo-mean err) | diffusers best (geo-mean err) | ratio geo-mean | '
         'ratio worst | best of ours, most often | best diffusers, most often |')
