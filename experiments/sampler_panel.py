@@ -29,8 +29,9 @@ down to 1e-7 and finished with Tweedie's formula), so it is pure discretization 
   ``sampling.sample(method=..., num_steps=...)`` and nothing else (the library's defaults), and
   diffusers' schedulers (DDIM, DPM++ 2M, DPM++ 3M, UniPC, Euler, Heun, PNDM) with their usual
   settings and every ``timestep_spacing``, one setting per scheduler, NFE and entry (the best
-  geometric mean over a process's mixtures, or over its single Gaussians). NFE counts model evaluations (Heun: 2 per step less one; PNDM: one more
-  than steps); ours and theirs at the largest step count whose NFE fits.
+  geometric mean over a process's mixtures, or over its single Gaussians). NFE counts model
+  evaluations (Heun: 2 per step less one; PNDM: one more than steps); ours and theirs at the
+  largest step count whose NFE fits.
 - ``sweep``: no silent blow-up between the bands' NFEs: on the panels of ``--sweep-panels``,
   each deterministic method with its defaults at every num_steps of ``SWEEP_STEPS``, its error
   per oracle against DDIM's (defaults) at the NFE the run spent.
@@ -932,12 +933,11 @@ def choose_trained(raw, args):
   spent_ddim = dict(raw.get('trained/digits:ddim', {}))
   oracles = {p: v for p, v in raw.items() if not p.startswith('trained/')}
   ranking, _ = _ranking(_pool(oracles, args))
-  todo = [(nfe, method, i, r) for nfe, per_method in ranking.items()
+  todo = [(method, i, r) for nfe, per_method in ranking.items()
           for method, order in per_method.items() for i in order[:args.trained_shortlist]
           for r in BAND_RUNS[nfe]
           if f'{method}|{i}|{r}' not in out and any(f'{method}|{i}|{r}' in v
                                                      for v in oracles.values())]
-  todo = list(dict.fromkeys(todo))
   print(f'# digits model: {len(out)} runs kept, {len(todo)} to run', flush=True)
   if not todo:
     return raw
@@ -946,10 +946,8 @@ def choose_trained(raw, args):
         f'{args.digits_batch}: reference ready at {time.time() - t0:.0f} s (3M check RMS '
         f'{digits.check:.1e})', flush=True)
   ddim_at = {}
-  for nfe, method, i, r in todo:
+  for method, i, r in todo:  # each (method, option set, NFE) once: a NFE is in one band only
     key = f'{method}|{i}|{r}'
-    if key in out:
-      continue
     n = steps_for(digits.process, method, r, cands[method][i])
     if n is None:
       out[key] = [float('inf')]
