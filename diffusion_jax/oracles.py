@@ -59,24 +59,32 @@ class GaussianMixture(NamedTuple):
 
   # --- closed forms under noise (JAX, jittable) -----------------------------------------------
 
-  def _noised(self, alpha, sigma):
-    alpha = jnp.asarray(alpha, jnp.float32)
-    sigma = jnp.asarray(sigma, jnp.float32)
-    eye = jnp.eye(self.dim, dtype=jnp.float32)
-    means = alpha[..., None, None] * jnp.asarray(self.means, jnp.float32)  # [..., K, D]
-    covs = (jnp.square(alpha)[..., None, None, None] * jnp.asarray(self.covs, jnp.float32)
-            + jnp.square(sigma)[..., None, None, None] * eye)  # [..., K, D, D]
-    return means, covs
+  def _eigh(self):
+    """The covariances' eigendecomposition ``C_k = U_k diag(lam_k) U_k^T``: lam [K, D], U [K, D, D]
+    (float32; computed in float64 NumPy when the covariances are concrete)."""
+    if isinstance(self.covs, jax.core.Tracer):  # a mixture passed through jit as a pytree
+      lam, u = jnp.linalg.eigh(self.covs)
+    else:
+      lam, u = np.linalg.eigh(np.asarray(self.covs, np.float64))
+    return jnp.asarray(lam, jnp.float32), jnp.asarray(u, jnp.float32)
 
   def _component_terms(self, x, alpha, sigma):
-    """Per-component log-density [B, K] and score [B, K, D] of x: [B, D] at (alpha, sigma): [B]."""
-    means, covs = self._noised(alpha, sigma)
-    prec = jnp.linalg.inv(covs)
-    diff = x[:, None, :] - means
-    sol = jnp.einsum('bkde,bke->bkd', prec, diff)
-    _, logdet = jnp.linalg.slogdet(covs)
+    """Per-component log-density [B, K] and score [B, K, D] of x: [B, D] at (alpha, sigma): [B].
+
+    In each component's eigenbasis ``alpha^2 C_k + sigma^2 I`` is ``diag(alpha^2 lam_k + sigma^2)``,
+    so its inverse and log-determinant are elementwise: no matrix inverse in the traced function
+    (jnp.linalg's batched LAPACK calls inside Heun's compiled loop hung XLA's CPU runtime at
+    B = 500, D = 8; see tests/test_sampling.py).
+    """
+    lam, u = self._eigh()
+    var = (jnp.square(alpha)[:, None, None] * lam
+           + jnp.square(sigma)[:, None, None])  # [B, K, D]
+    diff = x[:, None, :] - alpha[:, None, None] * jnp.asarray(self.means, jnp.float32)
+    z = jnp.einsum('kde,bkd->bke', u, diff) / var  # U_k^T diff, scaled: the solve in the eigenbasis
+    sol = jnp.einsum('kde,bke->bkd', u, z)  # (alpha^2 C_k + sigma^2 I)^-1 diff
     logp = (jnp.log(jnp.asarray(self.weights, jnp.float32))
-            - 0.5 * (self.dim * jnp.log(2 * jnp.pi) + logdet + jnp.sum(diff * sol, -1)))
+            - 0.5 * (self.dim * jnp.log(2 * jnp.pi) + jnp.sum(jnp.log(var), -1)
+                     + jnp.sum(diff * sol, -1)))
     return logp, -sol
 
   def log_prob(self, x: jax.Array, alpha=1.0, sigma=0.0) -> jax.Array:
@@ -135,7 +143,7 @@ class GaussianMixture(NamedTuple):
       del cond
       t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
       alpha, sigma = process.alpha(t), process.sigma(t)
-      resp, scores = self._posterior_terms(x, alpha, sigma)  # one inverse per component
+      resp, scores = self._posterior_terms(x, alpha, sigma)  # the terms eps and x0 share
       score = jnp.einsum('bk,bkd->bd', resp, scores)
       if prediction in ('eps', 'score'):
         return processes.convert_prediction(score, x, alpha, sigma, source='score',
