@@ -1000,6 +1000,8 @@ def sweep(args):
                 seed=CHOOSE_SEED if kind == 'choose' else 200)
       ddim = {}
       for m in OURS[1:]:
+        if args.methods and m not in args.methods.split(','):
+          continue
         for n in SWEEP_STEPS:
           x0, info = _sample(b, m, n, {})
           nfe = int(info['nfe'])
@@ -1105,7 +1107,7 @@ def main():
                       'and panel, each of ours and each diffusers scheduler)')
   parser.add_argument('--methods', default=None,
                       help='choose: run only these (comma-separated), keeping the others\' '
-                      'errors from --errors')
+                      'errors from --errors; sweep: sweep only these')
   parser.add_argument('--digits-workdir', default='runs/digits',
                       help="--phase=trained: the workdir of a configs/digits.py run (its EMA "
                       "params); its samples' error against a 1000-step reference")

@@ -90,3 +90,15 @@ def test_defaults_are_filled_in_and_yield_to_the_caller():
   assert list(defaults.with_defaults('unipc', 10, {'times': times, 'levels': levels})) == [
       'times', 'levels']
   assert defaults.band('heun', 4) == 0 and defaults.band('heun', 5) == 1  # NFE 7 and 9
+
+
+@pytest.mark.parametrize('name', sorted(ORACLES))
+def test_ipndm_second_order_last_step_at_few_steps(name):
+  # plms.LOWER_ORDER_FINAL_BELOW was set on the choosing panel; on these oracles (outside it)
+  # the second-order last step is the more accurate at 3 and 4 steps too (measured 0.71 / 0.65x
+  # DDIM against 1.09 / 0.96x on linear-2d, 0.81 / 0.70x against 1.07 / 0.89x on ve-5d).
+  process, model, x_T, ref, _ = _setup(name)
+  for num_steps in (3, 4):
+    run = lambda lof: _rms(sampling.sample(model, process, method='plms', num_steps=num_steps,
+                                           x_T=x_T, lower_order_final=lof), ref)
+    assert run(None) == run(True) < run(False), num_steps

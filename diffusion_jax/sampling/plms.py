@@ -29,7 +29,10 @@ alpha``, ``s = sigma / alpha`` the PF-ODE is ``dy/ds = eps`` and ``eps = dy/ds``
 function of s at the data (``core`` module docstring: y is smooth in s^2), so an AB step onto
 s = 0 is sound when it is as long as the steps before it (trailing ends); after the short steps
 that end a 'linspace' grid it is replaced by ``y - s_0 e / 2`` (eps ~ e s / s_0 near the data),
-without which the error stalls at 3e-4 on the oracle from 160 steps on. The AB weights assume
+without which the error stalls at 3e-4 on the oracle from 160 steps on. Below
+``LOWER_ORDER_FINAL_BELOW`` steps (``lower_order_final``) the last step is AB of at most second
+order, as PLMS's final extrapolation: over so coarse a grid the third-order extrapolation of eps
+onto s = 0 sent samples near a boundary between modes into the other one. The AB weights assume
 equal steps, so on the usual non-uniform grids iPNDM converges with order 2 whatever ``order``
 is, as PLMS (measured: slopes 1.9-2.4 from 80 to 640 steps, linear schedule). Measured on the
 oracle (experiments/bench_samplers.py, RMS error vs the exact map, quadratic grid with trailing
@@ -63,6 +66,16 @@ from diffusion_jax import processes
 from diffusion_jax.sampling import core
 from diffusion_jax.sampling.ddim import ddim
 
+# iPNDM (warm_start='ab') below this many steps takes AB of at most second order on its last step,
+# onto the data (lower_order_final=None), as diffusers' lower_order_final does for DPM-Solver.
+# Measured on experiments/sampler_panel.py's choosing panel (18 mixtures, 1024 samples, x_T
+# other than the choice's; order 3 on the cosine grid, the 5-NFE band's choice), worst / geometric
+# mean ratio to DDIM at the same NFE, reference last step -> second-order last step: 3 steps
+# 1.63 / 1.03 -> 1.21 / 0.89, 4: 1.50 / 0.84 -> 1.05 / 0.74, 5: 1.10 / 0.67 -> 0.98 / 0.62,
+# 7: 0.81 / 0.47 -> 0.79 / 0.46; 8: 1.12 / 0.60 -> 1.15 / 0.61, 10 (the log-SNR grid of the
+# 10-NFE band): 0.98 / 0.54 -> 1.03 / 0.54. 8 is the first step count of the 10-NFE band.
+LOWER_ORDER_FINAL_BELOW = 8
+
 # Adams-Bashforth weights by order, newest first (row k = order k).
 _AB = np.zeros((5, 4), np.float32)
 _AB[1, :1] = [1.0]
@@ -75,7 +88,7 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
          key: jax.Array | None = None, prediction: str = 'eps', t_start: float | None = None,
          grid: str | None = None, spacing: str | None = None, times=None,
          levels: core.Levels | None = None, step_hook: core.StepHook | None = None,
-         order: int = 4, warm_start: str = 'heun',
+         order: int = 4, warm_start: str = 'heun', lower_order_final: bool | None = None,
          analytic_first_step: bool = False, clip_x0: bool = False,
          dynamic_threshold: float | None = None,
          return_trajectory: bool = False, callback=None) -> tuple[jax.Array, dict]:
@@ -103,6 +116,10 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
     warm_start: 'heun' (PNDM's S-PNDM start: a pseudo improved Euler first step, then AB2, AB3)
       or 'ab' (iPNDM: Euler first step, then AB of rising order; the more accurate at <= 20 NFE
       on the oracle, see the module docstring).
+    lower_order_final: with warm_start='ab' (or PNDM's fall-back to iPNDM's start), the last step (onto the data) uses AB of at most
+      second order, as PLMS's final extrapolation; False: ``order`` there too, as the reference
+      iPNDM. None: True below ``LOWER_ORDER_FINAL_BELOW`` steps (``sampling.sample`` passes the
+      value of the run's NFE band, ``defaults.py``).
     analytic_first_step: with warm_start='ab', the first step's noise prediction in closed form
       instead of from the model (AMED's AFS, module docstring): NFE = n - 1, n >= 2.
     clip_x0, dynamic_threshold: see ``core.make_denoiser``.
@@ -118,6 +135,10 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   if warm_start not in ('heun', 'ab'):
     raise ValueError(f"plms: warm_start={warm_start!r} is not known; use 'heun' (PNDM) or 'ab' "
                      '(iPNDM).')
+  if lower_order_final is None:
+    lower_order_final = num_steps < LOWER_ORDER_FINAL_BELOW
+  if not isinstance(lower_order_final, (bool, np.bool_)):
+    raise ValueError(f'plms: lower_order_final must be True or False, got {lower_order_final!r}.')
   if analytic_first_step and warm_start != 'ab':
     raise ValueError("plms: analytic_first_step=True needs warm_start='ab' (iPNDM); PNDM's Heun "
                      'start evaluates the model twice at the first step.')
@@ -131,7 +152,8 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   if warm_start == 'ab':
     return _ipndm(model_fn, process, x_T, num_steps=n, prediction=prediction, grid=grid,
                   spacing=spacing, times=times, t_start=t_start, step_hook=step_hook,
-                  order=order, analytic_first_step=bool(analytic_first_step), clip_x0=clip_x0,
+                  order=order, lower_order_final=bool(lower_order_final),
+                  analytic_first_step=bool(analytic_first_step), clip_x0=clip_x0,
                   dynamic_threshold=dynamic_threshold, return_trajectory=return_trajectory,
                   callback=callback)
   if n == 1 or order == 1:
@@ -152,7 +174,8 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
     # step, then AB of rising order, is what remains (NFE = num_steps).
     return _ipndm(model_fn, process, x_T, num_steps=n, prediction=prediction, grid=None,
                   spacing=None, times=np.asarray(sched.t), t_start=None, step_hook=step_hook,
-                  order=order, analytic_first_step=False, clip_x0=clip_x0,
+                  order=order, lower_order_final=bool(lower_order_final),
+                  analytic_first_step=False, clip_x0=clip_x0,
                   dynamic_threshold=dynamic_threshold, return_trajectory=return_trajectory,
                   callback=callback)
   denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
@@ -213,9 +236,10 @@ AFS_MAX_SNR_RATIO = 0.1
 
 
 def _ipndm(model_fn, process, x_T, *, num_steps, prediction, grid, spacing, times, t_start,
-           step_hook, order, analytic_first_step, clip_x0, dynamic_threshold, return_trajectory,
-           callback):
-  """iPNDM (``plms(..., warm_start='ab')``): AB of order ``min(i + 1, order)`` at step i."""
+           step_hook, order, lower_order_final, analytic_first_step, clip_x0, dynamic_threshold,
+           return_trajectory, callback):
+  """iPNDM (``plms(..., warm_start='ab')``): AB of order ``min(i + 1, order)`` at step i, at
+  most 2 at the last with ``lower_order_final``."""
   n = num_steps
   if analytic_first_step and n < 2:
     raise ValueError(f'plms: analytic_first_step=True needs num_steps >= 2 (NFE = num_steps - 1), '
@@ -236,9 +260,12 @@ def _ipndm(model_fn, process, x_T, *, num_steps, prediction, grid, spacing, time
   denoise = core.make_denoiser(model_fn, process, prediction=prediction, clip_x0=clip_x0,
                                dynamic_threshold=dynamic_threshold)
   i = np.arange(n)
+  ab_order = np.minimum(i + 1, order)
+  if lower_order_final:
+    ab_order[-1] = min(ab_order[-1], 2)
   xs = {'i': jnp.asarray(i), 't': sched.t, 'alpha': sched.alpha[:-1], 'sigma': sched.sigma[:-1],
         'alpha_next': sched.alpha[1:], 'sigma_next': sched.sigma[1:],
-        'ab': jnp.asarray(_AB[np.minimum(i + 1, order)]), 'rho': sched.rho[:-1],
+        'ab': jnp.asarray(_AB[ab_order]), 'rho': sched.rho[:-1],
         # sigma / alpha of the previous evaluation (the first step has none: twice its own).
         'rho_prev': jnp.concatenate([2.0 * sched.rho[:1], sched.rho[:-2]]),
         'last': jnp.asarray(i == n - 1)}
