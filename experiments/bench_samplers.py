@@ -234,10 +234,12 @@ def our_candidates(quick: bool):
            ('logsnr', 'trailing'), ('karras', 'trailing'), ('quadratic', 'trailing')]
   if quick:
     grids = [('uniform', 'trailing'), ('quadratic', None), ('quadratic', 'trailing')]
-  methods = [('ddim', {}), ('plms', {}), ('plms', {'warm_start': 'ab', 'order': 3}),
-             ('plms', {'warm_start': 'ab', 'order': 4}),
-             ('plms', {'warm_start': 'ab', 'order': 3, 'analytic_first_step': True}),
-             ('plms', {'warm_start': 'ab', 'order': 4, 'analytic_first_step': True}),
+  # iPNDM as its reference (the last step at the full order; the library's default below 8 steps
+  # is a second-order last step, plms.LOWER_ORDER_FINAL_BELOW).
+  ab = {'warm_start': 'ab', 'lower_order_final': False}
+  methods = [('ddim', {}), ('plms', {}), ('plms', dict(ab, order=3)), ('plms', dict(ab, order=4)),
+             ('plms', dict(ab, order=3, analytic_first_step=True)),
+             ('plms', dict(ab, order=4, analytic_first_step=True)),
              ('heun', {}), ('dpmpp_2m', {}),
              ('dpmpp_3m', {}),
              ('unipc', {'order': 2, 'variant': 'bh2'}),
