@@ -220,3 +220,21 @@ def test_model_output_of_another_shape_is_refused(output, error, guided):
   with pytest.raises(error, match='model_fn'):
     sampling.sample(lambda x, t, cond=None: output(x), process, method='dpmpp_2m', num_steps=3,
                     x_T=x_T, **kwargs)
+
+
+def test_third_order_needs_a_history_step_not_much_shorter():
+  # grid='optimized' on SD's scaled-linear schedule: its offsets push two interior times to the
+  # grid's minimum step, then a 0.49 step (in lambda) that third order would take over them
+  # (UniPC-3 at 13 steps: 2.26x DDIM's error on a held-out mixture, docs/benchmarks.md).
+  from diffusion_jax.sampling import core, dpm_solver  # pylint: disable=import-outside-toplevel
+  process = processes.DiscreteVP.from_betas(np.linspace(0.00085**0.5, 0.012**0.5, 1000)**2)
+  sched = core.make_schedule(process, 13, grid='optimized', spacing='trailing', method='unipc')
+  with np.errstate(divide='ignore'):  # the data: sigma = 0, lambda = inf
+    lam = np.log(np.asarray(sched.alpha, np.float64)) - np.log(np.asarray(sched.sigma, np.float64))
+  h = np.diff(lam)
+  orders = dpm_solver.cap_third_order(np.full(13, 3), sched)
+  for i in range(1, 12):
+    short = h[i - 1] < dpm_solver.MIN_THIRD_ORDER_HISTORY_RATIO * h[i]
+    coarse = h[i] > dpm_solver.MAX_THIRD_ORDER_STEP
+    assert orders[i] == (2 if short or coarse else 3), (i, h[i - 1], h[i])
+  assert any(h[i - 1] < 0.25 * h[i] <= 0.125 for i in range(1, 12))  # the case above is there
