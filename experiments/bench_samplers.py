@@ -234,7 +234,7 @@ def our_candidates(quick: bool):
            ('logsnr', 'trailing'), ('karras', 'trailing'), ('quadratic', 'trailing')]
   if quick:
     grids = [('uniform', 'trailing'), ('quadratic', None), ('quadratic', 'trailing')]
-  # iPNDM as its reference (the last step at the full order; the library's default below 8 steps
+  # iPNDM as its reference (the last step at the full order; the library's default below 5 steps
   # is a second-order last step, plms.LOWER_ORDER_FINAL_BELOW).
   ab = {'warm_start': 'ab', 'lower_order_final': False}
   methods = [('ddim', {}), ('plms', {}), ('plms', dict(ab, order=3)), ('plms', dict(ab, order=4)),
