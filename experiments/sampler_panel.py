@@ -1006,6 +1006,22 @@ def _recheck(args, kind, pname, oracles, cells, rechecked):
                         int(_far(b, x0)[0]), ddim[nfe][1]))
 
 
+def _print_rechecked(args, rechecked):
+  """The table of ``_recheck``'s cells and a count per (panel, method)."""
+  print(f'\n## cells > 2x DDIM at B = {args.batch}, again at B = {args.recheck_batch} with '
+        'other x_T (seed 201): ratio to DDIM, samples sent to another mode (ours / DDIM)\n')
+  print(f'| panel | method | oracle | num_steps | NFE | ratio, B = {args.batch} | ratio, B = '
+        f'{args.recheck_batch} | another mode, B = {args.recheck_batch} |')
+  print('|---|---|---|---|---|---|---|---|')
+  for r in rechecked:
+    print(f'| {r[0]} | {r[1]} | {r[2].split("/", 1)[1]} | {r[3]} | {r[4]} | {r[5]:.2f} | '
+          f'{r[6]:.2f} | {r[7]} / {r[8]} |')
+  for (kind, m) in sorted({(r[0], r[1]) for r in rechecked}):
+    rs = [r for r in rechecked if r[:2] == (kind, m)]
+    print(f'- {kind} {m}: {sum(not r[6] <= 2.0 for r in rs)} of {len(rs)} over 2x at B = '
+          f'{args.recheck_batch} (worst {max(r[6] for r in rs):.2f})')
+
+
 def sweep(args):
   """Each method's defaults at every num_steps of ``SWEEP_STEPS`` against DDIM's defaults at the
   NFE spent, per oracle of the ``--sweep-panels``; prints the worst ratio per method and panel,
@@ -1045,18 +1061,7 @@ def sweep(args):
         _recheck(args, kind, pname, oracles, cells, rechecked)
       print(f'# {kind}/{pname} done at {time.time() - t0:.0f} s', flush=True)
   if rechecked:
-    print(f'\n## cells > 2x DDIM at B = {args.batch}, again at B = {args.recheck_batch} with '
-          'other x_T (seed 201): ratio to DDIM, samples sent to another mode (ours / DDIM)\n')
-    print(f'| panel | method | oracle | num_steps | NFE | ratio, B = {args.batch} | ratio, B = '
-          f'{args.recheck_batch} | another mode, B = {args.recheck_batch} |')
-    print('|---|---|---|---|---|---|---|---|')
-    for r in rechecked:
-      print(f'| {r[0]} | {r[1]} | {r[2].split("/", 1)[1]} | {r[3]} | {r[4]} | {r[5]:.2f} | '
-            f'{r[6]:.2f} | {r[7]} / {r[8]} |')
-    for (kind, m) in sorted({(r[0], r[1]) for r in rechecked}):
-      rs = [r for r in rechecked if r[:2] == (kind, m)]
-      print(f'- {kind} {m}: {sum(not r[6] <= 2.0 for r in rs)} of {len(rs)} over 2x at B = '
-            f'{args.recheck_batch} (worst {max(r[6] for r in rs):.2f})')
+    _print_rechecked(args, rechecked)
     raw['recheck'] = [list(r) for r in rechecked]
   if args.errors:
     with open(args.errors, 'w') as f:
