@@ -51,10 +51,10 @@ def test_log_prob_and_eps_match_scipy_and_numpy():
   model = mix.model_fn(process)
   for t in (1.0, 50.0, 400.0, 999.0):
     alpha, sigma = float(process.alpha(t)), float(process.sigma(t))
-    want = special.logsumexp(
-        [np.log(w) + stats.multivariate_normal(alpha * mu, alpha**2 * c + sigma**2 * np.eye(mix.dim))
-         .logpdf(np.asarray(x, np.float64)) for w, mu, c in zip(mix.weights, mix.means, mix.covs)],
-        axis=0)
+    noised = [stats.multivariate_normal(alpha * mu, alpha**2 * c + sigma**2 * np.eye(mix.dim))
+              for mu, c in zip(mix.means, mix.covs)]
+    want = special.logsumexp([np.log(w) + d.logpdf(np.asarray(x, np.float64))
+                              for w, d in zip(mix.weights, noised)], axis=0)
     np.testing.assert_allclose(mix.log_prob(x, alpha, sigma), want, rtol=1e-5, atol=1e-3)
     eps = model(x, jnp.full((64,), t))
     np.testing.assert_allclose(eps, _eps_reference(mix, x, alpha, sigma), atol=2e-4)

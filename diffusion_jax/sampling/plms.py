@@ -119,10 +119,10 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
     warm_start: 'heun' (PNDM's S-PNDM start: a pseudo improved Euler first step, then AB2, AB3)
       or 'ab' (iPNDM: Euler first step, then AB of rising order; the more accurate at <= 20 NFE
       on the oracle, see the module docstring).
-    lower_order_final: with warm_start='ab' (or PNDM's fall-back to iPNDM's start), the last step (onto the data) uses AB of at most
-      second order, as PLMS's final extrapolation; False: ``order`` there too, as the reference
-      iPNDM. None: True below ``LOWER_ORDER_FINAL_BELOW`` steps (``sampling.sample`` leaves it
-      to this rule).
+    lower_order_final: with warm_start='ab' (or PNDM's fall-back to iPNDM's start), the last
+      step (onto the data) uses AB of at most second order, as PLMS's final extrapolation;
+      False: ``order`` there too, as the reference iPNDM. None: True below
+      ``LOWER_ORDER_FINAL_BELOW`` steps (``sampling.sample`` leaves it to this rule).
     analytic_first_step: with warm_start='ab', the first step's noise prediction in closed form
       instead of from the model (AMED's AFS, module docstring): NFE = n - 1, n >= 2.
     clip_x0, dynamic_threshold: see ``core.make_denoiser``.
