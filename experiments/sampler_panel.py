@@ -985,6 +985,17 @@ def _far(b, x0):
   return np.array(out)
 
 
+def _cell(b, method, n, ddim):
+  """(NFE, errors [O], samples sent to another mode [O]) of ``method``'s defaults at ``n`` steps;
+  ``ddim``: {NFE: (errors, far)} of DDIM's defaults, filled in at the NFE the run spent."""
+  x0, info = _sample(b, method, n, {})
+  nfe = int(info['nfe'])
+  if nfe not in ddim:
+    x_d = _sample(b, 'ddim', nfe, {})[0]
+    ddim[nfe] = (b.errors(x_d), _far(b, x_d))
+  return nfe, b.errors(x0), _far(b, x0)
+
+
 def _recheck(args, kind, pname, oracles, cells, rechecked):
   """The cells of entry ``pname`` over 2x DDIM, run again at ``--recheck-batch`` samples of each
   oracle alone (x_T from seed 201): a mode flip of one sample in 256 makes a ratio by itself."""
@@ -997,13 +1008,9 @@ def _recheck(args, kind, pname, oracles, cells, rechecked):
     for m, c in bad:
       if names[c[1]] != j:
         continue
-      x0, info = _sample(b, m, c[2], {})
-      nfe = int(info['nfe'])
-      if nfe not in ddim:
-        x_d = _sample(b, 'ddim', nfe, {})[0]
-        ddim[nfe] = (b.errors(x_d)[0], int(_far(b, x_d)[0]))
-      rechecked.append((kind, m, c[1], c[2], nfe, c[0], float(b.errors(x0)[0] / ddim[nfe][0]),
-                        int(_far(b, x0)[0]), ddim[nfe][1]))
+      nfe, e, far = _cell(b, m, c[2], ddim)
+      rechecked.append((kind, m, c[1], c[2], nfe, c[0], float(e[0] / ddim[nfe][0][0]),
+                        int(far[0]), int(ddim[nfe][1][0])))
 
 
 def _print_rechecked(args, rechecked):
@@ -1043,12 +1050,7 @@ def sweep(args):
         if args.methods and m not in args.methods.split(','):
           continue
         for n in SWEEP_STEPS:
-          x0, info = _sample(b, m, n, {})
-          nfe = int(info['nfe'])
-          if nfe not in ddim:
-            x_d = _sample(b, 'ddim', nfe, {})[0]
-            ddim[nfe] = (b.errors(x_d), _far(b, x_d))
-          e, far = b.errors(x0), _far(b, x0)
+          nfe, e, far = _cell(b, m, n, ddim)
           r = e / ddim[nfe][0]
           raw.setdefault(f'{kind}/{pname}', {})[f'{m}|{n}'] = {
               'nfe': nfe, 'error': e.tolist(), 'ddim': ddim[nfe][0].tolist(),
