@@ -81,7 +81,7 @@ def main():
       np.min(np.stack([np.concatenate([raw[p][k] for p in PROCESSES]) for k in keys
                        if int(k.split('|')[2]) == n]), axis=0) for n in steps])
   batches = {p: sp.Batch(sp.make_process(p), o, args.batch, seed=sp.CHOOSE_SEED)
-             for p, o in sp.panel('choose', 6).items()}
+             for p, o in sp.panel('choose', 6).items() if p in PROCESSES}
   history = []
   t0 = time.time()
 
