@@ -102,3 +102,26 @@ def test_ipndm_second_order_last_step_at_few_steps(name):
     run = lambda lof: _rms(sampling.sample(model, process, method='plms', num_steps=num_steps,
                                            x_T=x_T, lower_order_final=lof), ref)
     assert run(None) == run(True) < run(False), num_steps
+
+
+def test_defaults_within_twice_ddim_on_a_single_gaussian():
+  # No other mode to send a sample to: a method's error within a mode alone (a mixture's RMS is
+  # set by the few samples near a boundary between modes). Outside both panels: 4-D, mean 3,
+  # std 0.05, the DDPM linear schedule (experiments/sampler_single_gaussian.py). The 20-NFE band's
+  # step counts, where the 20-NFE band's grid ends (trailing) with its last model call at t ~ 50.
+  process = processes.DiscreteVP.linear()
+  mix = oracles.GaussianMixture(np.ones(1), np.full((1, 4), 3.0), 0.05**2 * np.eye(4)[None])
+  model = mix.model_fn(process)
+  x_T = process.prior_sample(jax.random.PRNGKey(11), (512, 4))
+  ref = mix.pf_ode_map(np.asarray(x_T, np.float64), float(process.alpha(process.t_max)),
+                       float(process.sigma(process.t_max)))
+  ddim = {}
+  for method in DETERMINISTIC:
+    for num_steps in (16, 22, 31) if method != 'heun' else (8, 11, 16):
+      x, info = sampling.sample(model, process, method=method, num_steps=num_steps, x_T=x_T,
+                                return_info=True)
+      nfe = int(info['nfe'])
+      if nfe not in ddim:
+        ddim[nfe] = _rms(sampling.sample(model, process, method='ddim', num_steps=nfe, x_T=x_T),
+                         ref)
+      assert _rms(x, ref) <= 2.0 * ddim[nfe], (method, num_steps, nfe, _rms(x, ref), ddim[nfe])
