@@ -1054,6 +1054,8 @@ def sweep(args):
   cells = {}  # (panel, method) -> [(ratio, oracle, num_steps, nfe, far, far_ddim)]
   raw = {}
   rechecked = []  # (panel, method, oracle, num_steps, nfe, ratio, ratio at recheck_batch, far's)
+  steps = (tuple(int(n) for n in args.sweep_steps.split(',')) if args.sweep_steps
+           else SWEEP_STEPS)
   for kind in args.sweep_panels.split(','):
     for pname, oracles in panel(kind, args.per_process).items():
       if args.sweep_entries and not any(e in pname for e in args.sweep_entries.split(',')):
@@ -1064,7 +1066,7 @@ def sweep(args):
       for m in OURS[1:]:
         if args.methods and m not in args.methods.split(','):
           continue
-        for n in SWEEP_STEPS:
+        for n in steps:
           nfe, e, far = _cell(b, m, n, ddim)
           r = e / ddim[nfe][0]
           raw.setdefault(f'{kind}/{pname}', {})[f'{m}|{n}'] = {
@@ -1083,8 +1085,8 @@ def sweep(args):
   if args.errors:
     with open(args.errors, 'w') as f:
       json.dump(raw, f)
-  print(f'\n## no silent blow-up: defaults at num_steps {SWEEP_STEPS[0]}-{SWEEP_STEPS[-1]} '
-        f'({len(SWEEP_STEPS)} counts), RMS error / DDIM\'s (defaults) at the NFE spent, per '
+  print(f'\n## no silent blow-up: defaults at num_steps {steps[0]}-{steps[-1]} '
+        f'({len(steps)} counts), RMS error / DDIM\'s (defaults) at the NFE spent, per '
         f'oracle; B = {args.batch}\n')
   print('| panel | method | worst ratio | at (oracle, num_steps, NFE) | cells > 2x | cells |')
   print('|---|---|---|---|---|---|')
@@ -1200,6 +1202,9 @@ def main():
   parser.add_argument('--recheck-batch', type=int, default=0,
                       help='--phase=sweep: run the cells over 2x DDIM again with this many '
                       'samples of the oracle alone, other x_T (0: no recheck)')
+  parser.add_argument('--sweep-steps', default=None,
+                      help='--phase=sweep: these num_steps (comma-separated) instead of '
+                      'SWEEP_STEPS')
   parser.add_argument('--sweep-entries', default=None,
                       help="--phase=sweep: only the panel entries whose name contains one of "
                       "these (comma-separated; e.g. 'single', 'linear')")
