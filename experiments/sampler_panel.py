@@ -685,6 +685,8 @@ def _ranking(pooled):
   cands = candidates()
   out, arrays = {}, {}
   for nfe in NFES:
+    if not any(n == nfe for _, _, n in pooled):  # a band not run (--nfes)
+      continue
     errs_b = {(m, i): v[0] for (m, i, n), v in pooled.items() if n == nfe}
     spent = {(m, i): v[2] for (m, i, n), v in pooled.items() if n == nfe}
     best = next(v[1] for (m, i, n), v in pooled.items() if n == nfe)
@@ -729,7 +731,7 @@ def select(raw, args):
                                           for n, runs in BAND_RUNS.items()))
   ranking, arrays = _ranking(_pool(raw, args))
   choice, table = {}, []
-  for nfe in NFES:
+  for nfe in (n for n in NFES if n in arrays):  # the bands that were run
     errs_b, best, to_ddim, obj = arrays[nfe]
     for method, opts_list in cands.items():
       i = ranking[nfe][method][0]
