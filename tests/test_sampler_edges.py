@@ -238,25 +238,3 @@ def test_third_order_needs_a_history_step_not_much_shorter():
     coarse = h[i] > dpm_solver.MAX_THIRD_ORDER_STEP
     assert orders[i] == (2 if short or coarse else 3), (i, h[i - 1], h[i])
   assert any(h[i - 1] < 0.25 * h[i] <= 0.125 for i in range(1, 12))  # the case above is there
-
-
-# --- the final step from a grid dense near the data ----------------------------------------------
-
-
-@pytest.mark.parametrize('c', [0.01, 0.05, 0.3, 2.0])
-def test_final_step_from_close_levels_is_exact_for_gaussian_data(c):
-  # Data N(m, c^2) in each coordinate: along the probability-flow ODE y - m = K sqrt(c^2 + s) and
-  # the data prediction is m + K c^2 / sqrt(c^2 + s) (s = (sigma / alpha)^2), so the data is
-  # m + K c (closed form). The last two levels within sqrt(2) (s1 < 2 s0), as at the end of
-  # grid='optimized', whatever c: (y + x0_hat) / 2 was exact only for c broad against sqrt(s0).
-  from diffusion_jax.sampling import core  # pylint: disable=import-outside-toplevel
-  m, k = 0.7, np.linspace(-3.0, 3.0, 7)
-  s0, s1 = 0.0139, 0.0190  # unipc's last two levels at 10 steps (DDPM linear, 'optimized')
-  a0, a1 = np.sqrt(c**2 + s0), np.sqrt(c**2 + s1)
-  x0_hist = jnp.asarray(np.stack([m + k * c**2 / a0, m + k * c**2 / a1]), jnp.float32)
-  y = jnp.asarray(m + k * a0, jnp.float32)
-  got = core.extrapolate_to_data(x0_hist, jnp.sqrt(jnp.array([s0, s1])), 2, y=y)
-  atol = 2e-5 * (1 + c)
-  np.testing.assert_allclose(np.asarray(got), m + k * c, atol=atol)
-  if c < 0.1:  # the former rule, (y + x0_hat) / 2, is far off for narrow data
-    assert np.max(np.abs(0.5 * (y + x0_hist[0]) - (m + k * c))) > 1e3 * atol

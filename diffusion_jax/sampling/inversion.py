@@ -21,9 +21,8 @@ is odd in rho at the data (``eps = rho g(y, rho^2)``, core.py's module docstring
 ``[0, rho]`` is half its value at rho: the step takes ``x_{u_0} = alpha_{u_0} x_0 +
 sigma_{u_0} eps_hat / 2`` with ``eps_hat`` evaluated at the data scaled to that time,
 ``(alpha_{u_0} x_0, u_0)``, an error ``O(rho_{u_0}^4)``. It is the inverse of the final step the
-multistep samplers take when their last noise levels are close, for data broad against
-``rho_{u_0}``: ``x_0 = (y + x0_hat) / 2`` (``core.gaussian_final_step``, which tends to
-``x0_hat`` for data narrow against it). (The full ``sigma eps_hat``, as diffusers' ``DDIMInverseScheduler``
+multistep samplers take when their last noise levels are close, ``x_0 = (y + x0_hat) / 2``
+(``core.extrapolate_to_data``). (The full ``sigma eps_hat``, as diffusers' ``DDIMInverseScheduler``
 takes, leaves an error ``rho_{u_0}^2 g / 2`` that no number of steps removes: 1e-4 in x_T on a
 Gaussian with ``DiscreteVP.linear()``, where ``rho(t_min) = 0.01``.) NFE = num_steps.
 
