@@ -614,12 +614,13 @@ OPTIMIZED_BAND = 10  # the band whose step counts grid='optimized' was fitted at
 
 
 def _pool(raw, args):
-  """``{(method, index, band NFE): (errors, best, DDIM at the NFE spent, objective)}``: each
-  candidate's errors at the band's NFEs that were run, over every process's oracles (a process,
-  such as the trained model, that ran only some candidates counts the others as inf), per entry
-  the best of all candidates, DDIM's error at the NFE the run spent where that is below the
-  entry's NFE and was measured (``raw['<process>:ddim']``, the digits model), NaN elsewhere, and
-  whether the entry counts in the worst case (False: ``bound_only``, the 2x-DDIM bound alone)."""
+  """``({(method, index, band NFE): (errors, best, DDIM at the NFE spent)}, {band NFE:
+  objective})``: each candidate's errors at the band's NFEs that were run, over every process's
+  oracles (a process, such as the trained model, that ran only some candidates counts the others
+  as inf), per entry the best of all candidates, and DDIM's error at the NFE the run spent where
+  that is below the entry's NFE and was measured (``raw['<process>:ddim']``, the digits model),
+  NaN elsewhere; per band that was run, whether each entry counts in the worst case (False:
+  ``bound_only``, the 2x-DDIM bound alone), the same for every candidate."""
   cands = candidates()
   procs = sorted(p for p in raw if not p.endswith(':ddim'))
   ran = sorted({int(k.split('|')[2]) for p in procs for k in raw[p]})
@@ -655,28 +656,29 @@ def _pool(raw, args):
       errs[m, i, nfe] = np.full_like(v, np.inf)
   # Per band, the errors at its NFEs that were run, concatenated; the best of all candidates.
   ran = sorted({k[2] for k in errs})
-  pooled = {}
+  pooled, objectives = {}, {}
   for nfe, runs in BAND_RUNS.items():
     runs = [r for r in runs if r in ran]
+    if runs:
+      objectives[nfe] = np.concatenate([objective] * len(runs))
     best_r = {r: np.min(np.stack([v for k, v in errs.items() if k[2] == r]), axis=0)
               for r in runs}
     for (m, i, r), v in errs.items():
       if r in runs:
-        pooled.setdefault((m, i, nfe), [[], [], [], []])
+        pooled.setdefault((m, i, nfe), [[], [], []])
         pooled[m, i, nfe][0].append(v)
         pooled[m, i, nfe][1].append(best_r[r])
         pooled[m, i, nfe][2].append(spent_ddim[m, i, r])
-        pooled[m, i, nfe][3].append(objective)
-  return {k: tuple(np.concatenate(a) for a in v) for k, v in pooled.items()}
+  return {k: tuple(np.concatenate(a) for a in v) for k, v in pooled.items()}, objectives
 
 
-def _ranking(pooled):
+def _ranking(pooled, objectives):
   """``{band NFE: {method: [option index, ...]}}``, the choice first.
 
   Per band DDIM's choice is made first, by the same rule without the 2x bound; then per (method,
   band) the option sets within 2x that choice's errors at the same NFE on every
   entry (at the NFE the run spent where that was measured: ``_pool``) come first, by their
-  worst-case ratio to the best candidate of all methods over the objective entries (not
+  worst-case ratio to the best candidate of all methods over the entries of ``objectives`` (not
   ``bound_only``; worst cases within ``TIE`` of the smallest tied, the tie going to the best
   geometric mean); then the others by their worst ratio to DDIM. Also returns ``{band NFE:
   (errors {(method, i): [E]}, best [E], to_ddim(method, i): the worst ratio to DDIM, objective
@@ -685,12 +687,12 @@ def _ranking(pooled):
   cands = candidates()
   out, arrays = {}, {}
   for nfe in NFES:
-    if not any(n == nfe for _, _, n in pooled):  # a band not run (--nfes)
+    if nfe not in objectives:  # a band not run (--nfes)
       continue
+    obj = objectives[nfe]
     errs_b = {(m, i): v[0] for (m, i, n), v in pooled.items() if n == nfe}
     spent = {(m, i): v[2] for (m, i, n), v in pooled.items() if n == nfe}
     best = next(v[1] for (m, i, n), v in pooled.items() if n == nfe)
-    obj = next(v[3] for (m, i, n), v in pooled.items() if n == nfe)
     worst = lambda m, i, ref: float(np.max((errs_b[m, i] / ref)[obj]))
     # DDIM's own choice first (the smallest worst case, ties to the best geometric mean): the
     # reference of every other method's 2x rule, as in tests/test_sampler_defaults.py.
@@ -729,7 +731,7 @@ def select(raw, args):
   ran = sorted({int(k.split('|')[2]) for out in raw.values() for k in out})
   print('choice on the NFEs ' + ', '.join(f'{n}: {[r for r in runs if r in ran]}'
                                           for n, runs in BAND_RUNS.items()))
-  ranking, arrays = _ranking(_pool(raw, args))
+  ranking, arrays = _ranking(*_pool(raw, args))
   choice, table = {}, []
   for nfe in (n for n in NFES if n in arrays):  # the bands that were run
     errs_b, best, to_ddim, obj = arrays[nfe]
@@ -950,7 +952,7 @@ def choose_trained(raw, args):
   out = dict(raw.get('trained/digits', {}))
   spent_ddim = dict(raw.get('trained/digits:ddim', {}))
   oracles = {p: v for p, v in raw.items() if not p.startswith('trained/')}
-  ranking, _ = _ranking(_pool(oracles, args))
+  ranking, _ = _ranking(*_pool(oracles, args))
   todo = [(method, i, r) for nfe, per_method in ranking.items()
           for method, order in per_method.items() for i in order[:args.trained_shortlist]
           for r in BAND_RUNS[nfe]
