@@ -265,8 +265,9 @@ def dpmpp_2m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num
     prediction: the model's prediction type.
     t_start: the time of x_T; the grid is laid out over [t_min, t_start] (default t_max).
     order: 1 (DDIM) or 2.
-    grid, spacing: the time grid (``grids.make_grid``); quadratic by default (the best of the
-      grids on the oracle at 10-50 NFE: see ``sampling/__init__.py``).
+    grid, spacing: the time grid (``grids.make_grid``); quadratic when called directly
+      (``sampling.DEFAULT_GRIDS``), the band's chosen grid through ``sampling.sample``
+      (``sampling.defaults``).
     times: instead of grid/spacing, the grid itself: ``[num_steps]`` decreasing times
       (``core.make_schedule``).
     levels: with ``times``, explicit noise levels (``core.Levels``), e.g. diffusers'

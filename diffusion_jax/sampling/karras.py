@@ -151,8 +151,9 @@ def euler(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
     key: PRNG key, needed when S_churn > 0 (noise of step i from ``fold_in(key, i)``).
     prediction: the model's prediction type.
     t_start: the time of x_T; the grid is laid out over [t_min, t_start] (default t_max).
-    grid, spacing: the time grid (``grids.make_grid``); quadratic by default (measured better
-      than Karras' rho = 7 grid on the oracle: see ``sampling/__init__.py``).
+    grid, spacing: the time grid (``grids.make_grid``); quadratic when called directly
+      (``sampling.DEFAULT_GRIDS``), the band's chosen grid through ``sampling.sample``
+      (``sampling.defaults``).
     times: instead of grid/spacing, the grid itself: ``[num_steps]`` decreasing times
       (``core.make_schedule``).
     levels: with ``times``, explicit noise levels (``core.Levels``), e.g. diffusers'
