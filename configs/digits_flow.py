@@ -5,8 +5,10 @@
 The network predicts the velocity eps - x0 of the straight path x_t = (1 - t) x_0 + t eps
 (Liu et al. 2022; Esser et al. 2024), trained by flow matching (the velocity's plain MSE) with
 SD3's logit-normal times (m = 0, s = 1); the network sees 999 t, as SD3 feeds its network 1000 t.
-Sampling integrates the same probability-flow ODE as for any process (50 DPM-Solver++ steps);
-``--config.sampling.shift=3.0`` gives SD3's shifted grid. Otherwise as configs/digits.py.
+Sampling is configs/digits.py's (50 steps of the stochastic DPM-Solver++(2M) SDE, which runs on
+any process of the contract); ``--config.sampling.method=dpmpp_2m`` integrates the
+probability-flow ODE instead, and ``--config.sampling.shift=3.0`` gives SD3's shifted grid.
+Otherwise as configs/digits.py.
 """
 
 import os

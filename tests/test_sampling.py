@@ -756,6 +756,12 @@ def test_cond_errors_name_the_shapes():
     s(cond=cond, null_cond={'a': null['a'], 'b': jnp.zeros((1, 3))}, guidance_scale=2.0)
   with pytest.raises(ValueError, match='guidance_rescale must lie in'):
     s(cond=cond, null_cond=null, guidance_scale=2.0, guidance_rescale=1.5)
+  with pytest.raises(ValueError, match=r"guidance_scale must be a number.*got '3' \(str\)"):
+    s(cond=cond, null_cond=null, guidance_scale='3')
+  with pytest.raises(ValueError, match='guidance_scale must be finite, got nan'):
+    s(cond=cond, null_cond=null, guidance_scale=float('nan'))
+  with pytest.raises(ValueError, match='eta must be >= 0.*got nan'):
+    s(eta=float('nan'), key=jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match=r"cond\['a'\] has shape \(3, 2\)"):
     sampling.invert(affine_cond_model(process), process, x_T, num_steps=3,
                     cond={'a': cond['a'][:3], 'b': cond['b']})

@@ -51,8 +51,11 @@ pc), all inside the one scan:
   shifted grid reaches the method as its ``times``, so it does not combine with ``times=``, and
   ``pc`` / ``ode`` (which lay out no named grid) refuse it.
 - Repeated grid times (a grid rounded to integer steps with more steps than the process has)
-  are dropped: ``num_steps=2500`` on ``DiscreteVP`` with N = 1000 runs the 1000 distinct times,
-  and ``info['nfe']`` says so (``core.make_schedule``).
+  are dropped: ``num_steps=2500, grid='uniform'`` on ``DiscreteVP`` with N = 1000 runs the 1000
+  distinct times, and ``info['nfe']`` says so (``core.make_schedule``). Only 'uniform' is
+  rounded on ``DiscreteVP`` (``grids``); the other grids, the defaults' among them, query the
+  model between its integer training steps (its alpha, sigma interpolated), so they run all
+  ``num_steps``.
 - ``step_hook(x, i, t, alpha, sigma) -> x``: called after every step with the state reached, the
   step index, the time reached and its alpha, sigma; the sampler continues from what it returns.
   After the final step to the data ``t = 0``, ``alpha = 1``, ``sigma = 0``. An identity hook

@@ -111,8 +111,9 @@ def ddim(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   Returns:
     x_0 [B, ...] float32 and an info dict with 'nfe'.
   """
-  if not isinstance(eta, jax.Array) and eta < 0:
-    raise ValueError(f'eta must be >= 0, got {eta}.')
+  if not isinstance(eta, jax.Array) and not eta >= 0:  # NaN too
+    raise ValueError(f'eta must be >= 0 (0: deterministic DDIM, 1: the DDPM posterior '
+                     f'variance), got {eta}.')
   stochastic = isinstance(eta, jax.Array) or eta > 0
   if stochastic:
     key = _require_key(key, 'ddim with eta > 0')

@@ -10,11 +10,13 @@ which keeps the network's batch large and its cost one evaluation per step.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax.sampling import core
 
@@ -98,8 +100,12 @@ def classifier_free_guidance(model_fn: Callable[..., jax.Array], *, batch_size: 
       shape), null_cond of another structure or leaf shape, guidance without null_cond, phi
       outside [0, 1].
   """
-  if guidance_scale is None:
-    raise ValueError('guidance_scale must be a number (1.0: no guidance), got None.')
+  for name, value in (('guidance_scale', guidance_scale), ('guidance_rescale', guidance_rescale)):
+    if not isinstance(value, (numbers.Real, jax.Array, np.ndarray)) or isinstance(value, bool):
+      raise ValueError(f'{name} must be a number or an array (guidance_scale 1.0: no guidance; '
+                       f'guidance_rescale 0.0: none), got {value!r} ({type(value).__name__}).')
+    if isinstance(value, numbers.Real) and not math.isfinite(value):
+      raise ValueError(f'{name} must be finite, got {value}.')
   check_cond(cond, batch_size)
   if null_cond is not None:
     _check_null_cond(cond, null_cond, batch_size)
