@@ -98,7 +98,7 @@ def classifier_free_guidance(model_fn: Callable[..., jax.Array], *, batch_size: 
   Raises:
     ValueError: a leaf of cond or null_cond without the batch B (the message names its path and
       shape), null_cond of another structure or leaf shape, guidance without null_cond, phi
-      outside [0, 1].
+      outside [0, 1], guidance_scale or guidance_rescale not a finite number or an array.
   """
   for name, value in (('guidance_scale', guidance_scale), ('guidance_rescale', guidance_rescale)):
     if not isinstance(value, (numbers.Real, jax.Array, np.ndarray)) or isinstance(value, bool):
