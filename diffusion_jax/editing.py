@@ -44,6 +44,7 @@ import numpy as np
 
 from diffusion_jax import processes, sampling
 from diffusion_jax.sampling import core, grids, guidance, inversion
+from diffusion_jax.sampling.ddim import check_eta
 
 # The inversions ``invert`` offers: the samplers' own (``sampling.INVERSIONS``) and EDICT.
 INVERT_METHODS = tuple(sorted(sampling.INVERSIONS)) + ('edict',)
@@ -397,8 +398,7 @@ def _repaint(fn, process, x_T, keep, known_at, *, num_steps, method, key_known, 
     eta, default_grid = 1.0, 'uniform'
   else:
     eta, default_grid = (0.0 if eta is None else float(eta)), 'quadratic'
-  if eta < 0:
-    raise ValueError(f'eta must be >= 0, got {eta}.')
+  check_eta(eta)
   sched = core.make_schedule(process, num_steps, grid=grid, spacing=spacing, times=times,
                              default_grid=default_grid, method=f'inpaint({method!r})')
   n = sched.num_steps

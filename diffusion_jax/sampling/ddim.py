@@ -86,6 +86,13 @@ def ddpm(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   return x, {'nfe': num_steps, **info}
 
 
+def check_eta(eta: float) -> None:
+  """Raises ValueError unless the (concrete) DDIM eta is >= 0; NaN is refused too."""
+  if not eta >= 0:
+    raise ValueError(f'eta must be >= 0 (0: deterministic DDIM, 1: the DDPM posterior '
+                     f'variance), got {eta}.')
+
+
 def ddim(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
          key: jax.Array | None = None, prediction: str = 'eps', t_start: float | None = None,
          eta: float = 0.0, grid: str | None = None, spacing: str | None = None, times=None,
@@ -111,9 +118,8 @@ def ddim(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   Returns:
     x_0 [B, ...] float32 and an info dict with 'nfe'.
   """
-  if not isinstance(eta, jax.Array) and not eta >= 0:  # NaN too
-    raise ValueError(f'eta must be >= 0 (0: deterministic DDIM, 1: the DDPM posterior '
-                     f'variance), got {eta}.')
+  if not isinstance(eta, jax.Array):
+    check_eta(eta)
   stochastic = isinstance(eta, jax.Array) or eta > 0
   if stochastic:
     key = _require_key(key, 'ddim with eta > 0')
