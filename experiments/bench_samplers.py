@@ -7,7 +7,8 @@
 Every sampler starts from the same x_T under ``DiscreteVP.linear()`` with the exact eps-prediction
 of ``oracles.example_mixture()``; the error is the RMS distance to the exact probability-flow map
 ``pf_ode_map`` (SciPy, float64), so it is pure discretization error. NFE counts model evaluations
-per sample (Heun: 2 per step, less one; PLMS and PNDM: one extra for the Heun warm start; none
+per sample (ours: Heun 2 per step but 1 for the first and last; diffusers' Heun 2 per step less
+one; PLMS and PNDM: one extra for the Heun warm start; none
 for iPNDM; one fewer than steps for iPNDM with ``analytic_first_step``, whose first step uses a
 closed form instead of the model, AMED's AFS: ``tests/test_sampling.py`` counts the calls).
 
@@ -216,8 +217,8 @@ def sample_errors(x0, ref) -> tuple[float, float]:
 
 
 def steps_for_nfe(method: str, nfe: int, opts=None) -> int:
-  if method == 'heun':
-    return (nfe + 1) // 2
+  if method == 'heun':  # 2 n - 2 NFE: the first and the last step evaluate once
+    return max((nfe + 2) // 2, 1)
   if method == 'plms' and (opts or {}).get('warm_start', 'heun') == 'heun':
     return max(nfe - 1, 1)
   if (opts or {}).get('analytic_first_step'):  # the first step evaluates no model

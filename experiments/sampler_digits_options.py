@@ -31,7 +31,14 @@ def main():
   parser.add_argument('--options', action='append', default=[],
                       help='one option set as a JSON object; repeat for more')
   parser.add_argument('--batch', type=int, default=128, help='samples (sampler_panel: 128)')
+  parser.add_argument('--heun-first-step-corrected', action='store_true',
+                      help="heun's corrector on its first step too where the noise level ratio "
+                      'allows it (Karras et al.\'s Algorithm 1 with only the ratio guard), '
+                      'against which karras.corrected_steps was measured')
   args = parser.parse_args()
+  if args.heun_first_step_corrected:
+    from diffusion_jax.sampling import core, karras  # pylint: disable=import-outside-toplevel
+    karras.corrected_steps = lambda rho: rho[1:] * core.MAX_CORRECTED_RATIO >= rho[:-1]
   steps = [int(n) for n in args.steps.split(',')]
   try:
     option_sets = [json.loads(o) for o in args.options]

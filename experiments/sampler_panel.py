@@ -372,7 +372,7 @@ def steps_for(process, method, nfe, opts):
 
 def fit_steps(run, nfe):
   """``run(n) -> (result, NFE spent)`` at the most steps whose NFE is at most ``nfe`` (searched
-  down from ``nfe`` by half the overshoot: heun spends up to 2 n - 1), or None."""
+  down from ``nfe`` by half the overshoot: heun spends up to 2 n - 2), or None."""
   n = nfe
   while n >= 1:
     out, used = run(n)

@@ -17,7 +17,7 @@ last band only options that keep the method's convergence order. ``grid='optimiz
 at that band only. The tables in ``docs/benchmarks.md`` report the choice on a held-out panel
 (other mixtures, two more schedules, another digits model) against diffusers.
 
-Bands, by the NFE a run spends (``approx_nfe``: Heun's 2 n - 1, n for the others): up to 7 take
+Bands, by the NFE a run spends (``approx_nfe``: Heun's 2 n - 2, n for the others): up to 7 take
 the options chosen at 5 NFE, up to 14 those at 10, up to 31 those at 20, more those at 50.
 What the caller gives wins: a given ``grid`` keeps its own spacing unless ``spacing`` is given
 too; explicit ``times`` replace the grid and spacing (the other options still apply, so a named
@@ -90,9 +90,9 @@ DEFAULTS: dict[str, tuple[dict[str, Any], ...]] = {
 
 
 def approx_nfe(method: str, num_steps: int) -> int:
-  """The NFE a run of ``num_steps`` spends, for the band (Heun: two evaluations per step less
-  one; its guard against long first steps may spend fewer)."""
-  return 2 * num_steps - 1 if method == 'heun' else num_steps
+  """The NFE a run of ``num_steps`` spends, for the band (Heun: two evaluations per step but
+  one for the first and the last; its guard against long steps may spend fewer)."""
+  return max(2 * num_steps - 2, num_steps) if method == 'heun' else num_steps
 
 
 def band(method: str, num_steps: int, *, nfe: int | None = None) -> int:
