@@ -218,7 +218,7 @@ def sample_errors(x0, ref) -> tuple[float, float]:
 
 def steps_for_nfe(method: str, nfe: int, opts=None) -> int:
   if method == 'heun':  # 2 n - 2 NFE: the first and the last step evaluate once
-    return max((nfe + 2) // 2, 1)
+    return nfe // 2 + 1
   if method == 'plms' and (opts or {}).get('warm_start', 'heun') == 'heun':
     return max(nfe - 1, 1)
   if (opts or {}).get('analytic_first_step'):  # the first step evaluates no model

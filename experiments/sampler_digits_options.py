@@ -38,7 +38,7 @@ def main():
   args = parser.parse_args()
   if args.heun_first_step_corrected:
     from diffusion_jax.sampling import core, karras  # pylint: disable=import-outside-toplevel
-    karras.corrected_steps = lambda rho: rho[1:] * core.MAX_CORRECTED_RATIO >= rho[:-1]
+    karras.corrected_steps = core.short_steps
   steps = [int(n) for n in args.steps.split(',')]
   try:
     option_sets = [json.loads(o) for o in args.options]

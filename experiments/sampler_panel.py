@@ -353,7 +353,7 @@ def nfe_of(process, method, n, opts):
   n = sched.num_steps
   if method == 'heun':
     return karras.heun_nfe(sched)
-  if n == 1 or opts.get('order', 4) == 1 or not rho[0] / rho[1] <= core.MAX_CORRECTED_RATIO:
+  if n == 1 or opts.get('order', 4) == 1 or not core.short_steps(rho[:2])[0]:
     return n
   return n + 1
 

@@ -49,6 +49,14 @@ from diffusion_jax.sampling import grids as grids_lib
 # NFE (8: 1.53x, 16: 3.1x) and unchanged from 26 steps on (experiments: tests/test_sampling.py).
 MAX_CORRECTED_RATIO = 4.0
 
+
+def short_steps(rho):
+  """[n] whether step i of a schedule with ``rho`` [n + 1] = sigma / alpha (``Schedule.rho``)
+  shrinks the noise level by at most ``MAX_CORRECTED_RATIO``: the steps a second-order start
+  (heun's corrector, PNDM's pseudo-Heun first step) may take. False for a step to rho = 0 or
+  from rho = inf (alpha_T = 0). NumPy or JAX arrays."""
+  return rho[1:] * MAX_CORRECTED_RATIO >= rho[:-1]
+
 # denoise(x, t, alpha=None, sigma=None) -> (x0, eps); alpha, sigma: the process's at t (scalars or
 # [B]) when the caller has them, to save recomputing them.
 Denoiser = Callable[..., tuple[jax.Array, jax.Array]]

@@ -33,8 +33,8 @@ def corrected_steps(rho):
   than an Euler first step, up to 2.5x DDIM's error at the same NFE (two digits U-Nets, cosine
   grid from t_max, 14-30 steps: ``docs/benchmarks.md``), while from pure noise an Euler first
   step is nearly exact and one Euler step's local error keeps the method second order."""
-  ratio_ok = rho[1:] * core.MAX_CORRECTED_RATIO >= rho[:-1]
-  return ratio_ok & (np.arange(ratio_ok.shape[0]) > 0)
+  short = core.short_steps(rho)
+  return short & (np.arange(short.shape[0]) > 0)
 
 
 def heun_nfe(sched: core.Schedule) -> int:

@@ -168,9 +168,8 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
                              method='plms')
   n = sched.num_steps
   with jax.ensure_compile_time_eval():
-    ratio = sched.rho[0] / sched.rho[1]
-  if n == 1 or (not isinstance(ratio, jax.core.Tracer)
-                and not float(ratio) <= core.MAX_CORRECTED_RATIO):
+    first_short = core.short_steps(sched.rho[:2])[0]
+  if n == 1 or (not isinstance(first_short, jax.core.Tracer) and not bool(first_short)):
     # The pseudo-Heun first step over a long step (sigma / alpha shrinking by more than
     # core.MAX_CORRECTED_RATIO: few steps, or alpha_T ~ 0) multiplies the change of eps by the
     # step's length and blows up (RMS 108 at 3 NFE on the oracle); iPNDM's start, a DDIM first
