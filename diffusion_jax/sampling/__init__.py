@@ -29,6 +29,12 @@ uniform grid (trailing spacing), on which ``num_steps == N`` is exactly Algorith
 (2020); the other stochastic methods keep their signatures' defaults. The held-out results
 against diffusers are in ``docs/benchmarks.md``.
 
+A grid fitted to one model (``gits.py``, GITS, Chen et al. 2024): ``gits.calibrate`` runs a
+teacher from a small calibration batch once per model, and ``calibration.times(n)`` is the
+n-step grid whose DDIM steps stay closest to the teacher, passed as ``times=`` (with ``plms``,
+``order=3, warm_start='ab'``: iPNDM). Not a default: it costs a calibration, and on some oracles
+it loses to the defaults (``docs/benchmarks.md``).
+
 Composable options of every fixed-step method (ddpm, ddim, plms, euler, heun, dpmpp_*, unipc,
 pc), all inside the one scan:
 
@@ -97,7 +103,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import processes
-from diffusion_jax.sampling import core, defaults, grids, karras
+from diffusion_jax.sampling import core, defaults, gits, grids, karras
 from diffusion_jax.sampling.ddim import ddim, ddpm
 from diffusion_jax.sampling.dpm_solver import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m
 from diffusion_jax.sampling.guidance import classifier_free_guidance
@@ -127,7 +133,8 @@ METHODS: dict[str, Callable[..., tuple[jax.Array, dict]]] = {
 DEFAULT_GRIDS = {name: 'quadratic' for name in METHODS if name not in ('pc', 'ode')}
 DEFAULT_GRIDS['ddpm'] = 'uniform'
 
-__all__ = ['METHODS', 'INVERSIONS', 'DEFAULT_GRIDS', 'sample', 'invert', 'grids', 'options_for']
+__all__ = ['METHODS', 'INVERSIONS', 'DEFAULT_GRIDS', 'sample', 'invert', 'grids', 'gits',
+           'options_for']
 
 
 def _start(process, key, x_T, shape, t_start) -> jax.Array:
