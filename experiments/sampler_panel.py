@@ -186,6 +186,25 @@ def panel(kind, per_process):
   return out
 
 
+def mixture_model(process, logw, means, var):
+  """``model(x, t, cond) -> eps`` (float32, exact) of diagonal Gaussian mixtures: log-weights
+  ``[..., K]``, means and variances ``[..., K, D]``, one mixture for the batch or one per row."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  def model(x, t, cond=None):
+    del cond
+    a = process.alpha(t)[:, None, None]
+    s = process.sigma(t)[:, None, None]
+    vt = a * a * var + s * s
+    diff = x[:, None] - a * means
+    logp = logw - 0.5 * jnp.sum(jnp.log(vt) + diff * diff / vt, -1)
+    r = jax.nn.softmax(logp, -1)
+    return s[:, 0] * jnp.einsum('rk,rkd->rd', r, diff / vt)  # eps = -sigma score
+
+  return model
+
+
 class Batch:
   """The oracles of one process stacked into one batch of rows, padded to the largest D and K.
 
@@ -228,17 +247,7 @@ class Batch:
     c_means = jnp.asarray(means[rows], jnp.float32)
     c_var = jnp.asarray(var[rows], jnp.float32)
 
-    def model(x, t, cond=None):
-      del cond
-      a = process.alpha(t)[:, None, None]
-      s = process.sigma(t)[:, None, None]
-      vt = a * a * c_var + s * s
-      diff = x[:, None] - a * c_means
-      logp = c_logw - 0.5 * jnp.sum(jnp.log(vt) + diff * diff / vt, -1)
-      r = jax.nn.softmax(logp, -1)
-      return s[:, 0] * jnp.einsum('rk,rkd->rd', r, diff / vt)  # eps = -sigma score
-
-    self.model = model
+    self.model = mixture_model(process, c_logw, c_means, c_var)
 
   def eps_y(self, y, rho):
     """E[eps | y] at rho for every row (float64), for diffusers' runs."""
@@ -1108,23 +1117,16 @@ def sweep(args):
   print(f'\n({time.time() - t0:.0f} s)', flush=True)
 
 
-def report_trained(args):
-  """The digits model of ``--digits-workdir`` (trained by configs/digits.py) against a 1000-step
-  reference: ours with defaults and diffusers' schedulers, RMS over samples and pixels.
+def trained_errors(digits):
+  """{(name, NFE): RMS error} of a ``Digits`` model: ours with defaults ('ours <method>') and
+  diffusers' schedulers ('diffusers <name>', each at its best setting), at ``NFES``.
 
-  The reference is UniPC-3 with 1000 steps on the log-SNR grid; DPM-Solver++(3M) with 1000
-  steps on the same grid is printed beside it as a check of its accuracy. diffusers' schedulers
-  evaluate the model at the time whose noise level is theirs (``t_from_log_snr``).
+  diffusers' schedulers evaluate the model at the time whose noise level is theirs
+  (``t_from_log_snr``).
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  t0 = time.time()
-  digits = Digits(args.digits_workdir, args.digits_batch)
   process, model_fn = digits.process, digits.model_fn
-  print(f'\n## trained digits model ({args.digits_workdir}, step {digits.step}), '
-        f'B = {args.digits_batch}\n')
-  print(f'reference: unipc 1000 steps (log-SNR); dpmpp_3m 1000 steps differs by RMS '
-        f'{digits.check:.1e} (data in [-1, 1])\n')
   errs = {}
   for m in OURS:
     for nfe in NFES:
@@ -1144,6 +1146,23 @@ def report_trained(args):
   for nfe in NFES:
     for name, (e, _, _) in best_diffusers(rows, nfe).items():
       errs[f'diffusers {name}', nfe] = float(e[0])
+  return errs
+
+
+def report_trained(args):
+  """The digits model of ``--digits-workdir`` (trained by configs/digits.py) against a 1000-step
+  reference: ours with defaults and diffusers' schedulers, RMS over samples and pixels.
+
+  The reference is UniPC-3 with 1000 steps on the log-SNR grid; DPM-Solver++(3M) with 1000
+  steps on the same grid is printed beside it as a check of its accuracy (``trained_errors``).
+  """
+  t0 = time.time()
+  digits = Digits(args.digits_workdir, args.digits_batch)
+  print(f'\n## trained digits model ({args.digits_workdir}, step {digits.step}), '
+        f'B = {args.digits_batch}\n')
+  print(f'reference: unipc 1000 steps (log-SNR); dpmpp_3m 1000 steps differs by RMS '
+        f'{digits.check:.1e} (data in [-1, 1])\n')
+  errs = trained_errors(digits)
   print('| | ' + ' | '.join(f'NFE {n}' for n in NFES) + ' |\n|' + '---|' * (len(NFES) + 1))
   names = [f'ours {m}' for m in OURS] + [f'diffusers {n}' for n in diffusers_configs()]
   for name in names:
