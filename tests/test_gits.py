@@ -79,8 +79,15 @@ def test_times_are_a_path_of_the_fine_grid(mixture_calibration):
     t = np.asarray(cal.times(n))
     assert t.shape == (n,) and t[0] == cal.teacher_times[0] == process.t_max
     assert np.all(np.diff(t) < 0) and np.all(np.isin(t, cal.teacher_times))
-  np.testing.assert_array_equal(np.asarray(cal.times(40)), cal.teacher_times)
-  for bad in (0, 41, 2.5, True):
+  np.testing.assert_array_equal(cal.times(40), cal.teacher_times)
+  np.testing.assert_array_equal(cal.times(jnp.int32(7)), cal.times(7))
+  # NumPy times: a jitted sampler may lay them out itself.
+  fn = oracles.example_mixture().model_fn(process)
+  x = jax.jit(lambda k: sampling.sample(fn, process, method='plms', num_steps=5, times=cal.times(5),
+                                        order=3, warm_start='ab', key=k, shape=(4, 2)))(
+                                            jax.random.PRNGKey(3))
+  assert x.shape == (4, 2) and bool(jnp.all(jnp.isfinite(x)))
+  for bad in (0, 41, 2.5, True, 'a'):
     with pytest.raises(ValueError, match='num_steps must be an integer in'):
       cal.times(bad)
 
@@ -90,8 +97,9 @@ def test_bad_arguments_are_refused():
   fn = oracles.example_mixture().model_fn(process)
   with pytest.raises(ValueError, match='num_teacher_steps'):
     gits.calibrate(fn, process, key=jax.random.PRNGKey(0), shape=(4, 2), num_teacher_steps=1)
-  with pytest.raises(ValueError, match='coeff'):
-    gits.calibrate(fn, process, key=jax.random.PRNGKey(0), shape=(4, 2), coeff=0.0)
+  for coeff in (0.0, 'a', None):
+    with pytest.raises(ValueError, match='coeff must be a positive number'):
+      gits.calibrate(fn, process, key=jax.random.PRNGKey(0), shape=(4, 2), coeff=coeff)
   with pytest.raises(ValueError, match='metric'):
     gits.calibrate(fn, process, key=jax.random.PRNGKey(0), shape=(4, 2), metric='l1')
   with pytest.raises(ValueError, match='scale'):

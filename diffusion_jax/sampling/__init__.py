@@ -216,6 +216,7 @@ def sample(model_fn: Callable[..., jax.Array], process, *, method: str, num_step
   Raises:
     ValueError: an unknown method or prediction, a bad start, a cond leaf whose batch is not
       x_T's, guidance without ``null_cond``, or a method's invalid option (naming it).
+    TypeError: an option the method does not take (``method_options(method)`` lists them).
   """
   if method not in METHODS:
     raise ValueError(f'method={method!r} is not known; use one of {sorted(METHODS)}.')

@@ -30,6 +30,7 @@ first steps. The defaults were chosen on the choosing panel of ``experiments/sam
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -61,20 +62,25 @@ class Calibration(NamedTuple):
   nfe: int
   coeff: float
 
-  def times(self, num_steps: int) -> jax.Array:
-    """The ``num_steps`` model-evaluation times of the cheapest path: float32 ``[num_steps]``,
-    decreasing, starting at ``teacher_times[0]``; pass them as ``sample(..., times=...)``.
+  def times(self, num_steps: int) -> np.ndarray:
+    """The ``num_steps`` model-evaluation times of the cheapest path: float32 NumPy
+    ``[num_steps]``, decreasing, starting at ``teacher_times[0]``; pass them as ``sample(...,
+    times=...)`` (``pc`` takes ``num_steps + 1`` times: ``times(n + 1)`` for n steps). NumPy, so
+    a jitted function can call this or close over the result.
 
     Raises:
-      ValueError: ``num_steps`` not in ``[1, M]``.
+      ValueError: ``num_steps`` not an integer in ``[1, M]``.
     """
     m = len(self.teacher_times)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not (
-        1 <= num_steps <= m):
+    try:
+      n = None if isinstance(num_steps, bool) else operator.index(num_steps)
+    except TypeError:
+      n = None
+    if n is None or not 1 <= n <= m:
       raise ValueError(f'num_steps must be an integer in [1, {m}] (the teacher\'s steps), got '
                        f'{num_steps!r}; calibrate with num_teacher_steps >= num_steps for more.')
-    path = cheapest_path(self.cost, int(num_steps), coeff=self.coeff)
-    return jnp.asarray(self.teacher_times[np.asarray(path[:-1])], jnp.float32)
+    path = cheapest_path(self.cost, n, coeff=self.coeff)
+    return self.teacher_times[np.asarray(path[:-1])].astype(np.float32)
 
 
 def cheapest_path(cost: np.ndarray, num_steps: int, *, coeff: float = 1.0) -> list[int]:
@@ -140,8 +146,12 @@ def calibrate(model_fn: Callable[..., jax.Array], process, *, key: jax.Array | N
   if isinstance(num_teacher_steps, bool) or not isinstance(num_teacher_steps, (int, np.integer)) \
       or num_teacher_steps < 2:
     raise ValueError(f'num_teacher_steps must be an integer >= 2, got {num_teacher_steps!r}.')
-  if not float(coeff) > 0:
-    raise ValueError(f'coeff must be positive, got {coeff!r}.')
+  try:
+    positive = float(coeff) > 0
+  except (TypeError, ValueError):
+    positive = False
+  if not positive:
+    raise ValueError(f'coeff must be a positive number, got {coeff!r}.')
   if metric not in METRICS:
     raise ValueError(f'metric={metric!r} is not known; use one of {METRICS}.')
   if scale not in SCALES:
