@@ -927,6 +927,20 @@ def test_t_start_errors():
     s(x_T=x_T, t_start=300.0, method='plms', warm_start='ab', analytic_first_step=True)
 
 
+
+def test_key_must_be_a_prng_key():
+  """An int or a float array as key is refused with what to pass; raw and typed keys work, also
+  under jit."""
+  process, _, model, _, _ = setup()
+  s = functools.partial(sampling.sample, model, process, method='ddim', num_steps=3, shape=(4, 2))
+  for bad, got in ((0, 'int 0'), (jnp.zeros(2), 'dtype float32')):
+    with pytest.raises(ValueError, match=f'key must be a PRNG key, e.g. jax.random.PRNGKey.*{got}'):
+      s(key=bad)
+  raw = s(key=jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(jax.jit(lambda k: s(key=k))(jax.random.PRNGKey(0)), raw)
+  assert s(key=jax.random.key(0)).shape == (4, 2)
+
+
 # --- inversion ------------------------------------------------------------------------------------
 
 

@@ -137,8 +137,20 @@ __all__ = ['METHODS', 'INVERSIONS', 'DEFAULT_GRIDS', 'sample', 'invert', 'grids'
            'options_for']
 
 
+def _check_key(key) -> None:
+  """None, a typed PRNG key (``jax.random.key``) or a raw uint32 one (``jax.random.PRNGKey``)."""
+  dtype = getattr(key, 'dtype', None)
+  if key is None or (dtype is not None and (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+                                            or dtype == jnp.uint32)):
+    return
+  got = f'an array of dtype {dtype}' if dtype is not None else f'{type(key).__name__} {key!r}'
+  raise ValueError(f'key must be a PRNG key, e.g. jax.random.PRNGKey(0) or jax.random.key(0); '
+                   f'got {got}.')
+
+
 def _start(process, key, x_T, shape, t_start) -> jax.Array:
   """Validates the start arguments and returns x_T as float32."""
+  _check_key(key)
   if x_T is None:
     if t_start is not None:
       raise ValueError(f't_start={t_start} needs x_T, the noisy state at t_start (e.g. '
