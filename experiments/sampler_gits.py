@@ -56,14 +56,17 @@ def run_on_times(process, model, x_T, calibration, method, opts, nfe):
   """x_0 of ``method`` on the calibration's grid at the most steps whose NFE is at most nfe."""
   import jax  # pylint: disable=import-outside-toplevel
   from diffusion_jax import sampling  # pylint: disable=import-outside-toplevel
-  for n in range(nfe, 0, -1):
-    times = calibration.times(n)
-    x0, info = jax.jit(lambda x, n=n, times=times: sampling.sample(
-        model, process, method=method, num_steps=n, x_T=x, times=times, return_info=True,
-        **opts))(x_T)
-    if int(info['nfe']) <= nfe:
-      return np.asarray(x0, np.float64)
-  raise ValueError(f'{method} fits no step count in {nfe} NFE')
+
+  def run(n):
+    x0, info = jax.jit(lambda x: sampling.sample(
+        model, process, method=method, num_steps=n, x_T=x, times=calibration.times(n),
+        return_info=True, **opts))(x_T)
+    return np.asarray(x0, np.float64), int(info['nfe'])
+
+  fitted = sp.fit_steps(run, nfe)
+  if fitted is None:
+    raise ValueError(f'{method} fits no step count in {nfe} NFE')
+  return fitted[0]
 
 
 def evaluate(args, kind, variants, methods, nfes):
@@ -140,14 +143,12 @@ def trained(args, nfes):
                        key=jax.random.PRNGKey(301),
                        shape=(args.calibration,) + tuple(digits.x_T.shape[1:]),
                        num_teacher_steps=args.teacher_steps)
-  errs = {k: v for k, v in sp.trained_errors(digits).items() if k[1] in nfes}
+  errs = sp.trained_errors(digits, nfes)
   for name, (method, opts) in METHODS.items():
     for nfe in nfes:
-      for n in range(nfe, 0, -1):
-        x0, used = digits.run(method, n, times=cal.times(n), **opts)
-        if used <= nfe:
-          errs[f'gits + {name}', nfe] = digits.error(x0)
-          break
+      x0, _ = sp.fit_steps(lambda n, method=method, opts=opts: digits.run(
+          method, n, times=cal.times(n), **opts), nfe)
+      errs[f'gits + {name}', nfe] = digits.error(x0)
   names = sorted({k for k, _ in errs}, key=lambda k: (k.split()[0] != 'ours', k))
   print('| | ' + ' | '.join(f'NFE {n}' for n in nfes) + ' |\n|' + '---|' * (len(nfes) + 1))
   for name in names:

@@ -1117,9 +1117,9 @@ def sweep(args):
   print(f'\n({time.time() - t0:.0f} s)', flush=True)
 
 
-def trained_errors(digits):
+def trained_errors(digits, nfes=NFES):
   """{(name, NFE): RMS error} of a ``Digits`` model: ours with defaults ('ours <method>') and
-  diffusers' schedulers ('diffusers <name>', each at its best setting), at ``NFES``.
+  diffusers' schedulers ('diffusers <name>', each at its best setting), at ``nfes``.
 
   diffusers' schedulers evaluate the model at the time whose noise level is theirs
   (``t_from_log_snr``).
@@ -1129,7 +1129,7 @@ def trained_errors(digits):
   process, model_fn = digits.process, digits.model_fn
   errs = {}
   for m in OURS:
-    for nfe in NFES:
+    for nfe in nfes:
       fitted = fit_steps(lambda n, m=m: digits.run(m, n), nfe)
       if fitted is not None:
         errs[f'ours {m}', nfe] = digits.error(fitted[0])
@@ -1143,7 +1143,7 @@ def trained_errors(digits):
     return np.asarray(eps_fn(x, jnp.full((y.shape[0],), t, jnp.float32)), np.float64)
 
   rows = _TrainedRows(process, digits.x_T, eps_y, digits.ref)
-  for nfe in NFES:
+  for nfe in nfes:
     for name, (e, _, _) in best_diffusers(rows, nfe).items():
       errs[f'diffusers {name}', nfe] = float(e[0])
   return errs
