@@ -97,6 +97,9 @@ def test_bad_arguments_are_refused():
   fn = oracles.example_mixture().model_fn(process)
   with pytest.raises(ValueError, match='num_teacher_steps'):
     gits.calibrate(fn, process, key=jax.random.PRNGKey(0), shape=(4, 2), num_teacher_steps=1)
+  for bad in (2.0, True, jnp.float32(3.0)):
+    with pytest.raises(ValueError, match='num_teacher_steps must be an integer'):
+      gits.calibrate(fn, process, key=jax.random.PRNGKey(0), shape=(4, 2), num_teacher_steps=bad)
   for coeff in (0.0, 'a', None):
     with pytest.raises(ValueError, match='coeff must be a positive number'):
       gits.calibrate(fn, process, key=jax.random.PRNGKey(0), shape=(4, 2), coeff=coeff)
@@ -149,7 +152,9 @@ def test_rectified_flow_and_a_model_that_is_not_finite():
   process = processes.RectifiedFlow()
   mix = oracles.example_mixture()
   cal = gits.calibrate(mix.model_fn(process, prediction='flow'), process, prediction='flow',
-                       key=jax.random.PRNGKey(0), shape=(16, 2), num_teacher_steps=20)
+                       key=jax.random.PRNGKey(0), shape=(16, 2),
+                       num_teacher_steps=np.int64(20))  # any concrete integer
+  assert len(cal.teacher_times) == 20
   t = np.asarray(cal.times(5))
   assert t[0] == process.t_max and np.all(np.diff(t) < 0)
   eps_fn = mix.model_fn(process)

@@ -619,8 +619,11 @@ def test_errors():
     s(method='ddim', num_steps=5, x_T=x_T, spacing='middle')
   with pytest.raises(ValueError, match='prediction'):
     s(method='ddim', num_steps=5, x_T=x_T, prediction='noise')
-  with pytest.raises(TypeError):
+  with pytest.raises(TypeError, match="method='ddim' takes no option order; its options are "
+                     "eta, grid"):
     s(method='ddim', num_steps=5, x_T=x_T, order=2)
+  with pytest.raises(TypeError, match='no option oder, zz;'):
+    s(method='plms', num_steps=5, x_T=x_T, oder=3, zz=1)
   with pytest.raises(ValueError, match="plms: order=5 .* use 1, 2, 3 or 4"):
     s(method='plms', num_steps=5, x_T=x_T, order=5)
   with pytest.raises(ValueError, match="warm_start='rk'.*'heun'.*'ab'"):

@@ -228,11 +228,13 @@ def sample(model_fn: Callable[..., jax.Array], process, *, method: str, num_step
   Raises:
     ValueError: an unknown method or prediction, a bad start, a cond leaf whose batch is not
       x_T's, guidance without ``null_cond``, or a method's invalid option (naming it).
-    TypeError: an option the method does not take (``method_options(method)`` lists them).
+    TypeError: an option the method does not take, naming it and those the method takes
+      (``method_options(method)``).
   """
   if method not in METHODS:
     raise ValueError(f'method={method!r} is not known; use one of {sorted(METHODS)}.')
   num_steps = _check_common(num_steps, prediction)
+  _check_options(method, options)
   options = _with_defaults(process, method, num_steps, t_start, shift, options)
   # x_T = prior_sample(key, shape) as the contract says; a stochastic method draws its step noise
   # from fold_in(key, i), a different stream.
@@ -246,6 +248,15 @@ def sample(model_fn: Callable[..., jax.Array], process, *, method: str, num_step
   x_0, info = METHODS[method](fn, process, x_T, num_steps=num_steps, key=key,
                               prediction=prediction, t_start=t_start, **options)
   return (x_0, info) if return_info else x_0
+
+
+def _check_options(method: str, options: dict) -> None:
+  """TypeError naming the options ``method`` does not take, and the ones it does."""
+  unknown = sorted(set(options) - set(method_options(method)))
+  if unknown:
+    raise TypeError(f'sample: method={method!r} takes no option {", ".join(unknown)}; its '
+                    f'options are {", ".join(method_options(method))} '
+                    '(sampling.method_options(method)).')
 
 
 def options_for(process, method: str, num_steps: int, *, t_start=None, shift: float = 1.0,

@@ -72,15 +72,22 @@ class Calibration(NamedTuple):
       ValueError: ``num_steps`` not an integer in ``[1, M]``.
     """
     m = len(self.teacher_times)
-    try:
-      n = None if isinstance(num_steps, bool) else operator.index(num_steps)
-    except TypeError:
-      n = None
+    n = _as_int(num_steps)
     if n is None or not 1 <= n <= m:
       raise ValueError(f'num_steps must be an integer in [1, {m}] (the teacher\'s steps), got '
                        f'{num_steps!r}; calibrate with num_teacher_steps >= num_steps for more.')
     path = cheapest_path(self.cost, n, coeff=self.coeff)
     return self.teacher_times[np.asarray(path[:-1])].astype(np.float32)
+
+
+def _as_int(value) -> int | None:
+  """``value`` as a Python int when it is a concrete integer (not a bool), else None."""
+  if isinstance(value, bool):
+    return None
+  try:
+    return operator.index(value)
+  except TypeError:
+    return None
 
 
 def cheapest_path(cost: np.ndarray, num_steps: int, *, coeff: float = 1.0) -> list[int]:
@@ -143,8 +150,8 @@ def calibrate(model_fn: Callable[..., jax.Array], process, *, key: jax.Array | N
       prediction.
   """
   from diffusion_jax import sampling  # pylint: disable=import-outside-toplevel
-  if isinstance(num_teacher_steps, bool) or not isinstance(num_teacher_steps, (int, np.integer)) \
-      or num_teacher_steps < 2:
+  m = _as_int(num_teacher_steps)
+  if m is None or m < 2:
     raise ValueError(f'num_teacher_steps must be an integer >= 2, got {num_teacher_steps!r}.')
   try:
     positive = float(coeff) > 0
@@ -156,7 +163,6 @@ def calibrate(model_fn: Callable[..., jax.Array], process, *, key: jax.Array | N
     raise ValueError(f'metric={metric!r} is not known; use one of {METRICS}.')
   if scale not in SCALES:
     raise ValueError(f'scale={scale!r} is not known; use one of {SCALES}.')
-  m = int(num_teacher_steps)
   with jax.ensure_compile_time_eval():
     fine = np.asarray(core._drop_repeats(  # pylint: disable=protected-access
         grids.make_grid(process, m, teacher_grid, spacing='trailing')), np.float32)
