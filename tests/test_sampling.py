@@ -1028,7 +1028,8 @@ def test_invert_errors_and_options():
     with pytest.raises(ValueError, match=r"method='.*' has no inverse.*\['ddim', 'dpmpp_2m', "
                                          r"'euler'\]"):
       sampling.invert(model, process, x_T, method=method, num_steps=5)
-  with pytest.raises(TypeError):
+  with pytest.raises(TypeError, match="invert: method='ddim' takes no option eta; its options "
+                                      "are grid, spacing, times"):
     sampling.invert(model, process, x_T, method='ddim', num_steps=5, eta=1.0)
   with pytest.raises(ValueError, match='floating'):
     sampling.invert(model, process, jnp.ones((4, 2), jnp.int32), num_steps=5)

@@ -350,7 +350,7 @@ def invert(model_fn: Callable[..., jax.Array], process, x_0: jax.Array, *, metho
       the sampler that maps x_T back.
     return_info: also return the info dict ('nfe', 'trajectory' from x_0 to x_T).
     **options: ``grid``, ``spacing``, ``times``, ``step_hook``, ``return_trajectory``,
-      ``callback``; ``order`` (1 or 2) for 'dpmpp_2m'. Others raise TypeError.
+      ``callback``; ``order`` (1 or 2) for 'dpmpp_2m'. Others raise TypeError naming them.
 
   Returns:
     x_T [B, ...] float32, the state at the grid's first time (``t_end``, or ``t_max``, on every
@@ -370,7 +370,12 @@ def invert(model_fn: Callable[..., jax.Array], process, x_0: jax.Array, *, metho
                                 null_cond=null_cond, guidance_scale=guidance_scale,
                                 guidance_rescale=guidance_rescale)
   # The grid sample() lays out by default, so that sample(invert(x_0)) runs the same grid back.
-  accepted = inspect.signature(INVERSIONS[method]).parameters
+  accepted = [p for p in inspect.signature(INVERSIONS[method]).parameters
+              if p not in ('model_fn', 'process', 'x_0', 'num_steps', 'prediction', 't_end')]
+  unknown = sorted(set(options) - set(accepted))
+  if unknown:
+    raise TypeError(f'invert: method={method!r} takes no option {", ".join(unknown)}; its '
+                    f'options are {", ".join(accepted)}.')
   chosen = defaults.with_defaults(method, num_steps, options)
   options = {k: v for k, v in chosen.items() if k in options or k in accepted}
   x_T, info = INVERSIONS[method](fn, process, x_0, num_steps=num_steps, prediction=prediction,
