@@ -669,6 +669,20 @@ def test_classifier_free_guidance():
   want = sampling.sample(lambda x, t, c: model(x, t) + shift[:, None], process, method='dpmpp_2m',
                          num_steps=n, x_T=x_T)
   np.testing.assert_allclose(one, want, atol=1e-5)
+  # One w per example ([B]): each row guided by its own scale.
+  ws = jnp.linspace(0.0, 4.0, B)
+  per_example = sampling.sample(cond_model, process, method='dpmpp_2m', num_steps=n, x_T=x_T,
+                                guidance_scale=ws, cond=cond, null_cond=null_cond)
+  want = sampling.sample(lambda x, t, c: model(x, t) + (ws * shift)[:, None], process,
+                         method='dpmpp_2m', num_steps=n, x_T=x_T)
+  np.testing.assert_allclose(per_example, want, atol=1e-4)
+  with pytest.raises(ValueError, match=r'guidance_scale must be a number, or an array of shape '
+                                       rf'\[B\] = \({B},\).*got shape \(3,\)'):
+    sampling.sample(cond_model, process, method='dpmpp_2m', num_steps=n, x_T=x_T,
+                    guidance_scale=jnp.ones(3), cond=cond, null_cond=null_cond)
+  with pytest.raises(ValueError, match='needs cond'):
+    sampling.sample(cond_model, process, method='dpmpp_2m', num_steps=n, x_T=x_T,
+                    guidance_scale=3.0, null_cond=null_cond)
 
 
 def test_guidance_rescale():
@@ -804,14 +818,18 @@ GRID_CASES = [('ddpm', {}, 'uniform', 'trailing'), ('ddim', {}, 'quadratic', Non
               ('plms', {}, 'quadratic', None), ('plms', {'warm_start': 'ab'}, 'quadratic',
                                                 'trailing'),
               ('dpmpp_3m', {}, 'quadratic', None), ('dpmpp_2m_sde', {}, 'logsnr', None),
-              ('unipc', {}, 'quadratic', None), ('euler', {'S_churn': 5.0}, 'karras', None)]
+              ('unipc', {}, 'quadratic', None), ('euler', {'S_churn': 5.0}, 'karras', None),
+              ('dpmpp_3m', {}, 'logsnr', 'trailing'), ('unipc', {}, 'cosine', 'trailing'),
+              ('ddim', {}, 'optimized', 'trailing')]
 
 
 @pytest.mark.parametrize('method,options,grid,spacing', GRID_CASES,
                          ids=[f'{c[0]}-{c[2]}-{len(c[1])}' for c in GRID_CASES])
 def test_times_are_the_named_grid_bitwise(method, options, grid, spacing):
   process, _, model, x_T, _ = setup()
-  n, key = 8, jax.random.PRNGKey(2)
+  # 20 steps: jnp.linspace's log-SNR grid at 20 trailing steps differed by an ulp between an
+  # eager make_grid and make_schedule's (under ensure_compile_time_eval).
+  n, key = (20 if spacing == 'trailing' and grid != 'uniform' else 8), jax.random.PRNGKey(2)
   named = sampling.sample(model, process, method=method, num_steps=n, x_T=x_T, key=key,
                           grid=grid, spacing=spacing, **options)
   times = np.asarray(grids.make_grid(process, n, grid, spacing=spacing))
@@ -1115,3 +1133,65 @@ def test_step_hook_errors_and_ode():
   with pytest.raises(ValueError, match=r'step_hook must return the state, shape \(64, 2\)'):
     sampling.sample(model, process, method='ddim', num_steps=4, x_T=x_T,
                     step_hook=lambda x, *_: x[:, :1])
+
+
+# --- short steps in log-SNR ----------------------------------------------------------------------
+
+
+def test_exp_remainder_matches_its_definition_in_float64():
+  """R_k(x) = (e^x - sum_{j<k} x^j / j!) / x^k, the phi functions of DPM-Solver and UniPC: the
+  float32 values against float64 (the quotient where it does not cancel, |x| >= 0.5; a 40-term
+  series below), at steps from 0 to 5 in log-SNR, both signs."""
+  import math  # pylint: disable=import-outside-toplevel
+  xs = np.array([0.0, 1e-7, -1e-6, 1e-4, -1e-3, 1e-2, -0.05, 0.1, -0.3, 0.5, -0.99, 1.0, -1.01,
+                 1.5, -3.0, 5.0])
+  for k in (1, 2, 3, 4):
+    got = np.asarray(core.exp_remainder(jnp.asarray(xs, jnp.float32), k), np.float64)
+    want = []
+    for x in xs:
+      if abs(x) >= 0.5:
+        want.append((math.expm1(x) - sum(x**j / math.factorial(j) for j in range(1, k))) / x**k)
+      else:
+        want.append(sum(x**m / math.factorial(k + m) for m in range(40)))
+    np.testing.assert_allclose(got, want, rtol=3e-6, err_msg=f'k={k}')
+
+
+@pytest.mark.parametrize('method', ['unipc', 'dpmpp_2m', 'dpmpp_3m'])
+def test_short_and_tied_log_snr_steps_stay_finite(method):
+  """Steps far shorter than any grid's: 30 times within 0.001 of t_min on the DDPM schedule
+  (h ~ 1e-6 in log-SNR; UniPC's reference recursion for its weights gave NaN), and on the VE SDE
+  times whose float32 log-SNRs tie (h = 0: 0 / 0 before). The samplers end where DDIM does, to
+  the order of the few steps' size, and at the exact map's image (the steps hardly move x)."""
+  process, mix, model, x_T, _ = setup()
+  for proc, times in ((process, np.linspace(1.001, 1.0, 30)),
+                      (sde.VESDE(), np.linspace(1.01e-5, 1e-5, 30))):
+    times = times.astype(np.float32)
+    fn = mix.model_fn(proc)
+    start = x_T * float(proc.sigma(times[0]))  # noise at the first time's level
+    ref = mix.pf_ode_map(np.asarray(start, np.float64), float(proc.alpha(times[0])),
+                         float(proc.sigma(times[0])))
+    x = sampling.sample(fn, proc, method=method, num_steps=30, x_T=start, times=times)
+    ddim = sampling.sample(fn, proc, method='ddim', num_steps=30, x_T=start, times=times)
+    assert np.all(np.isfinite(np.asarray(x))), (type(proc).__name__, method)
+    assert rms(x, ref) <= 2.0 * rms(ddim, ref) + 1e-6, (type(proc).__name__, method,
+                                                          rms(x, ref), rms(ddim, ref))
+
+
+def test_a_process_passed_to_jit_samples_as_one_closed_over():
+  """Processes are pytrees (DESIGN.md); passed as a jit argument DiscreteVP's betas are traced,
+  and the defaults' grids (cosine, optimized) and the third-order guard are computed from
+  tracers in float32: the same times and samples as with the process closed over, to float32
+  rounding. UniPC-3 and 3M at 10 steps take the optimized grid and the guard."""
+  process, mix, _, x_T, _ = setup()
+  for grid in ('cosine', 'optimized'):
+    for n, spacing, t_start in ((2, 'trailing', None), (10, 'trailing', None),
+                                (25, 'linspace', 400.0)):
+      make = lambda p: grids.make_grid(p, n, grid, spacing=spacing, t_start=t_start)  # pylint: disable=cell-var-from-loop
+      np.testing.assert_allclose(jax.jit(make)(process), make(process), rtol=1e-5,
+                                 err_msg=f'{grid} {n} {spacing} {t_start}')
+  for method in ('unipc', 'dpmpp_3m'):
+    closed = sampling.sample(mix.model_fn(process), process, method=method, num_steps=10,
+                             x_T=x_T)
+    traced = jax.jit(lambda p, x: sampling.sample(mix.model_fn(p), p, method=method,  # pylint: disable=cell-var-from-loop
+                                                  num_steps=10, x_T=x))(process, x_T)
+    np.testing.assert_allclose(traced, closed, atol=2e-5, err_msg=method)

@@ -52,24 +52,26 @@ MAX_THIRD_ORDER_STEP = 0.5
 MIN_THIRD_ORDER_HISTORY_RATIO = 0.25
 
 
-def cap_third_order(orders: np.ndarray, sched: core.Schedule) -> np.ndarray:
+def cap_third_order(orders: np.ndarray, sched: core.Schedule):
   """``orders`` [n] with at most 2 on the steps longer than ``MAX_THIRD_ORDER_STEP`` in lambda
   and on those whose previous step is shorter than ``MIN_THIRD_ORDER_HISTORY_RATIO`` of them.
 
-  The last iteration (the final step to the data, at most second order) is left alone; a traced
-  schedule (a process passed as a jit argument) is not guarded.
+  The last iteration (the final step to the data, at most second order) is left alone. NumPy in
+  float64; a traced schedule (a process passed as a jit argument) gives traced orders, the same
+  rule in float32.
   """
   alpha, sigma = sched.alpha, sched.sigma
   if isinstance(alpha, jax.core.Tracer) or isinstance(sigma, jax.core.Tracer):
-    return orders
-  alpha, sigma = np.asarray(alpha, np.float64), np.asarray(sigma, np.float64)
-  lam = np.log(alpha) - np.log(np.where(sigma > 0, sigma, 1.0))
-  h = np.diff(lam)[:len(orders)]
-  if sigma[-1] == 0:
-    h[-1] = 0.0
-  prev = np.concatenate([[np.inf], h[:-1]])
+    xp, alpha, sigma = jnp, jnp.asarray(alpha), jnp.asarray(sigma)
+  else:
+    xp, alpha, sigma = np, np.asarray(alpha, np.float64), np.asarray(sigma, np.float64)
+  lam = xp.log(alpha) - xp.log(xp.where(sigma > 0, sigma, 1.0))
+  h = xp.diff(lam)[:len(orders)]
+  # The final step onto sigma = 0 has no lambda: not a long step.
+  h = xp.where((xp.arange(len(h)) == len(h) - 1) & (sigma[-1] == 0), 0.0, h)
+  prev = xp.concatenate([xp.full((1,), xp.inf, h.dtype), h[:-1]])
   coarse = (h > MAX_THIRD_ORDER_STEP) | (prev < MIN_THIRD_ORDER_HISTORY_RATIO * h)
-  return np.where(coarse, np.minimum(orders, 2), orders)
+  return xp.where(coarse, xp.minimum(orders, 2), orders)
 
 
 def _dpmpp_update(x, m, lam_hist, lam_next, alpha_next, sigma_next, sigma, order, max_order,
@@ -98,21 +100,25 @@ def _dpmpp_update(x, m, lam_hist, lam_next, alpha_next, sigma_next, sigma, order
   """
   h = lam_next - lam_hist[0]
   safe = lambda v: jnp.where(v == 0, 1.0, v)
+  # A step of zero length in log-SNR (float32 lambdas that tie) leaves x where it is: phi1 = 0,
+  # and the divided differences stay finite with h taken as 1.
+  h_safe = safe(h)
   phi1 = jnp.expm1(-h)  # < 0
+  # phi2 = phi1 / h + 1, phi3 = phi2 / h - 1/2 without the quotients' cancellation at small h.
+  phi2 = h * core.exp_remainder(-h, 2)
   base = (sigma_next / sigma) * x - alpha_next * phi1 * m[0]
   if max_order == 1:
     return base
-  r0 = safe((lam_hist[0] - lam_hist[1]) / h)
+  r0 = safe((lam_hist[0] - lam_hist[1]) / h_safe)
   d1_0 = (m[0] - m[1]) / r0
   if solver_type == 'heun':
-    second = base + alpha_next * (phi1 / h + 1.0) * d1_0
+    second = base + alpha_next * phi2 * d1_0
   else:
     second = base - 0.5 * alpha_next * phi1 * d1_0
   if max_order == 2:
     return jnp.where(order == 2, second, base)
-  r1 = safe((lam_hist[1] - lam_hist[2]) / h)
-  phi2 = phi1 / h + 1.0
-  phi3 = phi2 / h - 0.5
+  r1 = safe((lam_hist[1] - lam_hist[2]) / h_safe)
+  phi3 = -h * core.exp_remainder(-h, 3)
   d1_1 = (m[1] - m[2]) / r1
   d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
   d2 = (d1_0 - d1_1) / (r0 + r1)
@@ -198,7 +204,7 @@ def _multistep(model_fn, process, x_T, *, num_steps, prediction, order, grid, sp
       # sigma_s^2 (1 - e^{-2h}).
       h = s['lam_next'] - s['lam']
       h0 = lam_hist[0] - lam_hist[1]
-      r0 = jnp.where(h0 == 0, 1.0, h0 / h)
+      r0 = jnp.where(h0 == 0, 1.0, h0 / jnp.where(h == 0, 1.0, h))
       decay = -jnp.expm1(-2.0 * h)
       d1 = (m[0] - m[1]) / r0
       x_reg = ((s['sigma_next'] / s['sigma']) * jnp.exp(-h) * x

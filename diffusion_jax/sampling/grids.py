@@ -182,8 +182,11 @@ def logsnr(process, num_steps: int, *, spacing: Spacing | None = None,
   lam_hi = process.log_snr(jnp.float32(process.t_min))
   lam_lo = process.log_snr(jnp.float32(t_hi))
   lam_lo = jnp.where(lam_hi > LOGSNR_FLOOR, jnp.maximum(lam_lo, LOGSNR_FLOOR), lam_lo)
-  lam = jnp.linspace(lam_lo, lam_hi, m) if m > 1 else lam_lo[None]
-  return _times_from_log_snr(process, lam, n, t_hi)
+  if _traced(lam_lo, lam_hi):  # a traced process (a jit argument)
+    lam = jnp.linspace(lam_lo, lam_hi, m) if m > 1 else lam_lo[None]
+  else:  # NumPy: the same times eagerly, under jit and in make_schedule (jnp's differ by an ulp)
+    lam = np.linspace(float(lam_lo), float(lam_hi), m)
+  return _times_from_log_snr(process, jnp.asarray(lam, jnp.float32), n, t_hi)
 
 
 def karras(process, num_steps: int, *, rho: float = 7.0, spacing: Spacing | None = None,
@@ -263,20 +266,29 @@ def cosine(process, num_steps: int, *, spacing: Spacing | None = None,
   return _times_from_log_snr(process, jnp.asarray(2.0 * lam, jnp.float32), n, t_hi)
 
 
-def _lambda_ends(process, t_start: float | None) -> tuple[float, float, float]:
-  """The grid's upper time and lambda = log(alpha / sigma) at it and at ``t_min``, as floats."""
+def _lambda_ends(process, t_start: float | None):
+  """The grid's upper time and lambda = log(alpha / sigma) at it and at ``t_min``: floats, or
+  float32 tracers where the process is traced (a jit argument)."""
   t_hi = _t_hi(process, t_start)
-  return (t_hi, 0.5 * float(process.log_snr(jnp.float32(t_hi))),
-          0.5 * float(process.log_snr(jnp.float32(process.t_min))))
+  lam_lo = 0.5 * process.log_snr(jnp.float32(t_hi))
+  lam_hi = 0.5 * process.log_snr(jnp.float32(process.t_min))
+  if _traced(lam_lo, lam_hi):
+    return t_hi, lam_lo, lam_hi
+  return t_hi, float(lam_lo), float(lam_hi)
 
 
-def _cosine_log_snr(lam_lo: float, lam_hi: float, m: int, center: float,
-                    width: float) -> np.ndarray:
+def _traced(*values) -> bool:
+  return any(isinstance(v, jax.core.Tracer) for v in values)
+
+
+def _cosine_log_snr(lam_lo, lam_hi, m: int, center: float, width: float):
   """``m`` values of lambda = log(alpha / sigma) from ``lam_lo`` to ``lam_hi``, uniform in the
-  shifted, widened cosine schedule's time (``cosine``), float64."""
-  gd = lambda x: 2.0 * np.arctan(np.tanh(x / 2.0))
-  y = np.linspace(gd((lam_lo - center) / width), gd((lam_hi - center) / width), m)
-  return center + width * 2.0 * np.arctanh(np.tan(y / 2.0))
+  shifted, widened cosine schedule's time (``cosine``): float64 NumPy, or float32 jnp from
+  traced ends."""
+  xp = jnp if _traced(lam_lo, lam_hi) else np
+  gd = lambda x: 2.0 * xp.arctan(xp.tanh(x / 2.0))
+  y = xp.linspace(gd((lam_lo - center) / width), gd((lam_hi - center) / width), m)
+  return center + width * 2.0 * xp.arctanh(xp.tan(y / 2.0))
 
 
 # grid='optimized': offsets in lambda = log(alpha / sigma) added to the interior times of the
@@ -320,13 +332,20 @@ def optimized(process, num_steps: int, *, spacing: Spacing | None = None,
   lam = _cosine_log_snr(lam_lo, lam_hi, m, COSINE_CENTER, COSINE_WIDTH)
   if m > 2:
     table = np.asarray(OPTIMIZED_OFFSETS, np.float64)
-    lam[1:m - 1] += np.interp(np.linspace(0.0, 1.0, m - 2), np.linspace(0.0, 1.0, len(table)),
-                              table)
-    lam[1:m - 1] = np.clip(lam[1:m - 1], lam_lo, lam_hi)
-    for i in range(1, m - 1):  # distinct and increasing, the ends unchanged
-      lam[i] = max(lam[i], lam[i - 1] + MIN_LOG_SNR_STEP)
-    hi_room = lam_hi - MIN_LOG_SNR_STEP * np.arange(m - 1, -1, -1)
-    lam = np.minimum(lam, hi_room)
+    offsets = np.interp(np.linspace(0.0, 1.0, m - 2), np.linspace(0.0, 1.0, len(table)), table)
+    if _traced(lam):  # a traced process: the same in jnp, float32
+      lam = lam.at[1:m - 1].set(jnp.clip(lam[1:m - 1] + offsets, lam_lo, lam_hi))
+      # lam[i] = max(lam[i], lam[i - 1] + step) for i < m - 1, as a running maximum.
+      step = MIN_LOG_SNR_STEP * jnp.arange(m - 1, dtype=lam.dtype)
+      lam = lam.at[:m - 1].set(jax.lax.cummax(lam[:m - 1] - step) + step)
+      lam = jnp.minimum(lam, lam_hi - MIN_LOG_SNR_STEP * jnp.arange(m - 1, -1, -1))
+    else:
+      lam[1:m - 1] += offsets
+      lam[1:m - 1] = np.clip(lam[1:m - 1], lam_lo, lam_hi)
+      for i in range(1, m - 1):  # distinct and increasing, the ends unchanged
+        lam[i] = max(lam[i], lam[i - 1] + MIN_LOG_SNR_STEP)
+      hi_room = lam_hi - MIN_LOG_SNR_STEP * np.arange(m - 1, -1, -1)
+      lam = np.minimum(lam, hi_room)
   return _times_from_log_snr(process, jnp.asarray(2.0 * lam, jnp.float32), n, t_hi)
 
 

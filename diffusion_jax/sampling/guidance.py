@@ -88,17 +88,20 @@ def classifier_free_guidance(model_fn: Callable[..., jax.Array], *, batch_size: 
       shape with batch B, or batch 1 (broadcast to B, e.g. one null label or one empty-prompt
       embedding for every example), and is cast to cond's leaf dtype. Needed for guidance.
     guidance_scale: w; ``uncond + w (cond - uncond)``, computed in float32 in the model's
-      prediction space. ``1.0`` as a Python number (without rescale) is the plain conditional
-      model: one call on the plain batch, ``null_cond`` unused. A traced w always guides.
-    guidance_rescale: phi in [0, 1] of Lin et al. (2024), applied to the guided prediction.
+      prediction space: a number, or an array of shape [] or [B] (one w per example). ``1.0`` as
+      a Python number (without rescale) is the plain conditional model: one call on the plain
+      batch, ``null_cond`` unused. An array w always guides.
+    guidance_rescale: phi in [0, 1] of Lin et al. (2024), applied to the guided prediction; a
+      number or an array of shape [] or [B].
 
   Returns:
     ``fn(x: [B, ...], t: [B]) -> prediction [B, ...]`` float32.
 
   Raises:
     ValueError: a leaf of cond or null_cond without the batch B (the message names its path and
-      shape), null_cond of another structure or leaf shape, guidance without null_cond, phi
-      outside [0, 1], guidance_scale or guidance_rescale not a finite number or an array.
+      shape), null_cond of another structure or leaf shape, guidance without cond or
+      null_cond, phi outside [0, 1], guidance_scale or guidance_rescale not a finite number or
+      an array of shape [] or [B].
   """
   for name, value in (('guidance_scale', guidance_scale), ('guidance_rescale', guidance_rescale)):
     if not isinstance(value, (numbers.Real, jax.Array, np.ndarray)) or isinstance(value, bool):
@@ -106,22 +109,30 @@ def classifier_free_guidance(model_fn: Callable[..., jax.Array], *, batch_size: 
                        f'guidance_rescale 0.0: none), got {value!r} ({type(value).__name__}).')
     if isinstance(value, numbers.Real) and not math.isfinite(value):
       raise ValueError(f'{name} must be finite, got {value}.')
+    shape = np.shape(value)
+    if shape not in ((), (batch_size,)):
+      raise ValueError(f'{name} must be a number, or an array of shape [B] = ({batch_size},) '
+                       f'with one value per example, got shape {shape}.')
   check_cond(cond, batch_size)
-  if null_cond is not None:
-    _check_null_cond(cond, null_cond, batch_size)
-  if isinstance(guidance_rescale, numbers.Number) and not 0.0 <= guidance_rescale <= 1.0:
+  rescale_concrete = not isinstance(guidance_rescale, jax.core.Tracer)
+  if rescale_concrete and not np.all((np.asarray(guidance_rescale) >= 0.0)
+                                     & (np.asarray(guidance_rescale) <= 1.0)):
     raise ValueError(f'guidance_rescale must lie in [0, 1], got {guidance_rescale}.')
   plain = (isinstance(guidance_scale, numbers.Number) and guidance_scale == 1.0
            and isinstance(guidance_rescale, numbers.Number) and guidance_rescale == 0.0)
+  if not plain and cond is None:
+    raise ValueError('classifier-free guidance needs cond (the conditioning to guide towards); '
+                     'got cond=None.')
+  if null_cond is not None:
+    _check_null_cond(cond, null_cond, batch_size)
   if plain:
     return lambda x, t: core.model_output(model_fn(x, t, cond), x.shape)
   if null_cond is None:
     raise ValueError(f'guidance_scale={guidance_scale}, guidance_rescale={guidance_rescale}: '
                      'classifier-free guidance needs null_cond, the conditioning of the '
                      "unconditional model (cond's tree, e.g. {'label': [num_classes]}).")
-  if cond is None:
-    raise ValueError('classifier-free guidance needs cond (the conditioning to guide towards); '
-                     'got cond=None.')
+  per_example = lambda v, x: (v if isinstance(v, numbers.Number) or np.ndim(v) == 0
+                              else jnp.reshape(v, (-1,) + (1,) * (x.ndim - 1)))
 
   def double(c, u):
     u = jnp.broadcast_to(jnp.asarray(u), jnp.shape(c)).astype(jnp.asarray(c).dtype)
@@ -133,9 +144,9 @@ def classifier_free_guidance(model_fn: Callable[..., jax.Array], *, batch_size: 
     out = core.model_output(model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both),
                             (2 * x.shape[0],) + tuple(x.shape[1:]))
     cond_out, uncond_out = jnp.split(out, 2)
-    guided = uncond_out + guidance_scale * (cond_out - uncond_out)
+    guided = uncond_out + per_example(guidance_scale, x) * (cond_out - uncond_out)
     if not (isinstance(guidance_rescale, numbers.Number) and guidance_rescale == 0.0):
-      guided = rescale_guidance(guided, cond_out, guidance_rescale)
+      guided = rescale_guidance(guided, cond_out, per_example(guidance_rescale, x))
     return guided
 
   return guided_fn
