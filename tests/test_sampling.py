@@ -624,6 +624,12 @@ def test_errors():
     s(method='ddim', num_steps=5, x_T=x_T, order=2)
   with pytest.raises(TypeError, match='no option oder, zz;'):
     s(method='plms', num_steps=5, x_T=x_T, oder=3, zz=1)
+  with pytest.raises(ValueError, match='t_start must be a concrete number'):
+    s(method='ddim', num_steps=5, x_T=x_T, t_start='500')
+  with pytest.raises(ValueError, match='heun: S_noise must be a finite number'):
+    s(method='heun', num_steps=5, x_T=x_T, S_noise=float('nan'))
+  with pytest.raises(ValueError, match='static argument'):
+    jax.jit(lambda n: s(method='ddim', num_steps=n, x_T=x_T))(5)
   with pytest.raises(ValueError, match="plms: order=5 .* use 1, 2, 3 or 4"):
     s(method='plms', num_steps=5, x_T=x_T, order=5)
   with pytest.raises(ValueError, match="warm_start='rk'.*'heun'.*'ab'"):
@@ -1051,6 +1057,8 @@ def test_invert_errors_and_options():
     sampling.invert(model, process, x_T, method='ddim', num_steps=5, eta=1.0)
   with pytest.raises(ValueError, match='floating'):
     sampling.invert(model, process, jnp.ones((4, 2), jnp.int32), num_steps=5)
+  with pytest.raises(ValueError, match=r't_end=2000.0 must lie in \(t_min, t_max\]'):
+    sampling.invert(model, process, x_T, num_steps=5, t_end=2000.0)
   # euler inverts as ddim; the trajectory runs from x_0 to x_T.
   x_T_d, info = sampling.invert(model, process, x_T, method='ddim', num_steps=5,
                                 return_info=True, return_trajectory=True)

@@ -181,6 +181,10 @@ def _check_common(num_steps, prediction) -> int:
   except (TypeError, ValueError):
     ok = False
   if not ok:
+    if isinstance(num_steps, jax.core.Tracer):
+      raise ValueError(f'num_steps must be a concrete integer >= 1 (it sets the grid and the '
+                       f'scan length), got the traced {num_steps!r}: under jax.jit pass it as a '
+                       'static argument (static_argnums / static_argnames) or close over it.')
     raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}.')
   if prediction not in processes.PREDICTIONS:
     raise ValueError(f'prediction={prediction!r} is not known; use one of {processes.PREDICTIONS}.')
@@ -364,6 +368,7 @@ def invert(model_fn: Callable[..., jax.Array], process, x_0: jax.Array, *, metho
                      f'{sorted(INVERSIONS)} (deterministic samplers whose update runs backwards; '
                      'a stochastic sampler has no inverse map).')
   num_steps = _check_common(num_steps, prediction)
+  t_end = grids.check_t_start(process, t_end, name='t_end')
   _check_batch_array(x_0, 'x_0')
   x_0 = jnp.asarray(x_0, jnp.float32)
   fn = classifier_free_guidance(model_fn, batch_size=x_0.shape[0], cond=cond,

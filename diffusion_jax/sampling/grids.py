@@ -86,6 +86,8 @@ def check_t_start(process, t_start, *, name: str = 't_start') -> float | None:
   if t_start is None:
     return None
   try:
+    if isinstance(t_start, (str, bytes, bool)):
+      raise TypeError
     value = float(t_start)
   except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
     raise ValueError(f'{name} must be a concrete number (the grid is laid out while tracing), '

@@ -47,8 +47,11 @@ def _karras(model_fn, process, x_T, *, num_steps, key, prediction, second_order,
             times, levels, t_start, step_hook, S_churn, S_tmin, S_tmax, S_noise, clip_x0,
             dynamic_threshold, return_trajectory, callback, method):
   n = num_steps
-  if S_churn < 0:
+  if not S_churn >= 0:  # NaN too
     raise ValueError(f'{method}: S_churn must be >= 0, got {S_churn}.')
+  if not isinstance(S_noise, jax.core.Tracer) and not math.isfinite(float(S_noise)):
+    raise ValueError(f'{method}: S_noise must be a finite number (Karras et al. use 1.0-1.007), '
+                     f'got {S_noise}.')
   churn = S_churn > 0
   if churn and key is None:
     raise ValueError(f'{method} with S_churn > 0 is stochastic and needs a PRNG `key`.')
