@@ -214,9 +214,11 @@ def sample(model_fn: Callable[..., jax.Array], process, *, method: str, num_step
     null_cond: the unconditional conditioning for guidance: cond's tree structure, each leaf with
       batch B or 1 (broadcast), cast to cond's leaf dtype (``guidance.py``).
     guidance_scale: classifier-free guidance scale w (Ho & Salimans 2022), ``uncond +
-      w (cond - uncond)`` in float32; 1.0 (a Python number) is the plain conditional model, one
-      call per evaluation on the plain batch. Other values need ``null_cond``.
-    guidance_rescale: phi of Lin et al. (2024), eq. 16 (see ``guidance.py``); needs ``null_cond``.
+      w (cond - uncond)`` in float32: a number, or an array of shape [B] (one w per example);
+      1.0 (a Python number) is the plain conditional model, one call per evaluation on the
+      plain batch. Other values need ``null_cond``.
+    guidance_rescale: phi of Lin et al. (2024), eq. 16 (see ``guidance.py``), a number or [B];
+      needs ``null_cond``.
     t_start: the time of ``x_T``, in ``(t_min, t_max]``: start at an intermediate time (img2img,
       SDEdit); the grid is laid out over ``[t_min, t_start]``. Needs ``x_T``.
     shift: SD3's time shift of the method's grid (module docstring; ``grids.make_grid``); 1.0
