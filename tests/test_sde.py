@@ -6,6 +6,7 @@ the exact probability-flow map by SciPy in float64) for the samplers.
 """
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from diffusion_jax import oracles, preconditioning, processes, sde
+from diffusion_jax import oracles, preconditioning, processes, sampling, sde
 from diffusion_jax.sampling.ode import ode, solve_ode
 from diffusion_jax.sampling.pc import pc
 
@@ -320,3 +321,23 @@ def test_pc_program_does_not_grow_with_num_steps():
                                              key=jax.random.key(0)))(x_T)
     sizes.append(len(jaxpr.jaxpr.eqns))
   assert sizes[0] == sizes[1], sizes
+
+
+def test_ode_that_runs_out_of_max_steps_warns():
+  """Without return_info nothing else says the solve stopped early: a RuntimeWarning at run time
+  (under jit too), none when it finishes."""
+  process = processes.DiscreteVP.linear()
+  model_fn = MIXTURE.model_fn(process, prediction='eps')
+  x_T = process.prior_sample(jax.random.key(5), (8, 2))
+  run = jax.jit(lambda x, steps: sampling.sample(model_fn, process, method='ode', num_steps=1,
+                                                 x_T=x, max_steps=steps, return_info=True),
+                static_argnums=1)
+  with pytest.warns(RuntimeWarning, match=r'max_steps=3 step attempts before reaching t_min'):
+    _, info = run(x_T, 3)
+    jax.effects_barrier()
+  assert not bool(info['success'])
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', RuntimeWarning)
+    _, info = run(x_T, 4096)
+    jax.effects_barrier()
+  assert bool(info['success'])

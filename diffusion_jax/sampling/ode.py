@@ -11,11 +11,14 @@ integrated by the Dormand-Prince 5(4) pair with error control, here inside ``jit
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax import processes
 from diffusion_jax import sde as sde_lib
@@ -278,4 +281,15 @@ def ode(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *,
     if return_trajectory:
       info['trajectory'] = info['trajectory'].at[-1].set(x)
   info.update(nfe=nfe, num_accepted=n_acc, num_rejected=n_rej, success=success)
+  # At run time (success is traced): an unfinished solve is not silent without return_info.
+  jax.debug.callback(functools.partial(_warn_unfinished, max_steps=max_steps, rtol=rtol,
+                                       atol=atol), success)
   return x, info
+
+
+def _warn_unfinished(success, *, max_steps: int, rtol: float, atol: float) -> None:
+  if not bool(np.all(success)):
+    warnings.warn(f'ode: the solver used its max_steps={max_steps} step attempts before reaching '
+                  't_min, so the samples are the unfinished state (info["success"] is False). '
+                  f'Raise max_steps or loosen rtol={rtol} / atol={atol}.', RuntimeWarning,
+                  stacklevel=2)
