@@ -88,11 +88,11 @@ def classifier_free_guidance(model_fn: Callable[..., jax.Array], *, batch_size: 
       shape with batch B, or batch 1 (broadcast to B, e.g. one null label or one empty-prompt
       embedding for every example), and is cast to cond's leaf dtype. Needed for guidance.
     guidance_scale: w; ``uncond + w (cond - uncond)``, computed in float32 in the model's
-      prediction space: a number, or an array of shape [] or [B] (one w per example). ``1.0`` as
-      a Python number (without rescale) is the plain conditional model: one call on the plain
-      batch, ``null_cond`` unused. An array w always guides.
+      prediction space: a number, or an array of shape [], [1] or [B] (one w per example).
+      ``1.0`` as a Python number (without rescale) is the plain conditional model: one call on
+      the plain batch, ``null_cond`` unused. An array w always guides.
     guidance_rescale: phi in [0, 1] of Lin et al. (2024), applied to the guided prediction; a
-      number or an array of shape [] or [B].
+      number or an array of shape [], [1] or [B].
 
   Returns:
     ``fn(x: [B, ...], t: [B]) -> prediction [B, ...]`` float32.
@@ -101,7 +101,7 @@ def classifier_free_guidance(model_fn: Callable[..., jax.Array], *, batch_size: 
     ValueError: a leaf of cond or null_cond without the batch B (the message names its path and
       shape), null_cond of another structure or leaf shape, guidance without cond or
       null_cond, phi outside [0, 1], guidance_scale or guidance_rescale not a finite number or
-      an array of shape [] or [B].
+      an array of shape [], [1] or [B].
   """
   for name, value in (('guidance_scale', guidance_scale), ('guidance_rescale', guidance_rescale)):
     if not isinstance(value, (numbers.Real, jax.Array, np.ndarray)) or isinstance(value, bool):
@@ -110,7 +110,7 @@ def classifier_free_guidance(model_fn: Callable[..., jax.Array], *, batch_size: 
     if isinstance(value, numbers.Real) and not math.isfinite(value):
       raise ValueError(f'{name} must be finite, got {value}.')
     shape = np.shape(value)
-    if shape not in ((), (batch_size,)):
+    if shape not in ((), (1,), (batch_size,)):
       raise ValueError(f'{name} must be a number, or an array of shape [B] = ({batch_size},) '
                        f'with one value per example, got shape {shape}.')
   check_cond(cond, batch_size)
