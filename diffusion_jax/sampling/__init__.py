@@ -240,7 +240,8 @@ def sample(model_fn: Callable[..., jax.Array], process, *, method: str, num_step
   if method not in METHODS:
     raise ValueError(f'method={method!r} is not known; use one of {sorted(METHODS)}.')
   num_steps = _check_common(num_steps, prediction)
-  _check_options(method, options)
+  _check_options('sample', method, options, method_options(method),
+                 see=' (sampling.method_options(method))')
   options = _with_defaults(process, method, num_steps, t_start, shift, options)
   # x_T = prior_sample(key, shape) as the contract says; a stochastic method draws its step noise
   # from fold_in(key, i), a different stream.
@@ -256,13 +257,13 @@ def sample(model_fn: Callable[..., jax.Array], process, *, method: str, num_step
   return (x_0, info) if return_info else x_0
 
 
-def _check_options(method: str, options: dict) -> None:
+def _check_options(caller: str, method: str, options: dict, accepted: list[str], *,
+                   see: str = '') -> None:
   """TypeError naming the options ``method`` does not take, and the ones it does."""
-  unknown = sorted(set(options) - set(method_options(method)))
+  unknown = sorted(set(options) - set(accepted))
   if unknown:
-    raise TypeError(f'sample: method={method!r} takes no option {", ".join(unknown)}; its '
-                    f'options are {", ".join(method_options(method))} '
-                    '(sampling.method_options(method)).')
+    raise TypeError(f'{caller}: method={method!r} takes no option {", ".join(unknown)}; its '
+                    f'options are {", ".join(accepted)}{see}.')
 
 
 def options_for(process, method: str, num_steps: int, *, t_start=None, shift: float = 1.0,
@@ -379,10 +380,7 @@ def invert(model_fn: Callable[..., jax.Array], process, x_0: jax.Array, *, metho
   # The grid sample() lays out by default, so that sample(invert(x_0)) runs the same grid back.
   accepted = [p for p in inspect.signature(INVERSIONS[method]).parameters
               if p not in ('model_fn', 'process', 'x_0', 'num_steps', 'prediction', 't_end')]
-  unknown = sorted(set(options) - set(accepted))
-  if unknown:
-    raise TypeError(f'invert: method={method!r} takes no option {", ".join(unknown)}; its '
-                    f'options are {", ".join(accepted)}.')
+  _check_options('invert', method, options, accepted)
   chosen = defaults.with_defaults(method, num_steps, options)
   options = {k: v for k, v in chosen.items() if k in options or k in accepted}
   x_T, info = INVERSIONS[method](fn, process, x_0, num_steps=num_steps, prediction=prediction,
