@@ -335,19 +335,16 @@ def optimized(process, num_steps: int, *, spacing: Spacing | None = None,
   if m > 2:
     table = np.asarray(OPTIMIZED_OFFSETS, np.float64)
     offsets = np.interp(np.linspace(0.0, 1.0, m - 2), np.linspace(0.0, 1.0, len(table)), table)
-    if _traced(lam):  # a traced process: the same in jnp, float32
-      lam = lam.at[1:m - 1].set(jnp.clip(lam[1:m - 1] + offsets, lam_lo, lam_hi))
-      # lam[i] = max(lam[i], lam[i - 1] + step) for i < m - 1, as a running maximum.
-      step = MIN_LOG_SNR_STEP * jnp.arange(m - 1, dtype=lam.dtype)
-      lam = lam.at[:m - 1].set(jax.lax.cummax(lam[:m - 1] - step) + step)
-      lam = jnp.minimum(lam, lam_hi - MIN_LOG_SNR_STEP * jnp.arange(m - 1, -1, -1))
-    else:
-      lam[1:m - 1] += offsets
-      lam[1:m - 1] = np.clip(lam[1:m - 1], lam_lo, lam_hi)
-      for i in range(1, m - 1):  # distinct and increasing, the ends unchanged
-        lam[i] = max(lam[i], lam[i - 1] + MIN_LOG_SNR_STEP)
-      hi_room = lam_hi - MIN_LOG_SNR_STEP * np.arange(m - 1, -1, -1)
-      lam = np.minimum(lam, hi_room)
+    # NumPy (float64), or jnp (float32) where the process is traced (a jit argument).
+    xp, running_max = ((jnp, jax.lax.cummax) if _traced(lam)
+                       else (np, np.maximum.accumulate))
+    interior = xp.clip(lam[1:m - 1] + offsets, lam_lo, lam_hi)
+    # Distinct and increasing, the ends unchanged: lam[i] = max(lam[i], lam[i - 1] + step) for
+    # 0 < i < m - 1, as a running maximum of lam[i] - i step.
+    rise = MIN_LOG_SNR_STEP * xp.arange(m - 1)
+    head = running_max(xp.concatenate([lam[:1], interior]) - rise) + rise
+    hi_room = lam_hi - MIN_LOG_SNR_STEP * xp.arange(m - 1, -1, -1)
+    lam = xp.minimum(xp.concatenate([head, lam[m - 1:]]), hi_room)
   return _times_from_log_snr(process, jnp.asarray(2.0 * lam, jnp.float32), n, t_hi)
 
 
