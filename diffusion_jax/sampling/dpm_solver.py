@@ -104,11 +104,11 @@ def _dpmpp_update(x, m, lam_hist, lam_next, alpha_next, sigma_next, sigma, order
   # and the divided differences stay finite with h taken as 1.
   h_safe = safe(h)
   phi1 = jnp.expm1(-h)  # < 0
-  # phi2 = phi1 / h + 1, phi3 = phi2 / h - 1/2 without the quotients' cancellation at small h.
-  phi2 = h * core.exp_remainder(-h, 2)
   base = (sigma_next / sigma) * x - alpha_next * phi1 * m[0]
   if max_order == 1:
     return base
+  # phi2 = phi1 / h + 1, phi3 = phi2 / h - 1/2 without the quotients' cancellation at small h.
+  phi2 = h * core.exp_remainder(-h, 2)
   r0 = safe((lam_hist[0] - lam_hist[1]) / h_safe)
   d1_0 = (m[0] - m[1]) / r0
   if solver_type == 'heun':
