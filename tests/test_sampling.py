@@ -940,6 +940,22 @@ def test_uniform_grid_starts_at_a_t_start_between_steps():
     assert np.all(np.isfinite(x)) and int(info['nfe']) == 20, method
 
 
+def test_uniform_trailing_on_a_continuous_process_stays_above_t_min():
+  # t_max (1 - i / n) put the last times of a short span below t_min: clipped there, they
+  # repeated, and 100 steps from t_start = 0.05 of the VP SDE were refused as "too short a span".
+  for process in (sde.VPSDE(), sde.VESDE(), processes.RectifiedFlow()):
+    t_min, t_hi, n = float(process.t_min), 0.05, 100
+    t = np.asarray(grids.uniform(process, n, t_start=t_hi), np.float64)
+    np.testing.assert_allclose(t, t_min + (t_hi - t_min) * (1 - np.arange(n) / n), rtol=1e-6)
+    assert np.all(np.diff(t) < 0) and t[-1] > t_min, (process, t[-3:])
+  process = sde.VPSDE()
+  mix = oracles.example_mixture()
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 2))
+  out, info = sampling.sample(mix.model_fn(process), process, method='ddim', num_steps=100,
+                              x_T=x, t_start=0.05, grid='uniform', return_info=True)
+  assert np.all(np.isfinite(out)) and int(info['nfe']) == 100
+
+
 def test_t_start_errors():
   process, _, model, x_T, _ = setup()
   s = functools.partial(sampling.sample, model, process, method='ddim', num_steps=4)

@@ -9,7 +9,9 @@ Grids (``GRIDS`` maps the names to the functions):
 
 - ``'uniform'``: uniform in t, with diffusers' ``timestep_spacing`` conventions (``spacing=``):
   ``'linspace'`` spans ``[t_min, t_max]`` (ends at t_min); ``'trailing'`` is ``t_max * (1 - i / n)``
-  (starts at t_max; its final step to the data is as long as the others, as in DDIM/PNDM);
+  on ``DiscreteVP`` (diffusers' convention) and ``t_min + (t_max - t_min) (1 - i / n)`` on
+  continuous processes (starts at t_max; its final step to the data is as long as the others, as
+  in DDIM/PNDM);
   ``'leading'`` is ``t_min + i * floor((N) / n)`` reversed (the DDIM-code convention; never reaches
   t_max). For ``DiscreteVP`` the times are rounded to integer steps, as the model was trained on
   them (a ``t_start`` between steps stays the first time), and ``num_steps == N`` gives exactly
@@ -133,7 +135,10 @@ def uniform(process, num_steps: int, *, spacing: Spacing | None = 'trailing',
   if spacing == 'linspace':
     t = np.linspace(t_max, t_min, n) if n > 1 else np.array([t_max])
   elif spacing == 'trailing':
-    t = t_max * (1.0 - np.arange(n) / n)
+    if discrete:
+      t = t_max * (1.0 - np.arange(n) / n)  # diffusers' 'trailing' on the steps 1..N
+    else:  # n + 1 points of [t_min, t_max], the first n: all of them above t_min
+      t = t_min + (t_max - t_min) * (1.0 - np.arange(n) / n)
   else:  # leading
     if discrete:
       ratio = max(int(t_max) // n, 1)
