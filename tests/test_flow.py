@@ -167,7 +167,8 @@ def test_digits_flow_config_takes_a_finite_step():
   module, network_fn = training_config.build_network(config.model)
   images = datasets.load_digits().images[:8].astype(np.float32) / 8.0 - 1.0  # 0..16 -> [-1, 1]
   batch = {'x': jnp.asarray(images[..., None])}
-  params = module.init({'params': jax.random.PRNGKey(0)}, batch['x'], jnp.ones((8,)))['params']
+  params = jax.jit(lambda k: module.init({'params': k}, batch['x'], jnp.ones((8,))))(
+      jax.random.PRNGKey(0))['params']  # jit: eagerly, each op of the init compiles alone
   loss_fn = training_config.build_objective(config, process, network_fn)
   state = TrainState.create(params=params, tx=optax.adam(1e-3))
   state, metrics = jax.jit(lambda s, b, k: step_lib.train_step(s, b, k, loss_fn=loss_fn,

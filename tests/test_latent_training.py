@@ -182,14 +182,17 @@ def test_adaptive_discriminator_weight_matches_autodiff():
                       mid_block_add_attention=False)
   disc = autoencoder_losses.PatchDiscriminator(channels=8, num_layers=2)
   x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 1)), jnp.float32)
-  params = {'vae': vae.init(jax.random.PRNGKey(0), x)['params'],
-            'disc': disc.init(jax.random.PRNGKey(1), x)['params']}
+  # Each function under jit: run eagerly, every op of the VAE and its gradient compiles alone.
+  params = jax.jit(lambda k1, k2: {'vae': vae.init(k1, x)['params'],
+                                   'disc': disc.init(k2, x)['params']})(
+                                       jax.random.PRNGKey(0), jax.random.PRNGKey(1))
   key = jax.random.PRNGKey(2)
-  fn = autoencoder_losses.autoencoder_loss(vae=vae, rec_loss='l1', kl_weight=1e-6, disc=disc,
-                                           disc_weight=0.5, disc_start=5)
+  fn = jax.jit(autoencoder_losses.autoencoder_loss(vae=vae, rec_loss='l1', kl_weight=1e-6,
+                                                   disc=disc, disc_weight=0.5, disc_start=5))
   _, on = fn(params, None, {'x': x, 'step': jnp.full((2,), 5)}, key)
   off_loss, off = fn(params, None, {'x': x, 'step': jnp.full((2,), 4)}, key)
 
+  @jax.jit
   def parts(p):
     mean, logvar = vae.apply({'params': p['vae']}, x, method=vae.encode)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
@@ -199,16 +202,21 @@ def test_adaptive_discriminator_weight_matches_autodiff():
     kl = jnp.mean(0.5 * jnp.sum(mean ** 2 + jnp.exp(logvar) - 1 - logvar, axis=(1, 2, 3)))
     return rec, g, kl
 
-  g_rec = jax.grad(lambda p: parts(p)[0])(params)['vae']['decoder']['conv_out']['kernel']
-  g_adv = jax.grad(lambda p: parts(p)[1])(params)['vae']['decoder']['conv_out']['kernel']
+  grads = jax.jit(lambda p: (jax.grad(lambda q: parts(q)[0])(p),
+                             jax.grad(lambda q: parts(q)[1])(p)))(params)
+  g_rec, g_adv = (g['vae']['decoder']['conv_out']['kernel'] for g in grads)
   expected = 0.5 * np.clip(np.linalg.norm(g_rec) / (np.linalg.norm(g_adv) + 1e-4), 0, 1e4)
   np.testing.assert_allclose(float(on['d_weight']), expected, rtol=1e-4)
   assert float(off['d_weight']) == 0.0
   rec, _, kl = parts(params)
   np.testing.assert_allclose(float(off_loss), float(rec + 1e-6 * kl), rtol=1e-5)
-  mean, logvar = vae.apply({'params': params['vae']}, x, method=vae.encode)
-  r = vae.apply({'params': params['vae']},
-                mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape), method=vae.decode)
+  @jax.jit
+  def reconstruct(p):
+    mean, logvar = vae.apply({'params': p}, x, method=vae.encode)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    return vae.apply({'params': p}, z, method=vae.decode)
+
+  r = reconstruct(params['vae'])
   mse = np.mean((np.asarray(x, np.float64) - np.asarray(r, np.float64)) ** 2)
   np.testing.assert_allclose(float(on['psnr']), 10 * np.log10(4 / mse), rtol=1e-4)
 
