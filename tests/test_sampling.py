@@ -630,8 +630,19 @@ def test_errors():
     s(method='heun', num_steps=5, x_T=x_T, S_noise=float('nan'))
   with pytest.raises(ValueError, match='static argument'):
     jax.jit(lambda n: s(method='ddim', num_steps=n, x_T=x_T))(5)
-  with pytest.raises(ValueError, match="plms: order=5 .* use 1, 2, 3 or 4"):
+  with pytest.raises(ValueError, match=r"plms: order=5 .* use an int, one of \(1, 2, 3, 4\)"):
     s(method='plms', num_steps=5, x_T=x_T, order=5)
+  # A float, bool or string order failed deep in the solver (an index of float type) or ran.
+  for method, bad in (('plms', 3.0), ('unipc', 2.0), ('dpmpp_3m', '3'), ('dpmpp_2m', True)):
+    with pytest.raises(ValueError, match=f'{method}: order={bad!r} is not supported; use an int'):
+      s(method=method, num_steps=5, x_T=x_T, order=bad)
+  np.testing.assert_array_equal(s(method='unipc', num_steps=5, x_T=x_T, order=np.int64(2)),
+                                s(method='unipc', num_steps=5, x_T=x_T, order=2))
+  with pytest.raises(ValueError, match=r"clip_x0 is True or False, got 'yes'"):
+    s(method='ddim', num_steps=5, x_T=x_T, clip_x0='yes')
+  for bad in ('2', True):
+    with pytest.raises(ValueError, match=f'shift must be a positive number.*got {bad!r}'):
+      s(method='ddim', num_steps=5, x_T=x_T, shift=bad)
   with pytest.raises(ValueError, match="warm_start='rk'.*'heun'.*'ab'"):
     s(method='plms', num_steps=5, x_T=x_T, warm_start='rk')
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -351,6 +352,23 @@ def model_output(out: Any, shape: tuple[int, ...], prediction: str | None = None
   return jnp.asarray(out).astype(jnp.float32)
 
 
+def check_order(order, allowed: tuple[int, ...], *, method: str) -> int:
+  """``order`` as a Python int when it is an integer in ``allowed`` (NumPy integers too).
+
+  Raises:
+    ValueError: a bool, a float (``2.0``), a string or an order outside ``allowed``, naming them.
+  """
+  value = None
+  if not isinstance(order, bool):
+    try:
+      value = operator.index(order)
+    except TypeError:
+      pass
+  if value not in allowed:
+    raise ValueError(f'{method}: order={order!r} is not supported; use an int, one of {allowed}.')
+  return value
+
+
 def make_denoiser(model_fn: Callable[..., jax.Array], process, *, prediction: str,
                   clip_x0: bool = False, dynamic_threshold: float | None = None) -> Denoiser:
   """``denoise(x, t, alpha=None, sigma=None) -> (x0, eps)``, float32, from ``model_fn``.
@@ -365,6 +383,8 @@ def make_denoiser(model_fn: Callable[..., jax.Array], process, *, prediction: st
   """
   if prediction not in processes.PREDICTIONS:
     raise ValueError(f'prediction={prediction!r} is not known; use one of {processes.PREDICTIONS}.')
+  if not isinstance(clip_x0, (bool, np.bool_)):
+    raise ValueError(f'clip_x0 is True or False, got {clip_x0!r}.')
   if dynamic_threshold is not None and not 0 < float(dynamic_threshold) <= 100:
     raise ValueError(f'dynamic_threshold is a percentile in (0, 100], got {dynamic_threshold}.')
 

@@ -246,9 +246,7 @@ def _check_order(order: int, allowed: tuple[int, ...], num_steps: int, method: s
   i + 1)`` already caps step i, so e.g. order 2 at one step is the first-order (DDIM) step, as
   diffusers' lower-order warm start does, rather than a refusal."""
   del num_steps
-  if isinstance(order, bool) or order not in allowed:
-    raise ValueError(f'{method}: order={order!r} is not supported; use one of {allowed}.')
-  return int(order)
+  return core.check_order(order, allowed, method=method)
 
 
 def dpmpp_2m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,

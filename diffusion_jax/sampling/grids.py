@@ -376,7 +376,9 @@ def shift_times(t: jax.typing.ArrayLike, shift: float, t_lo: float, t_hi: float)
 
 
 def check_shift(shift) -> float:
-  """``shift`` as a positive float; ValueError otherwise."""
+  """``shift`` as a positive float; ValueError otherwise (a bool or a string too)."""
+  if isinstance(shift, (bool, str, bytes)):
+    raise ValueError(f'shift must be a positive number (1 = no shift), got {shift!r}.')
   try:
     value = float(shift)
   except (TypeError, jax.errors.ConcretizationTypeError):

@@ -123,8 +123,7 @@ def invert_dpmpp_2m(model_fn: Callable[..., jax.Array], process, x_0: jax.Array,
   at the first grid time, then second order with the previous evaluation's data prediction.
   Arguments as ``invert_ddim``; ``order``: 1 or 2.
   """
-  if order not in (1, 2):
-    raise ValueError(f'invert(dpmpp_2m): order={order!r} is not supported; use 1 or 2.')
+  order = core.check_order(order, (1, 2), method='invert(dpmpp_2m)')
   sched, xs = _reversed(process, num_steps, grid=grid, spacing=spacing, times=times, t_end=t_end,
                         method='dpmpp_2m')
   num_steps = sched.num_steps

@@ -133,8 +133,7 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   """
   del key
   n = num_steps
-  if isinstance(order, bool) or order not in (1, 2, 3, 4):
-    raise ValueError(f'plms: order={order!r} is not supported; use 1, 2, 3 or 4.')
+  order = core.check_order(order, (1, 2, 3, 4), method='plms')
   if warm_start not in ('heun', 'ab'):
     raise ValueError(f"plms: warm_start={warm_start!r} is not known; use 'heun' (PNDM) or 'ab' "
                      '(iPNDM).')

@@ -136,8 +136,7 @@ def unipc(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_st
   from diffusion_jax.sampling import dpm_solver  # pylint: disable=import-outside-toplevel
   del key
   n = num_steps
-  if order not in (1, 2, 3):
-    raise ValueError(f'unipc: order={order!r} is not supported; use 1, 2 or 3.')
+  order = core.check_order(order, (1, 2, 3), method='unipc')
   if variant not in ('bh1', 'bh2'):
     raise ValueError(f"unipc: variant={variant!r} is not known; use 'bh1' or 'bh2'.")
   sched = core.make_schedule(process, n, grid=grid, spacing=spacing, times=times, t_start=t_start,
