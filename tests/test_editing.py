@@ -363,7 +363,7 @@ def test_inpaint_errors():
     call(jnp.array([0.0, 1.0]), step_hook=lambda x, *_: x)
   with pytest.raises(TypeError):
     call(jnp.array([0.0, 1.0]), resample=2, order=2)
-  with pytest.raises(ValueError, match='eta must be >= 0.*got nan'):
+  with pytest.raises(ValueError, match=r'eta must lie in \[0, 1\].*got nan'):
     editing.inpaint(model, PROCESS, x, jnp.array([0.0, 1.0]), method='ddim', num_steps=4,
                     key=jax.random.PRNGKey(0), resample=2, eta=float('nan'))
 

@@ -820,8 +820,21 @@ def test_cond_errors_name_the_shapes():
     s(cond=cond, null_cond=null, guidance_scale='3')
   with pytest.raises(ValueError, match='guidance_scale must be finite, got nan'):
     s(cond=cond, null_cond=null, guidance_scale=float('nan'))
-  with pytest.raises(ValueError, match='eta must be >= 0.*got nan'):
-    s(eta=float('nan'), key=jax.random.PRNGKey(0))
+  # Concrete arrays are checked as numbers are (NaN ran and returned NaN); traced ones are not.
+  for bad in (jnp.float32(jnp.nan), np.array(np.inf), jnp.full((B,), jnp.nan)):
+    with pytest.raises(ValueError, match='guidance_scale must be finite'):
+      s(cond=cond, null_cond=null, guidance_scale=bad)
+  with pytest.raises(ValueError, match='guidance_rescale must be finite'):
+    s(cond=cond, null_cond=null, guidance_scale=2.0, guidance_rescale=jnp.float32(jnp.nan))
+  # An array w guides even at 1.0, and the message says so (it read as if 1.0 needed null_cond).
+  with pytest.raises(ValueError, match=r'an array guidance_scale guides even at 1.0; pass the '
+                     r'number 1.0 for the plain conditional model'):
+    s(cond=cond, guidance_scale=jnp.float32(1.0))
+  for bad in (float('nan'), jnp.float32(jnp.nan), -0.5, jnp.float32(-1.0), 50.0, 1.5):
+    with pytest.raises(ValueError, match=r'eta must lie in \[0, 1\]'):
+      s(eta=bad, key=jax.random.PRNGKey(0))
+  # A concrete zero eta is deterministic: no key needed, the same samples as eta=0.0.
+  np.testing.assert_array_equal(s(cond=cond, eta=jnp.float32(0.0)), s(cond=cond, eta=0.0))
   with pytest.raises(ValueError, match=r"cond\['a'\] has shape \(3, 2\)"):
     sampling.invert(affine_cond_model(process), process, x_T, num_steps=3,
                     cond={'a': cond['a'][:3], 'b': cond['b']})
@@ -1168,6 +1181,36 @@ def test_step_hook_errors_and_ode():
   with pytest.raises(ValueError, match=r'step_hook must return the state, shape \(64, 2\)'):
     sampling.sample(model, process, method='ddim', num_steps=4, x_T=x_T,
                     step_hook=lambda x, *_: x[:, :1])
+  # A tuple failed inside NumPy (a tracer converted to an array).
+  with pytest.raises(ValueError, match=r'step_hook must return the state, an array of shape '
+                     r'\(64, 2\); got tuple'):
+    sampling.sample(model, process, method='ddim', num_steps=4, x_T=x_T,
+                    step_hook=lambda x, *_: (x, 1))
+  # Traced tolerances failed as a tracer converted to bool.
+  with pytest.raises(ValueError, match='rtol and atol must be concrete numbers'):
+    jax.jit(lambda x, r: sampling.sample(model, process, method='ode', num_steps=4, x_T=x,
+                                         rtol=r))(x_T, 1e-3)
+  for method in ('ddim', 'ode'):
+    with pytest.raises(ValueError, match="return_trajectory is True or False, got 'yes'"):
+      sampling.sample(model, process, method=method, num_steps=4, x_T=x_T,
+                      return_trajectory='yes')
+
+
+def test_start_shape_and_key_errors_name_them():
+  # shape=() failed with an IndexError, shape=8 with "'int' object is not iterable", (-1, 2)
+  # inside jax.random; a batch of keys with JAX's "normal accepts a single key".
+  process, _, model, _, _ = setup()
+  key = jax.random.PRNGKey(0)
+  s = functools.partial(sampling.sample, model, process, method='ddim', num_steps=3)
+  for bad in ((), 8, (-1, 2), (4, 0), (4.0, 2), (True, 2)):
+    with pytest.raises(ValueError, match=r'shape must be a tuple of positive ints \[B, \.\.\.\]'):
+      s(key=key, shape=bad)
+  for keys in (jax.random.split(key, 8), jax.random.split(jax.random.key(0), 8)):
+    with pytest.raises(ValueError, match=r'key must be one PRNG key .* got shape \(8,'):
+      s(key=keys, shape=(4, 2))
+  assert s(key=key, shape=[4, np.int64(2)]).shape == (4, 2)  # a list and NumPy ints are shapes
+  x = jax.vmap(lambda k: s(key=k, shape=(4, 2)))(jax.random.split(key, 3))  # one key per call
+  assert x.shape == (3, 4, 2)
 
 
 # --- short steps in log-SNR ----------------------------------------------------------------------

@@ -101,6 +101,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 from typing import Any, Callable
 
 import jax
@@ -152,9 +153,32 @@ def _check_key(key) -> None:
                    f'got {got}.')
 
 
+def _check_one_key(key) -> None:
+  """One key, not a batch of them (``jax.random.split(key, n)``)."""
+  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  if tuple(key.shape) != (() if typed else (2,)):
+    raise ValueError(f'key must be one PRNG key (shape {() if typed else (2,)} for a '
+                     f'{"typed" if typed else "raw uint32"} key), got shape {tuple(key.shape)}; '
+                     'sample draws the whole batch from one key.')
+
+
+def _check_shape(shape) -> tuple[int, ...]:
+  """``shape`` as a tuple of positive ints with a batch axis; ValueError naming it otherwise."""
+  try:
+    dims = tuple(operator.index(d) for d in shape)
+  except TypeError:
+    dims = None
+  if not dims or any(d < 1 for d in dims) or any(isinstance(d, bool) for d in shape):
+    raise ValueError(f'shape must be a tuple of positive ints [B, ...] with the batch first, '
+                     f'e.g. (16, 8, 8, 1); got {shape!r}.')
+  return dims
+
+
 def _start(process, key, x_T, shape, t_start) -> jax.Array:
   """Validates the start arguments and returns x_T as float32."""
   _check_key(key)
+  if key is not None:
+    _check_one_key(key)
   if x_T is None:
     if t_start is not None:
       raise ValueError(f't_start={t_start} needs x_T, the noisy state at t_start (e.g. '
@@ -163,9 +187,9 @@ def _start(process, key, x_T, shape, t_start) -> jax.Array:
     if shape is None or key is None:
       raise ValueError('give either x_T (the start noise) or both shape and key '
                        '(to draw x_T = process.prior_sample(key, shape)).')
-    return process.prior_sample(key, tuple(shape)).astype(jnp.float32)
+    return process.prior_sample(key, _check_shape(shape)).astype(jnp.float32)
   _check_batch_array(x_T, 'x_T')
-  if shape is not None and tuple(shape) != tuple(x_T.shape):
+  if shape is not None and _check_shape(shape) != tuple(x_T.shape):
     raise ValueError(f'x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)} was given.')
   return jnp.asarray(x_T, jnp.float32)
 

@@ -352,6 +352,13 @@ def model_output(out: Any, shape: tuple[int, ...], prediction: str | None = None
   return jnp.asarray(out).astype(jnp.float32)
 
 
+def check_flag(value, name: str) -> bool:
+  """``value`` when it is a bool (NumPy's too); ValueError naming ``name`` otherwise."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f'{name} is True or False, got {value!r}.')
+  return bool(value)
+
+
 def check_order(order, allowed: tuple[int, ...], *, method: str) -> int:
   """``order`` as a Python int when it is an integer in ``allowed`` (NumPy integers too).
 
@@ -383,8 +390,7 @@ def make_denoiser(model_fn: Callable[..., jax.Array], process, *, prediction: st
   """
   if prediction not in processes.PREDICTIONS:
     raise ValueError(f'prediction={prediction!r} is not known; use one of {processes.PREDICTIONS}.')
-  if not isinstance(clip_x0, (bool, np.bool_)):
-    raise ValueError(f'clip_x0 is True or False, got {clip_x0!r}.')
+  check_flag(clip_x0, 'clip_x0')
   if dynamic_threshold is not None and not 0 < float(dynamic_threshold) <= 100:
     raise ValueError(f'dynamic_threshold is a percentile in (0, 100], got {dynamic_threshold}.')
 
@@ -517,6 +523,9 @@ def apply_hook(step_hook: StepHook | None, x: jax.Array, i, t, alpha, sigma, *,
 
   def run(x):
     out = step_hook(x, *args)
+    if not hasattr(out, 'shape'):  # a tuple, a list, None: jnp.shape would try to convert it
+      raise ValueError(f'step_hook must return the state, an array of shape {x.shape}; got '
+                       f'{type(out).__name__}.')
     if jnp.shape(out) != x.shape:
       raise ValueError(f'step_hook must return the state, shape {x.shape}; got shape '
                        f'{jnp.shape(out)}.')
@@ -552,6 +561,7 @@ def scan_steps(body: Callable[[Any, Any], tuple[Any, jax.Array]], carry: Any, xs
     The final carry and the info dict (with 'trajectory' when asked).
   """
 
+  check_flag(return_trajectory, 'return_trajectory')
   # The per-step float scalars (the schedule's coefficients) reach the step as one row of a
   # [L, K] table that the previous iteration fetched into the carry, not as slices of xs:
   # XLA:CPU fuses a dynamic slice of a constant into every elementwise consumer and recomputes

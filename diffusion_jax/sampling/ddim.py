@@ -10,6 +10,7 @@ from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax import processes
 from diffusion_jax.sampling import core
@@ -86,10 +87,14 @@ def ddpm(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   return x, {'nfe': num_steps, **info}
 
 
-def check_eta(eta: float) -> None:
-  """Raises ValueError unless the (concrete) DDIM eta is >= 0; NaN is refused too."""
-  if not eta >= 0:
-    raise ValueError(f'eta must be >= 0 (0: deterministic DDIM, 1: the DDPM posterior '
+def check_eta(eta) -> None:
+  """Raises ValueError unless the (concrete) DDIM eta lies in [0, 1]; NaN is refused too.
+
+  Above 1 the step's noise ``c`` can exceed ``sigma_s``, the noise level the step reaches
+  (``sqrt(sigma_s^2 - c^2)`` is then imaginary): samples come out noisier than the marginal.
+  """
+  if not np.all((np.asarray(eta) >= 0) & (np.asarray(eta) <= 1)):
+    raise ValueError(f'eta must lie in [0, 1] (0: deterministic DDIM, 1: the DDPM posterior '
                      f'variance), got {eta}.')
 
 
@@ -107,7 +112,7 @@ def ddim(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   al. 2022, Sec. 3), eta = 1 the DDPM posterior variance.
 
   Args:
-    eta: >= 0; needs ``key`` when > 0 (noise of step i from ``fold_in(key, i)``).
+    eta: in [0, 1]; needs ``key`` when > 0 (noise of step i from ``fold_in(key, i)``).
     grid: the quadratic grid by default.
     levels: with ``times``, explicit noise levels (``core.Levels``): the state's at each time
       and where each step ends (``alpha_to``, ``sigma_to`` too), e.g. diffusers' DDIMScheduler
@@ -118,9 +123,10 @@ def ddim(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
   Returns:
     x_0 [B, ...] float32 and an info dict with 'nfe'.
   """
-  if not isinstance(eta, jax.Array):
+  traced = isinstance(eta, jax.core.Tracer)
+  if not traced:  # a concrete array is checked as a number is
     check_eta(eta)
-  stochastic = isinstance(eta, jax.Array) or eta > 0
+  stochastic = traced or bool(np.any(np.asarray(eta) > 0))
   if stochastic:
     key = _require_key(key, 'ddim with eta > 0')
   sched = core.make_schedule(process, num_steps, grid=grid, spacing=spacing, times=times,

@@ -10,7 +10,6 @@ which keeps the network's batch large and its cost one evaluation per step.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any, Callable
 
@@ -107,8 +106,8 @@ def classifier_free_guidance(model_fn: Callable[..., jax.Array], *, batch_size: 
     if not isinstance(value, (numbers.Real, jax.Array, np.ndarray)) or isinstance(value, bool):
       raise ValueError(f'{name} must be a number or an array (guidance_scale 1.0: no guidance; '
                        f'guidance_rescale 0.0: none), got {value!r} ({type(value).__name__}).')
-    if isinstance(value, numbers.Real) and not math.isfinite(value):
-      raise ValueError(f'{name} must be finite, got {value}.')
+    if not isinstance(value, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(value))):
+      raise ValueError(f'{name} must be finite, got {value}.')  # traced values are not checked
     shape = np.shape(value)
     if shape not in ((), (1,), (batch_size,)):
       raise ValueError(f'{name} must be a number, or an array of shape [B] = ({batch_size},) '
@@ -128,9 +127,13 @@ def classifier_free_guidance(model_fn: Callable[..., jax.Array], *, batch_size: 
   if plain:
     return lambda x, t: core.model_output(model_fn(x, t, cond), x.shape)
   if null_cond is None:
+    array_note = ('' if isinstance(guidance_scale, numbers.Number) else
+                  ' (an array guidance_scale guides even at 1.0; pass the number 1.0 for the '
+                  'plain conditional model)')
     raise ValueError(f'guidance_scale={guidance_scale}, guidance_rescale={guidance_rescale}: '
                      'classifier-free guidance needs null_cond, the conditioning of the '
-                     "unconditional model (cond's tree, e.g. {'label': [num_classes]}).")
+                     "unconditional model (cond's tree, e.g. {'label': [num_classes]})"
+                     f'{array_note}.')
   per_example = lambda v, x: (v if isinstance(v, numbers.Number) or np.ndim(v) == 0
                               else jnp.reshape(v, (-1,) + (1,) * (x.ndim - 1)))
 

@@ -237,12 +237,16 @@ def ode(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *,
   del key
   if solver not in SOLVERS:
     raise ValueError(f'solver={solver!r} is not known; use one of {SOLVERS}.')
+  if any(isinstance(v, jax.core.Tracer) for v in (rtol, atol)):
+    raise ValueError('rtol and atol must be concrete numbers (they set the step-size '
+                     'controller); under jax.jit close over them instead of passing them as '
+                     'arguments.')
   if not (rtol > 0 and atol > 0):
     raise ValueError(f'rtol and atol must be positive; got rtol={rtol}, atol={atol}.')
   if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
     raise ValueError(f'max_steps must be a positive int; got {max_steps!r}.')
   pieces = 1
-  if return_trajectory:
+  if core.check_flag(return_trajectory, 'return_trajectory'):
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
       raise ValueError('return_trajectory=True reports the ODE at num_steps + 1 times: pass '
                        f'num_steps >= 1; got {num_steps!r}.')
