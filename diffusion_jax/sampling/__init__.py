@@ -101,7 +101,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import operator
 from typing import Any, Callable
 
 import jax
@@ -143,19 +142,16 @@ __all__ = ['METHODS', 'INVERSIONS', 'DEFAULT_GRIDS', 'sample', 'invert', 'grids'
 
 
 def _check_key(key) -> None:
-  """None, a typed PRNG key (``jax.random.key``) or a raw uint32 one (``jax.random.PRNGKey``)."""
-  dtype = getattr(key, 'dtype', None)
-  if key is None or (dtype is not None and (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-                                            or dtype == jnp.uint32)):
+  """None, or one typed PRNG key (``jax.random.key``) or raw uint32 one (``jax.random.PRNGKey``),
+  not a batch of them (``jax.random.split(key, n)``)."""
+  if key is None:
     return
-  got = f'an array of dtype {dtype}' if dtype is not None else f'{type(key).__name__} {key!r}'
-  raise ValueError(f'key must be a PRNG key, e.g. jax.random.PRNGKey(0) or jax.random.key(0); '
-                   f'got {got}.')
-
-
-def _check_one_key(key) -> None:
-  """One key, not a batch of them (``jax.random.split(key, n)``)."""
-  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  dtype = getattr(key, 'dtype', None)
+  typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+  if not (typed or dtype == jnp.uint32):
+    got = f'an array of dtype {dtype}' if dtype is not None else f'{type(key).__name__} {key!r}'
+    raise ValueError(f'key must be a PRNG key, e.g. jax.random.PRNGKey(0) or jax.random.key(0); '
+                     f'got {got}.')
   if tuple(key.shape) != (() if typed else (2,)):
     raise ValueError(f'key must be one PRNG key (shape {() if typed else (2,)} for a '
                      f'{"typed" if typed else "raw uint32"} key), got shape {tuple(key.shape)}; '
@@ -165,10 +161,10 @@ def _check_one_key(key) -> None:
 def _check_shape(shape) -> tuple[int, ...]:
   """``shape`` as a tuple of positive ints with a batch axis; ValueError naming it otherwise."""
   try:
-    dims = tuple(operator.index(d) for d in shape)
-  except TypeError:
-    dims = None
-  if not dims or any(d < 1 for d in dims) or any(isinstance(d, bool) for d in shape):
+    dims = tuple(core.as_int(d) for d in shape)
+  except TypeError:  # not iterable
+    dims = ()
+  if not dims or any(d is None or d < 1 for d in dims):
     raise ValueError(f'shape must be a tuple of positive ints [B, ...] with the batch first, '
                      f'e.g. (16, 8, 8, 1); got {shape!r}.')
   return dims
@@ -177,8 +173,6 @@ def _check_shape(shape) -> tuple[int, ...]:
 def _start(process, key, x_T, shape, t_start) -> jax.Array:
   """Validates the start arguments and returns x_T as float32."""
   _check_key(key)
-  if key is not None:
-    _check_one_key(key)
   if x_T is None:
     if t_start is not None:
       raise ValueError(f't_start={t_start} needs x_T, the noisy state at t_start (e.g. '

@@ -359,18 +359,27 @@ def check_flag(value, name: str) -> bool:
   return bool(value)
 
 
+def as_int(value) -> int | None:
+  """``value`` as a Python int if it is a concrete integer (NumPy's too; not a bool), else None."""
+  if isinstance(value, bool):
+    return None
+  try:
+    return operator.index(value)
+  except TypeError:
+    return None
+
+
 def check_order(order, allowed: tuple[int, ...], *, method: str) -> int:
   """``order`` as a Python int when it is an integer in ``allowed`` (NumPy integers too).
+
+  An order above ``num_steps`` is not refused: the multistep methods' warm start takes
+  ``min(order, i + 1)`` at step i, so e.g. order 2 at one step is the first-order (DDIM) step, as
+  diffusers' lower-order warm start does.
 
   Raises:
     ValueError: a bool, a float (``2.0``), a string or an order outside ``allowed``, naming them.
   """
-  value = None
-  if not isinstance(order, bool):
-    try:
-      value = operator.index(order)
-    except TypeError:
-      pass
+  value = as_int(order)
   if value not in allowed:
     raise ValueError(f'{method}: order={order!r} is not supported; use an int, one of {allowed}.')
   return value

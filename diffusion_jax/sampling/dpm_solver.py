@@ -241,14 +241,6 @@ def _multistep(model_fn, process, x_T, *, num_steps, prediction, order, grid, sp
   return x, {'nfe': n, **info}
 
 
-def _check_order(order: int, allowed: tuple[int, ...], num_steps: int, method: str) -> int:
-  """``order``, validated. More than ``num_steps`` is allowed: the warm start's ``min(order,
-  i + 1)`` already caps step i, so e.g. order 2 at one step is the first-order (DDIM) step, as
-  diffusers' lower-order warm start does, rather than a refusal."""
-  del num_steps
-  return core.check_order(order, allowed, method=method)
-
-
 def dpmpp_2m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_steps: int,
              key: jax.Array | None = None, prediction: str = 'eps',
              t_start: float | None = None, order: int = 2, grid: str | None = None,
@@ -291,7 +283,7 @@ def dpmpp_2m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num
     x_0 [B, ...] float32 and an info dict with 'nfe'.
   """
   del key
-  order = _check_order(order, (1, 2), num_steps, 'dpmpp_2m')
+  order = core.check_order(order, (1, 2), method='dpmpp_2m')
   return _multistep(model_fn, process, x_T, num_steps=num_steps, prediction=prediction,
                     order=order, grid=grid, spacing=spacing, times=times, t_start=t_start,
                     step_hook=step_hook, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold,
@@ -317,7 +309,7 @@ def dpmpp_3m(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num
   keeps the term that makes the method third order.
   """
   del key
-  order = _check_order(order, (1, 2, 3), num_steps, 'dpmpp_3m')
+  order = core.check_order(order, (1, 2, 3), method='dpmpp_3m')
   return _multistep(model_fn, process, x_T, num_steps=num_steps, prediction=prediction,
                     order=order, grid=grid, spacing=spacing, times=times, t_start=t_start,
                     step_hook=step_hook, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold,
@@ -341,7 +333,7 @@ def dpmpp_2m_sde(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *,
   """
   if key is None:
     raise ValueError("method 'dpmpp_2m_sde' is stochastic and needs a PRNG `key`.")
-  order = _check_order(order, (1, 2), num_steps, 'dpmpp_2m_sde')
+  order = core.check_order(order, (1, 2), method='dpmpp_2m_sde')
   return _multistep(model_fn, process, x_T, num_steps=num_steps, prediction=prediction,
                     order=order, grid=grid, spacing=spacing, times=times, t_start=t_start,
                     step_hook=step_hook, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold,

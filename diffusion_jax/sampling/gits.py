@@ -30,7 +30,6 @@ first steps. The defaults were chosen on the choosing panel of ``experiments/sam
 from __future__ import annotations
 
 import functools
-import operator
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -72,22 +71,12 @@ class Calibration(NamedTuple):
       ValueError: ``num_steps`` not an integer in ``[1, M]``.
     """
     m = len(self.teacher_times)
-    n = _as_int(num_steps)
+    n = core.as_int(num_steps)
     if n is None or not 1 <= n <= m:
       raise ValueError(f'num_steps must be an integer in [1, {m}] (the teacher\'s steps), got '
                        f'{num_steps!r}; calibrate with num_teacher_steps >= num_steps for more.')
     path = cheapest_path(self.cost, n, coeff=self.coeff)
     return self.teacher_times[np.asarray(path[:-1])].astype(np.float32)
-
-
-def _as_int(value) -> int | None:
-  """``value`` as a Python int when it is a concrete integer (not a bool), else None."""
-  if isinstance(value, bool):
-    return None
-  try:
-    return operator.index(value)
-  except TypeError:
-    return None
 
 
 def cheapest_path(cost: np.ndarray, num_steps: int, *, coeff: float = 1.0) -> list[int]:
@@ -150,7 +139,7 @@ def calibrate(model_fn: Callable[..., jax.Array], process, *, key: jax.Array | N
       prediction.
   """
   from diffusion_jax import sampling  # pylint: disable=import-outside-toplevel
-  m = _as_int(num_teacher_steps)
+  m = core.as_int(num_teacher_steps)
   if m is None or m < 2:
     raise ValueError(f'num_teacher_steps must be an integer >= 2, got {num_teacher_steps!r}.')
   try:
