@@ -22,6 +22,9 @@ down to 1e-7 and finished with Tweedie's formula), so it is pure discretization 
   tests/test_sampling.py), so it takes DDIM's choice. The cosine grid (``grids.cosine``) is tried
   in 9 shapes, registered as 'cosine@center,width'; ``--cosine-shapes`` limits the ones the choice
   may take (the library's grid='cosine' is the shape -0.5,2, and the choice names it so).
+  ``--nfes`` with ``--errors`` runs some bands again (e.g. with a larger ``--batch``) and keeps
+  the others' errors from that file: the library's 10-NFE band (8, 10, 14) was chosen with
+  ``--batch=1024``, the other bands with 256 (docs/benchmarks.md).
   ``--choose-digits-workdir``: a trained digits model joins the choosing panel as one more entry
   (``choose_trained``: against a 1000-step reference, on each method's ``--trained-shortlist``
   best option sets per band on the oracles, since every option set compiles the U-Net sampler).
@@ -985,8 +988,12 @@ def choose_trained(raw, args):
     assert used == nfe_of(digits.process, method, n, cands[method][i]), (method, n, used)
     if used < r:
       if used not in ddim_at:
-        i_ddim = ranking[NFES[defaults.band('ddim', used)]]['ddim'][0]
-        ddim_at[used] = digits.error(digits.run('ddim', used, **cands['ddim'][i_ddim])[0])
+        band_nfe = NFES[defaults.band('ddim', used)]
+        if band_nfe in ranking:
+          ddim_opts = cands['ddim'][ranking[band_nfe]['ddim'][0]]
+        else:  # a band this choice does not run (--nfes): DDIM's defaults in the library
+          ddim_opts = defaults.default_options('ddim', used)
+        ddim_at[used] = digits.error(digits.run('ddim', used, **ddim_opts)[0])
       spent_ddim[key] = ddim_at[used]
     e = digits.error(x0)
     out[key] = [e if np.isfinite(e) else float('inf')]
@@ -1162,7 +1169,7 @@ def report_trained(args):
         f'B = {args.digits_batch}\n')
   print(f'reference: unipc 1000 steps (log-SNR); dpmpp_3m 1000 steps differs by RMS '
         f'{digits.check:.1e} (data in [-1, 1])\n')
-  errs = trained_errors(digits)
+  errs = trained_errors(digits, NFES)
   print('| | ' + ' | '.join(f'NFE {n}' for n in NFES) + ' |\n|' + '---|' * (len(NFES) + 1))
   names = [f'ours {m}' for m in OURS] + [f'diffusers {n}' for n in diffusers_configs()]
   for name in names:
@@ -1209,7 +1216,8 @@ def main():
                       help='choose: option sets per (method, band) the digits model runs')
   parser.add_argument('--nfes', default=None,
                       help='choose: run only these NFEs (comma-separated), keeping the others\' '
-                      'errors from --errors (default: every NFE of BAND_RUNS)')
+                      'errors from --errors (default: every NFE of BAND_RUNS); report / '
+                      'trained: only these of NFES')
   parser.add_argument('--cosine-shapes', default=None,
                       help="the shapes 'center,width' of the cosine grid the choice may take, "
                       "';'-separated (default: every shape tried)")
@@ -1239,6 +1247,9 @@ def main():
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update('jax_enable_x64', False)
+  if args.nfes and args.phase in ('report', 'trained'):
+    global NFES  # pylint: disable=global-statement
+    NFES = tuple(int(n) for n in args.nfes.split(','))
   if args.select_from:
     with open(args.select_from) as f:
       _select_with_trained(json.load(f), args)

@@ -1259,7 +1259,7 @@ def test_a_process_passed_to_jit_samples_as_one_closed_over():
   """Processes are pytrees (DESIGN.md); passed as a jit argument DiscreteVP's betas are traced,
   and the defaults' grids (cosine, optimized) and the third-order guard are computed from
   tracers in float32: the same times and samples as with the process closed over, to float32
-  rounding. UniPC-3 and 3M at 10 steps take the optimized grid and the guard."""
+  rounding. UniPC-3 at 10 steps takes the optimized grid, and UniPC-3 and 3M the guard."""
   process, mix, _, x_T, _ = setup()
   for grid in ('cosine', 'optimized'):
     for n, spacing, t_start in ((2, 'trailing', None), (10, 'trailing', None),
