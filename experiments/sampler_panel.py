@@ -352,6 +352,15 @@ def candidates():
     out[method] += [_with_grid(o, g) for o in COSINE_WITH[method] for g in _cosine(shapes)]
   for method in out:  # appended last: the indices of the sets above stay those of older runs
     out[method] += [_with_grid(o, ('optimized', 'trailing')) for o in COSINE_WITH[method]]
+  # iPNDM's start (warm_start='ab', and PNDM's fall-back to it where the first step is long)
+  # with a last step of at most second order at every num_steps (plms.LOWER_ORDER_FINAL_BELOW
+  # sets it below 5 steps only): added after the 10-NFE band's first 1024-sample choice, whose
+  # iPNDM-4 sent 342 of 4096 samples of a held-out mixture to another mode at 8 steps (DDIM: 90).
+  out['plms'] += [_with_grid(dict(o, lower_order_final=True), g)
+                  for o in ({'warm_start': 'heun', 'order': 4}, {'warm_start': 'ab', 'order': 3},
+                            {'warm_start': 'ab', 'order': 4})
+                  for g in (GRIDS4[:2] + (('logsnr', 'trailing'), ('uniform', 'trailing'))
+                            + _cosine(COSINE_SHAPES) + (('optimized', 'trailing'),))]
   return out
 
 

@@ -58,7 +58,8 @@ DEFAULTS: dict[str, tuple[dict[str, Any], ...]] = {
     ),
     'plms': (
         {'grid': 'cosine', 'spacing': 'trailing', 'order': 3, 'warm_start': 'ab'},  # 5 NFE
-        {'grid': 'cosine', 'spacing': 'trailing', 'order': 4, 'warm_start': 'heun'},  # 10 NFE
+        {'grid': 'cosine', 'spacing': 'trailing', 'order': 4, 'warm_start': 'ab',
+         'lower_order_final': True},  # 10 NFE
         {'grid': 'cosine', 'spacing': 'trailing', 'order': 4, 'warm_start': 'heun'},  # 20 NFE
         {'grid': 'cosine', 'spacing': 'trailing', 'order': 3, 'warm_start': 'ab'},  # 50 NFE
     ),

@@ -122,7 +122,9 @@ def plms(model_fn: Callable[..., jax.Array], process, x_T: jax.Array, *, num_ste
     lower_order_final: with warm_start='ab' (or PNDM's fall-back to iPNDM's start), the last
       step (onto the data) uses AB of at most second order, as PLMS's final extrapolation;
       False: ``order`` there too, as the reference iPNDM. None: True below
-      ``LOWER_ORDER_FINAL_BELOW`` steps (``sampling.sample`` leaves it to this rule).
+      ``LOWER_ORDER_FINAL_BELOW`` steps. ``sampling.sample``'s defaults leave it to this rule
+      except in the 10-NFE band (8-14 steps), whose chosen set passes True
+      (``sampling/defaults.py``).
     analytic_first_step: with warm_start='ab', the first step's noise prediction in closed form
       instead of from the model (AMED's AFS, module docstring): NFE = n - 1, n >= 2.
     clip_x0, dynamic_threshold: see ``core.make_denoiser``.
