@@ -319,6 +319,12 @@ COSINE_WITH = {
 }
 
 
+# plms's warm start and order sets, and the grids they are tried on besides the cosine shapes.
+PLMS_SETS = ({'warm_start': 'heun', 'order': 4}, {'warm_start': 'ab', 'order': 3},
+             {'warm_start': 'ab', 'order': 4})
+PLMS_GRIDS = GRIDS4[:2] + (('logsnr', 'trailing'), ('uniform', 'trailing'))
+
+
 def candidates():
   """{method: [options]}: the option sets the choice is made among.
 
@@ -332,10 +338,7 @@ def candidates():
   out = {
       'ddim': [_with_grid({}, g) for g in GRIDS6],
       'heun': [_with_grid({}, g) for g in GRIDS6],
-      'plms': [_with_grid(o, g) for o in ({'warm_start': 'heun', 'order': 4},
-                                          {'warm_start': 'ab', 'order': 3},
-                                          {'warm_start': 'ab', 'order': 4})
-               for g in GRIDS4[:2] + (('logsnr', 'trailing'), ('uniform', 'trailing'))],
+      'plms': [_with_grid(o, g) for o in PLMS_SETS for g in PLMS_GRIDS],
       'dpmpp_2m': [_with_grid({'lower_order_final': l}, g)
                    for l in (True, False) for g in GRIDS6],
       'dpmpp_3m': [_with_grid(dict(o, lower_order_final=l), g)
@@ -356,11 +359,8 @@ def candidates():
   # with a last step of at most second order at every num_steps (plms.LOWER_ORDER_FINAL_BELOW
   # sets it below 5 steps only): added after the 10-NFE band's first 1024-sample choice, whose
   # iPNDM-4 sent 342 of 4096 samples of a held-out mixture to another mode at 8 steps (DDIM: 90).
-  out['plms'] += [_with_grid(dict(o, lower_order_final=True), g)
-                  for o in ({'warm_start': 'heun', 'order': 4}, {'warm_start': 'ab', 'order': 3},
-                            {'warm_start': 'ab', 'order': 4})
-                  for g in (GRIDS4[:2] + (('logsnr', 'trailing'), ('uniform', 'trailing'))
-                            + _cosine(COSINE_SHAPES) + (('optimized', 'trailing'),))]
+  out['plms'] += [_with_grid(dict(o, lower_order_final=True), g) for o in PLMS_SETS
+                  for g in PLMS_GRIDS + _cosine(COSINE_SHAPES) + (('optimized', 'trailing'),)]
   return out
 
 
